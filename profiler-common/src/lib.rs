@@ -1,0 +1,172 @@
+//! Everything that crosses the kernel/user boundary, defined once.
+//!
+//! The eBPF programs write these structs into maps and ring buffers and the
+//! agent reads them back, so every type is `#[repr(C)]`, `Copy` and free of
+//! padding surprises (fields ordered from widest to narrowest).
+#![no_std]
+
+/// Python frames recorded per sample; a deeper stack is cut and flagged
+/// [`PY_TRUNCATED`], never silently.
+pub const MAX_PY_FRAMES: usize = 160;
+/// Kernel frames recorded per sample.
+pub const MAX_KERNEL_FRAMES: usize = 64;
+/// Native user frames recorded per sample (without frame pointers CPython
+/// yields only the few leaf frames `bpf_get_stack` can find).
+pub const MAX_USER_FRAMES: usize = 32;
+/// Threads of one interpreter looked at when searching a thread state.
+pub const MAX_THREADS_SCANNED: usize = 256;
+
+/// An offset that a CPython version does not have.
+pub const NO_OFFSET: u16 = u16::MAX;
+
+/// Where the fields the frame walker needs live, for one CPython build.
+/// All offsets are in bytes from the start of the named struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyOffsets {
+    /// `_PyRuntimeState.interpreters.head`
+    pub runtime_interpreters_head: u16,
+    /// `PyInterpreterState.next`
+    pub interp_next: u16,
+    /// `PyInterpreterState.threads.head`
+    pub interp_threads_head: u16,
+    /// `PyThreadState.next`
+    pub tstate_next: u16,
+    /// `PyThreadState.thread_id`: the `pthread_t` of the thread, which on
+    /// x86-64 (glibc and musl) is its TLS block, i.e. the task's fs base.
+    pub tstate_thread_id: u16,
+    /// `PyThreadState.cframe` (3.10 to 3.12) or `PyThreadState.current_frame`
+    /// (3.13+).
+    pub tstate_frame: u16,
+    /// `_PyCFrame.current_frame` when `tstate_frame` points at a `_PyCFrame`,
+    /// else [`NO_OFFSET`].
+    pub cframe_current_frame: u16,
+    /// `_PyInterpreterFrame.f_code` (`f_executable` from 3.13).
+    pub frame_code: u16,
+    /// `_PyInterpreterFrame.previous`
+    pub frame_previous: u16,
+    /// `_PyInterpreterFrame.prev_instr` (`instr_ptr` from 3.13).
+    pub frame_instr: u16,
+    /// `_PyInterpreterFrame.owner`, or [`NO_OFFSET`].
+    pub frame_owner: u16,
+    /// `PyObject.ob_type`
+    pub object_type: u16,
+}
+
+/// What the kernel needs to walk the Python stacks of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProcess {
+    /// Address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    /// Address of `PyCode_Type`: a frame whose code object has another type
+    /// ends the walk with [`PY_BAD_CODE`].
+    pub code_type: u64,
+    pub offsets: PyOffsets,
+    /// `owner` value of frames owned by the C stack (shim frames), skipped;
+    /// `u8::MAX` when the version has none.
+    pub owner_cstack: u8,
+    pub _pad: [u8; 7],
+}
+
+/// One Python frame as the kernel sees it; userspace turns it into a
+/// qualified name, file and line by reading the code object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrame {
+    /// Address of the frame's code object.
+    pub code: u64,
+    /// Address of the instruction being executed.
+    pub instr: u64,
+}
+
+/// Outcome of the Python walk of one sample, in [`Sample::py_status`].
+pub const PY_NOT_PYTHON: u32 = 0;
+/// Walked to the first frame.
+pub const PY_OK: u32 = 1;
+/// The thread has no Python thread state (not yet, or C code only).
+pub const PY_NO_THREAD: u32 = 2;
+/// A pointer of the chain could not be read.
+pub const PY_BAD_POINTER: u32 = 3;
+/// A frame's code object is not a `PyCode_Type` object.
+pub const PY_BAD_CODE: u32 = 4;
+/// Deeper than [`MAX_PY_FRAMES`]: the outermost frames are missing.
+pub const PY_TRUNCATED: u32 = 5;
+
+/// Record kinds of the `EVENTS` ring buffer; every record starts with its
+/// kind and the process id, so samples and process events stay in order.
+pub mod kind {
+    /// A [`super::Sample`].
+    pub const SAMPLE: u32 = 1;
+    /// A [`super::ProcessEvent`]: first sample of a process not seen before,
+    /// or since its last exec. Userspace looks at it and, for CPython, fills
+    /// `PY_PROCS`.
+    pub const NEW_PROCESS: u32 = 2;
+    /// A [`super::ProcessEvent`]: the process exited.
+    pub const EXIT: u32 = 3;
+}
+
+/// One CPU sample of one thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Sample {
+    /// [`kind::SAMPLE`]
+    pub kind: u32,
+    /// Process id (tgid) as the host sees it.
+    pub pid: u32,
+    /// `bpf_ktime_get_ns` at the sample.
+    pub time_ns: u64,
+    /// Thread id as the host sees it.
+    pub tid: u32,
+    pub cpu: u32,
+    /// One of the `PY_*` constants.
+    pub py_status: u32,
+    /// Valid entries of `py_frames`, innermost first.
+    pub py_len: u32,
+    /// Valid entries of `kernel_stack`, innermost first.
+    pub kernel_len: u32,
+    /// Valid entries of `user_stack`, innermost first.
+    pub user_len: u32,
+    /// The thread's name (`comm`).
+    pub comm: [u8; 16],
+    pub kernel_stack: [u64; MAX_KERNEL_FRAMES],
+    pub user_stack: [u64; MAX_USER_FRAMES],
+    pub py_frames: [PyFrame; MAX_PY_FRAMES],
+}
+
+/// A change in the life of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// [`kind::NEW_PROCESS`] or [`kind::EXIT`]
+    pub kind: u32,
+    pub pid: u32,
+}
+
+/// Counters in the per-CPU `STATS` array, summed by userspace.
+pub mod stat {
+    /// Samples taken (idle CPUs excluded).
+    pub const SAMPLES: u32 = 0;
+    /// Samples lost because the `EVENTS` ring buffer was full.
+    pub const SAMPLES_DROPPED: u32 = 1;
+    /// Process events lost because the `EVENTS` ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 2;
+    /// Thread states found by walking the interpreter's thread list.
+    pub const THREAD_SCANS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Global settings of the eBPF programs, set before load.
+pub mod config {
+    /// Name of the global that, when 1, limits sampling to the `TARGETS` map.
+    pub const FILTER_PIDS: &str = "FILTER_PIDS";
+    /// Name of the global holding the offset of `thread.fsbase` in
+    /// `task_struct`, read from the kernel's BTF.
+    pub const TASK_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` data with explicit padding, valid for any bytes.
+    unsafe impl aya::Pod for super::PyProcess {}
+}

@@ -1,0 +1,159 @@
+//! Ferroscope's kernel side: a CPU sampler that, for threads of CPython
+//! processes, walks the Python frame chain in place.
+//!
+//! The kernel does the minimum: it records addresses (code objects,
+//! instructions, native and kernel return addresses) and leaves every name to
+//! userspace, which reads code objects and symbol tables at leisure.
+#![no_std]
+#![no_main]
+
+mod python;
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map, perf_event},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, PerfEventContext},
+    EbpfContext,
+};
+use profiler_common::{
+    kind, stat, ProcessEvent, PyProcess, Sample, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON,
+};
+
+/// Set by the agent before load: 1 limits sampling to the pids in `TARGETS`.
+#[no_mangle]
+static FILTER_PIDS: u8 = 0;
+
+/// Samples and process events, in the order they happened on each CPU.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Processes the agent was told about, so each gets one `NEW_PROCESS` event.
+#[map]
+static KNOWN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(32768, 0);
+
+/// CPython processes, filled by the agent.
+#[map]
+static PY_PROCS: HashMap<u32, PyProcess> = HashMap::with_max_entries(8192, 0);
+
+/// With `FILTER_PIDS`, the processes to sample.
+#[map]
+static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and the program runs with preemption off.
+        unsafe { *counter += 1 };
+    }
+}
+
+fn pid_tid() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+fn sampled(pid: u32) -> bool {
+    // SAFETY: a global that only the loader writes.
+    let filter = unsafe { core::ptr::read_volatile(&FILTER_PIDS) };
+    filter == 0 || TARGETS.get_ptr(pid).is_some()
+}
+
+fn send_process_event(kind: u32, pid: u32) {
+    if EVENTS.output(ProcessEvent { kind, pid }, 0).is_err() {
+        count(stat::EVENTS_DROPPED);
+    }
+}
+
+/// Where a sample is assembled before it is copied to the ring buffer; too
+/// big for the 512-byte stack.
+#[map]
+static SCRATCH: PerCpuArray<Sample> = PerCpuArray::with_max_entries(1, 0);
+
+#[perf_event]
+pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
+    let (pid, tid) = pid_tid();
+    // tid 0 is the idle task: nothing ran.
+    if tid == 0 || !sampled(pid) {
+        return 0;
+    }
+    count(stat::SAMPLES);
+    if KNOWN.insert(pid, 0, BPF_NOEXIST as u64).is_ok() {
+        send_process_event(kind::NEW_PROCESS, pid);
+    }
+    let Some(sample) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: `sample` is this CPU's scratch slot; programs on one CPU don't
+    // nest for perf events.
+    unsafe {
+        (*sample).kind = kind::SAMPLE;
+        (*sample).pid = pid;
+        (*sample).tid = tid;
+        (*sample).time_ns = bpf_ktime_get_ns();
+        (*sample).cpu = bpf_get_smp_processor_id();
+        (*sample).comm = bpf_get_current_comm().unwrap_or_default();
+        (*sample).kernel_len = stack(&ctx, (*sample).kernel_stack.as_mut_ptr(), MAX_KERNEL_FRAMES, 0);
+        (*sample).user_len =
+            stack(&ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64);
+        match PY_PROCS.get(pid) {
+            Some(process) => python::walk(process, tid, sample),
+            None => {
+                (*sample).py_len = 0;
+                (*sample).py_status = PY_NOT_PYTHON;
+            }
+        }
+        if EVENTS.output::<Sample>(&*sample, 0).is_err() {
+            count(stat::SAMPLES_DROPPED);
+        }
+    }
+    0
+}
+
+/// Fills `buf` with up to `max` return addresses, innermost first; returns
+/// how many.
+///
+/// # Safety
+/// `buf` must be valid for `max` writes.
+unsafe fn stack(ctx: &PerfEventContext, buf: *mut u64, max: usize, flags: u64) -> u32 {
+    let bytes = aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), (max * 8) as u32, flags);
+    if bytes > 0 {
+        (bytes / 8) as u32
+    } else {
+        0
+    }
+}
+
+/// A new program image: forget what was known so that the next sample
+/// announces the process again.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn process_exec(_ctx: BtfTracePointContext) -> i32 {
+    let (pid, _) = pid_tid();
+    let _ = KNOWN.remove(pid);
+    let _ = PY_PROCS.remove(pid);
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn process_exit(_ctx: BtfTracePointContext) -> i32 {
+    let (pid, tid) = pid_tid();
+    // Every thread exits through here; the process ends with its leader.
+    if pid == tid && KNOWN.remove(pid).is_ok() {
+        let _ = PY_PROCS.remove(pid);
+        send_process_event(kind::EXIT, pid);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

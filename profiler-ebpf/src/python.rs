@@ -1,0 +1,221 @@
+//! The CPython frame walker: from the sampled thread to its thread state, then
+//! along `_PyInterpreterFrame.previous`, recording (code object, instruction)
+//! per frame. Offsets come from userspace per process, so this code knows no
+//! CPython version.
+//!
+//! Both walks are `bpf_loop` callbacks: the verifier checks one step instead
+//! of every unrolled iteration, which keeps deep stacks within its limits.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_loop,
+    },
+    macros::map,
+    maps::LruHashMap,
+};
+use profiler_common::{
+    stat, PyFrame, PyProcess, Sample, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE,
+    PY_BAD_POINTER, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
+};
+
+/// Offset of `thread.fsbase` in `task_struct`, from the kernel's BTF.
+#[no_mangle]
+static TASK_FSBASE_OFFSET: u64 = 0;
+
+/// Interpreters of one process looked at (subinterpreters are rare).
+const MAX_INTERPRETERS: u32 = 4;
+/// Shim frames (owned by the C stack) skipped on top of the recorded ones.
+const MAX_SKIPPED_FRAMES: u32 = 16;
+/// How long a thread found without a thread state is not searched again.
+const NO_THREAD_RETRY_NS: u64 = 1_000_000_000;
+/// A `PY_*` status meaning "not finished yet".
+const WALKING: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ThreadEntry {
+    /// The thread's `PyThreadState`, or 0 when none was found.
+    tstate: u64,
+    /// When `tstate` was found (or found missing).
+    checked_ns: u64,
+}
+
+/// Thread id → thread state, so the thread list is walked once per thread.
+#[map]
+static THREADS: LruHashMap<u32, ThreadEntry> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+fn read<T>(addr: u64) -> Result<T, u32> {
+    // SAFETY: the helper faults safely on any address.
+    unsafe { bpf_probe_read_user(addr as *const T) }.map_err(|_| PY_BAD_POINTER)
+}
+
+#[inline(always)]
+fn field(base: u64, offset: u16) -> u64 {
+    base + offset as u64
+}
+
+/// Runs `step(state)` up to `count` times, until it returns 1.
+#[inline(always)]
+fn repeat<T>(count: u32, step: unsafe extern "C" fn(u64, *mut c_void) -> i64, state: &mut T) {
+    // SAFETY: `step` takes a `*mut T`, which `state` is.
+    unsafe { bpf_loop(count, step as *mut c_void, (state as *mut T).cast(), 0) };
+}
+
+/// The `pthread_t` of the current thread: on x86-64 its TLS block, which the
+/// kernel keeps as the task's fs base. CPython stores the same value in
+/// `PyThreadState.thread_id` for every version, in any PID namespace.
+fn current_pthread() -> Option<u64> {
+    // SAFETY: global written by the loader only.
+    let offset = unsafe { core::ptr::read_volatile(&TASK_FSBASE_OFFSET) };
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: reading the current task, which outlives this program run.
+    unsafe { bpf_probe_read_kernel((bpf_get_current_task() + offset) as *const u64) }.ok()
+}
+
+fn thread_state(process: &PyProcess, tid: u32) -> Result<u64, u32> {
+    let pthread = current_pthread().ok_or(PY_NO_THREAD)?;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: LRU values are plain data; a concurrent update at worst makes
+    // us search again.
+    if let Some(entry) = unsafe { THREADS.get(tid) } {
+        if entry.tstate == 0 {
+            if now.wrapping_sub(entry.checked_ns) < NO_THREAD_RETRY_NS {
+                return Err(PY_NO_THREAD);
+            }
+        } else if read::<u64>(field(entry.tstate, process.offsets.tstate_thread_id)) == Ok(pthread) {
+            return Ok(entry.tstate);
+        }
+    }
+    crate::count(stat::THREAD_SCANS);
+    let mut scan = ThreadScan { process: *process, pthread, interp: 0, tstate: 0, found: 0 };
+    scan.interp = read(field(process.runtime, process.offsets.runtime_interpreters_head)).unwrap_or(0);
+    scan.tstate = read(field(scan.interp, process.offsets.interp_threads_head)).unwrap_or(0);
+    repeat(MAX_THREADS_SCANNED as u32 + MAX_INTERPRETERS, scan_step, &mut scan);
+    let _ = THREADS.insert(tid, ThreadEntry { tstate: scan.found, checked_ns: now }, 0);
+    if scan.found == 0 {
+        Err(PY_NO_THREAD)
+    } else {
+        Ok(scan.found)
+    }
+}
+
+/// A search of every interpreter's thread list for the thread state whose
+/// `thread_id` is `pthread`; this finds threads that don't hold the GIL.
+#[repr(C)]
+struct ThreadScan {
+    process: PyProcess,
+    pthread: u64,
+    interp: u64,
+    tstate: u64,
+    found: u64,
+}
+
+unsafe extern "C" fn scan_step(_index: u64, state: *mut c_void) -> i64 {
+    // SAFETY: `repeat` passes the `ThreadScan` it was given.
+    let scan = unsafe { &mut *state.cast::<ThreadScan>() };
+    let off = &scan.process.offsets;
+    if scan.tstate == 0 {
+        // End of this interpreter's threads: on to the next interpreter.
+        if scan.interp == 0 {
+            return 1;
+        }
+        scan.interp = read(field(scan.interp, off.interp_next)).unwrap_or(0);
+        if scan.interp == 0 {
+            return 1;
+        }
+        scan.tstate = read(field(scan.interp, off.interp_threads_head)).unwrap_or(0);
+        return 0;
+    }
+    if read::<u64>(field(scan.tstate, off.tstate_thread_id)) == Ok(scan.pthread) {
+        scan.found = scan.tstate;
+        return 1;
+    }
+    scan.tstate = read(field(scan.tstate, off.tstate_next)).unwrap_or(0);
+    0
+}
+
+fn current_frame(process: &PyProcess, tstate: u64) -> Result<u64, u32> {
+    let off = &process.offsets;
+    let frame_holder = read::<u64>(field(tstate, off.tstate_frame))?;
+    if off.cframe_current_frame == NO_OFFSET || frame_holder == 0 {
+        return Ok(frame_holder);
+    }
+    read(field(frame_holder, off.cframe_current_frame))
+}
+
+/// The frame walk in progress; frames go to `sample.py_frames`.
+#[repr(C)]
+struct FrameWalk {
+    process: PyProcess,
+    sample: *mut Sample,
+    frame: u64,
+    len: u32,
+    status: u32,
+}
+
+unsafe extern "C" fn frame_step(_index: u64, state: *mut c_void) -> i64 {
+    // SAFETY: `repeat` passes the `FrameWalk` it was given.
+    let walk = unsafe { &mut *state.cast::<FrameWalk>() };
+    match step(walk) {
+        Ok(()) => 0,
+        Err(status) => {
+            walk.status = status;
+            1
+        }
+    }
+}
+
+/// Records the current frame and moves to the previous one; `Err` ends the
+/// walk with that status.
+#[inline(always)]
+fn step(walk: &mut FrameWalk) -> Result<(), u32> {
+    if walk.frame == 0 {
+        return Err(PY_OK);
+    }
+    let off = &walk.process.offsets;
+    let previous = read::<u64>(field(walk.frame, off.frame_previous))?;
+    let owner_cstack =
+        off.frame_owner != NO_OFFSET && read::<u8>(field(walk.frame, off.frame_owner)) == Ok(walk.process.owner_cstack);
+    if !owner_cstack {
+        let code = read::<u64>(field(walk.frame, off.frame_code))?;
+        let instr = read::<u64>(field(walk.frame, off.frame_instr))?;
+        if read::<u64>(field(code, off.object_type)) != Ok(walk.process.code_type) {
+            return Err(PY_BAD_CODE);
+        }
+        let len = walk.len as usize;
+        if len >= MAX_PY_FRAMES {
+            return Err(PY_TRUNCATED);
+        }
+        // SAFETY: `sample` points at the per-CPU scratch sample, and `len`
+        // is within `py_frames`.
+        unsafe { *(*walk.sample).py_frames.as_mut_ptr().add(len) = PyFrame { code, instr } };
+        walk.len += 1;
+    }
+    walk.frame = previous;
+    Ok(())
+}
+
+/// Walks the Python stack of thread `tid` into `sample.py_frames`, innermost
+/// first, setting `sample.py_len` and `sample.py_status`.
+pub fn walk(process: &PyProcess, tid: u32, sample: *mut Sample) {
+    let mut walk = FrameWalk { process: *process, sample, frame: 0, len: 0, status: WALKING };
+    match thread_state(process, tid).and_then(|tstate| current_frame(process, tstate)) {
+        Ok(frame) => {
+            walk.frame = frame;
+            repeat(MAX_PY_FRAMES as u32 + MAX_SKIPPED_FRAMES + 1, frame_step, &mut walk);
+        }
+        Err(status) => walk.status = status,
+    }
+    // SAFETY: `sample` points at the per-CPU scratch sample.
+    unsafe {
+        (*sample).py_len = walk.len;
+        (*sample).py_status = if walk.status == WALKING { PY_TRUNCATED } else { walk.status };
+    }
+}

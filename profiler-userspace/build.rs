@@ -1,0 +1,18 @@
+//! Embeds the eBPF object built by `cargo xtask build` into the agent.
+use std::{env, path::PathBuf};
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=FERROSCOPE_EBPF_OBJECT");
+    let object = env::var_os("FERROSCOPE_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
+            .join("../profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf")
+    });
+    if !object.exists() {
+        panic!(
+            "the eBPF object {} is missing: build the agent with `cargo xtask build`, which builds it first",
+            object.display()
+        );
+    }
+    println!("cargo:rerun-if-changed={}", object.display());
+    println!("cargo:rustc-env=FERROSCOPE_EBPF_OBJECT={}", object.canonicalize().unwrap().display());
+}

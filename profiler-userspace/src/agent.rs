@@ -1,0 +1,239 @@
+//! The agent's loop: kernel events in, named stacks aggregated per period,
+//! profiles out.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{kind, ProcessEvent, Sample, PY_BAD_CODE, PY_BAD_POINTER, PY_TRUNCATED};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    aggregate::{Aggregator, Frame, Thread},
+    config::Settings,
+    cpython::FrameSymbolizer,
+    discovery::{self, PythonStatus},
+    ebpf::{KernelStats, Sampler},
+    sinks::LocalDir,
+    summary::PeriodSummary,
+    symbolize::NativeSymbolizer,
+};
+
+/// What the agent knows of one process.
+struct Process {
+    application: Arc<str>,
+    process_name: Arc<str>,
+    python: Option<FrameSymbolizer>,
+    exited: bool,
+}
+
+pub async fn run(settings: Settings) -> Result<()> {
+    let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids)?;
+    let sink = LocalDir::new(&settings.output_dir);
+    let mut agent = Agent::new(&settings);
+    eprintln!(
+        "ferroscope: sampling {} at {} Hz on {} CPUs; a profile every {} to {}",
+        if settings.pids.is_empty() {
+            "every process".to_owned()
+        } else {
+            format!("pid {}", settings.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+        },
+        settings.frequency,
+        sampler.cpus,
+        humantime::format_duration(settings.period),
+        settings.output_dir.display(),
+    );
+
+    let mut events = AsyncFd::new(events).context("cannot poll the events ring buffer")?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let started = Instant::now();
+    let deadline = settings.duration.map(|duration| started + duration);
+    let mut next_period = started + settings.period;
+    let mut stats_before = KernelStats::default();
+    loop {
+        let period_end = deadline.map_or(next_period, |deadline| next_period.min(deadline));
+        let stop = tokio::select! {
+            ready = events.readable_mut() => {
+                let mut guard = ready?;
+                agent.drain(guard.get_inner_mut(), &mut sampler);
+                guard.clear_ready();
+                continue;
+            }
+            _ = tokio::time::sleep_until(period_end.into()) => deadline.is_some_and(|deadline| Instant::now() >= deadline),
+            _ = interrupt.recv() => true,
+            _ = terminate.recv() => true,
+        };
+        // Samples already in the ring belong to the period that ends now.
+        agent.drain(events.get_mut(), &mut sampler);
+        let stats = sampler.stats()?;
+        agent.finish_period(&sink, stats, stats_before);
+        stats_before = stats;
+        if stop {
+            return Ok(());
+        }
+        next_period += settings.period;
+    }
+}
+
+struct Agent<'a> {
+    settings: &'a Settings,
+    processes: HashMap<u32, Process>,
+    native: NativeSymbolizer,
+    aggregator: Aggregator,
+    summary: PeriodSummary,
+    /// Reused for every sample.
+    stack: Vec<Frame>,
+}
+
+impl<'a> Agent<'a> {
+    fn new(settings: &'a Settings) -> Self {
+        Agent {
+            settings,
+            processes: HashMap::new(),
+            native: NativeSymbolizer::new(),
+            aggregator: Aggregator::new(settings.labels.clone(), settings.sample_period_ns(), SystemTime::now()),
+            summary: PeriodSummary::default(),
+            stack: Vec::with_capacity(256),
+        }
+    }
+
+    fn drain(&mut self, events: &mut RingBuf<MapData>, sampler: &mut Sampler) {
+        while let Some(record) = events.next() {
+            let Some(kind) = record.get(..4).map(|bytes| u32::from_ne_bytes(bytes.try_into().unwrap())) else {
+                continue;
+            };
+            match kind {
+                kind::SAMPLE if record.len() >= size_of::<Sample>() => {
+                    // SAFETY: the kernel wrote a whole `Sample`; any bytes are valid for it.
+                    let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+                    self.on_sample(&sample, sampler);
+                }
+                kind::NEW_PROCESS | kind::EXIT if record.len() >= size_of::<ProcessEvent>() => {
+                    // SAFETY: as above, for a `ProcessEvent`.
+                    let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
+                    if event.kind == kind::NEW_PROCESS {
+                        self.inspect(event.pid, sampler);
+                    } else if let Some(process) = self.processes.get_mut(&event.pid) {
+                        process.exited = true;
+                    }
+                }
+                _ => log::warn!("unexpected record of kind {kind} and {} bytes from the kernel", record.len()),
+            }
+        }
+    }
+
+    /// Looks at a process the kernel saw for the first time (or since its
+    /// last exec) and tells the kernel how to walk it if it runs CPython.
+    fn inspect(&mut self, pid: u32, sampler: &mut Sampler) -> Option<&Process> {
+        let info = match discovery::inspect(pid) {
+            Ok(info) => info,
+            // Gone already: its samples keep their addresses only.
+            Err(_) => return None,
+        };
+        self.native.remember_process(pid);
+        let python = match info.python {
+            PythonStatus::NotPython => None,
+            PythonStatus::Supported(interpreter) => match sampler.add_python(pid, &interpreter.kernel) {
+                Ok(()) => {
+                    self.summary.python_processes += 1;
+                    log::info!("pid {pid}: {}", interpreter.describe());
+                    Some(FrameSymbolizer::new(pid, &interpreter))
+                }
+                Err(error) => {
+                    log::warn!("pid {pid}: {error:#}");
+                    None
+                }
+            },
+            PythonStatus::Unsupported(reason) => {
+                self.summary.unsupported_processes += 1;
+                log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
+                None
+            }
+        };
+        let process =
+            Process { application: info.application, process_name: info.process_name, python, exited: false };
+        self.processes.insert(pid, process);
+        self.processes.get(&pid)
+    }
+
+    fn on_sample(&mut self, sample: &Sample, sampler: &mut Sampler) {
+        let pid = sample.pid;
+        if !self.processes.contains_key(&pid) && self.inspect(pid, sampler).is_none() {
+            self.summary.samples_of_vanished_processes += 1;
+        }
+        self.summary.samples += 1;
+        let mut stack = std::mem::take(&mut self.stack);
+        stack.clear();
+        self.native.kernel(&sample.kernel_stack[..(sample.kernel_len as usize).min(sample.kernel_stack.len())], &mut stack);
+        self.native.user(pid, &sample.user_stack[..(sample.user_len as usize).min(sample.user_stack.len())], &mut stack);
+        let (application, process_name) = match self.processes.get_mut(&pid) {
+            Some(process) => {
+                if let Some(python) = process.python.as_mut() {
+                    let frames = &sample.py_frames[..(sample.py_len as usize).min(sample.py_frames.len())];
+                    for frame in frames {
+                        match python.symbolize(frame) {
+                            Some(named) => stack.push(named),
+                            None => {
+                                self.summary.unnamed_python_frames += 1;
+                                stack.push(Frame::marker("[unknown python frame]"));
+                            }
+                        }
+                    }
+                    match sample.py_status {
+                        PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
+                        PY_BAD_POINTER | PY_BAD_CODE => {
+                            self.summary.broken_python_stacks += 1;
+                            stack.push(Frame::marker("[broken python stack]"))
+                        }
+                        _ => {}
+                    }
+                }
+                (process.application.clone(), process.process_name.clone())
+            }
+            None => {
+                let comm = comm_text(&sample.comm);
+                (comm.clone(), comm)
+            }
+        };
+        let application = match &self.settings.application_name {
+            Some(name) => name.as_str(),
+            None => &application,
+        };
+        let thread = Thread { pid, tid: sample.tid, thread_name: comm_text(&sample.comm), process_name };
+        self.aggregator.add(application, &stack, &thread);
+        self.stack = stack;
+    }
+
+    fn finish_period(&mut self, sink: &LocalDir, stats: KernelStats, before: KernelStats) {
+        let end = SystemTime::now();
+        let profiles = self.aggregator.finish_period(end);
+        let mut summary = std::mem::take(&mut self.summary);
+        summary.samples_dropped = stats.samples_dropped - before.samples_dropped;
+        summary.events_dropped = stats.events_dropped - before.events_dropped;
+        for profile in &profiles {
+            match sink.write(profile) {
+                Ok(_) => summary.profiles_written += 1,
+                Err(error) => log::error!("cannot write the profile of {}: {error:#}", profile.application),
+            }
+        }
+        summary.print(&profiles, self.settings.output_dir.as_path());
+        let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
+        for pid in exited {
+            self.processes.remove(&pid);
+            self.native.forget_process(pid);
+        }
+    }
+}
+
+fn comm_text(comm: &[u8; 16]) -> Arc<str> {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    Arc::from(String::from_utf8_lossy(&comm[..len]).as_ref())
+}

@@ -1,0 +1,242 @@
+//! Settings of the agent: command-line flags, an optional TOML file with the
+//! same keys, and defaults, in that order of precedence.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+pub const DEFAULT_FREQUENCY: u64 = 100;
+pub const DEFAULT_PERIOD: Duration = Duration::from_secs(45);
+pub const DEFAULT_OUTPUT_DIR: &str = "./profiles";
+/// The kernel refuses cpu-clock sampling much faster than this.
+const MAX_FREQUENCY: u64 = 1000;
+
+/// Flags of `ferroscope agent`.
+#[derive(Args, Debug, Default)]
+pub struct AgentArgs {
+    /// Profile only this process (repeatable). Without it every process on
+    /// the host is profiled, including those started later.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// CPU samples per second on each CPU [default: 100]
+    #[arg(long, value_name = "HZ")]
+    pub frequency: Option<u64>,
+
+    /// Length of a profile: samples are aggregated and written once per
+    /// period, e.g. `45s`, `500ms`, `2m` [default: 45s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub period: Option<Duration>,
+
+    /// Stop after this long (the last, partial period is written) [default:
+    /// run until SIGINT or SIGTERM]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Where profiles go: `<DIR>/<application>/<start>-<end>.pb.gz` (pprof)
+    /// and `.svg` (flame graph) [default: ./profiles]
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+
+    /// Name every profile with this application name, instead of each
+    /// process's own (its entry script or module, such as `app.py` or
+    /// `gunicorn`; the executable's name for non-Python processes)
+    #[arg(long, value_name = "NAME")]
+    pub application_name: Option<String>,
+
+    /// Add this label to every sample (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Read settings from this TOML file; flags given on the command line win.
+    /// Keys: pids, frequency, period, duration, output_dir, application_name,
+    /// and a [labels] table.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The TOML configuration file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    pids: Vec<u32>,
+    frequency: Option<u64>,
+    period: Option<String>,
+    duration: Option<String>,
+    output_dir: Option<PathBuf>,
+    application_name: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// Settings after merging flags, file and defaults, all validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub pids: Vec<u32>,
+    pub frequency: u64,
+    pub period: Duration,
+    pub duration: Option<Duration>,
+    pub output_dir: PathBuf,
+    pub application_name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// CPU time one sample stands for.
+    pub fn sample_period_ns(&self) -> u64 {
+        1_000_000_000 / self.frequency
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|error| format!("`{text}` is not a duration ({error}); write it like 45s, 500ms or 2m"))?;
+    if duration.is_zero() {
+        return Err("a duration must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
+    validate_label(key, value)?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Label names follow Prometheus' rules, which Pyroscope and pprof tools
+/// accept; values must be non-empty single-line text.
+fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    let mut chars = key.chars();
+    let valid_key = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !valid_key {
+        return Err(format!("label name `{key}` must start with a letter or `_` and hold only letters, digits, `_` and `.`"));
+    }
+    if value.is_empty() || value.chars().any(char::is_control) {
+        return Err(format!("label `{key}` needs a non-empty value without control characters"));
+    }
+    Ok(())
+}
+
+impl AgentArgs {
+    /// Merges the flags with the config file, if any, and the defaults.
+    pub fn settings(&self) -> Result<Settings> {
+        let file = match &self.config {
+            Some(path) => read_config(path)?,
+            None => FileConfig::default(),
+        };
+        let origin = |key: &str| match &self.config {
+            Some(path) => format!("`{key}` in {}", path.display()),
+            None => format!("`--{}`", key.replace('_', "-")),
+        };
+        let file_duration = |key: &str, value: &Option<String>| -> Result<Option<Duration>> {
+            value
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|error| anyhow::anyhow!("{}: {error}", origin(key)))
+        };
+        let frequency = self.frequency.or(file.frequency).unwrap_or(DEFAULT_FREQUENCY);
+        let frequency_origin = if self.frequency.is_some() { "`--frequency`".to_owned() } else { origin("frequency") };
+        if frequency == 0 || frequency > MAX_FREQUENCY {
+            bail!("{frequency_origin}: {frequency} Hz is out of range: use 1 to {MAX_FREQUENCY}");
+        }
+        let mut labels = file.labels;
+        for (key, value) in &labels {
+            validate_label(key, value).map_err(|error| anyhow::anyhow!("{}: {error}", origin("labels")))?;
+        }
+        labels.extend(self.labels.iter().cloned());
+        let application_name = self.application_name.clone().or(file.application_name);
+        if application_name.as_deref().is_some_and(|name| name.trim().is_empty()) {
+            bail!("{}: the application name is empty", origin("application_name"));
+        }
+        Ok(Settings {
+            pids: if self.pids.is_empty() { file.pids } else { self.pids.clone() },
+            frequency,
+            period: match self.period {
+                Some(period) => period,
+                None => file_duration("period", &file.period)?.unwrap_or(DEFAULT_PERIOD),
+            },
+            duration: match self.duration {
+                Some(duration) => Some(duration),
+                None => file_duration("duration", &file.duration)?,
+            },
+            output_dir: self.output_dir.clone().or(file.output_dir).unwrap_or_else(|| DEFAULT_OUTPUT_DIR.into()),
+            application_name,
+            labels,
+        })
+    }
+}
+
+fn read_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    // toml's errors name the key and show the line.
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_file(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ferroscope-config-{}-{:x}.toml", std::process::id(), text.len()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_apply_without_flags_or_file() {
+        let settings = AgentArgs::default().settings().unwrap();
+        assert_eq!(settings.frequency, 100);
+        assert_eq!(settings.period, Duration::from_secs(45));
+        assert_eq!(settings.output_dir, PathBuf::from("./profiles"));
+        assert_eq!(settings.sample_period_ns(), 10_000_000);
+        assert_eq!(settings.duration, None);
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").unwrap_err().contains("45s"));
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_labels_merge() {
+        let path = config_file("frequency = 50\nperiod = \"10s\"\n[labels]\nenv = \"prod\"\nteam = \"a\"\n");
+        let args = AgentArgs {
+            frequency: Some(200),
+            labels: vec![("team".into(), "b".into())],
+            config: Some(path),
+            ..Default::default()
+        };
+        let settings = args.settings().unwrap();
+        assert_eq!(settings.frequency, 200);
+        assert_eq!(settings.period, Duration::from_secs(10));
+        assert_eq!(settings.labels.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(settings.labels.get("team").map(String::as_str), Some("b"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let unknown = AgentArgs { config: Some(config_file("frequncy = 5\n")), ..Default::default() };
+        assert!(format!("{:#}", unknown.settings().unwrap_err()).contains("frequncy"));
+        let bad_period = AgentArgs { config: Some(config_file("period = \"often\"\n")), ..Default::default() };
+        assert!(format!("{:#}", bad_period.settings().unwrap_err()).contains("`period`"));
+        let zero = AgentArgs { frequency: Some(0), ..Default::default() };
+        assert!(zero.settings().unwrap_err().to_string().contains("--frequency"));
+        assert!(parse_label("noequals").is_err());
+        assert!(parse_label("1abc=x").unwrap_err().contains("1abc"));
+        assert!(parse_label("env=").is_err());
+        assert_eq!(parse_label("env=prod"), Ok(("env".into(), "prod".into())));
+    }
+}

@@ -1,0 +1,204 @@
+//! Loading the embedded eBPF programs into the kernel, attaching them, and
+//! the maps through which the agent talks to them.
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        BtfTracePoint, PerfEvent,
+    },
+    Btf, Ebpf, EbpfLoader,
+};
+use profiler_common::{config, stat, PyProcess};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
+
+/// The loaded and attached programs with the maps the agent uses.
+pub struct Sampler {
+    /// Keeps programs and links alive; dropping it detaches everything.
+    _ebpf: Ebpf,
+    py_procs: HashMap<MapData, u32, PyProcess>,
+    stats: PerCpuArray<MapData, u64>,
+    pub cpus: usize,
+}
+
+/// Counters kept by the kernel side, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub samples: u64,
+    pub samples_dropped: u64,
+    pub events_dropped: u64,
+    pub thread_scans: u64,
+}
+
+impl Sampler {
+    /// Loads the programs, samples every CPU at `frequency` Hz (only `pids`
+    /// when not empty) and follows process exec and exit. Returns the ring
+    /// buffer of samples and process events with the sampler.
+    pub fn start(frequency: u64, pids: &[u32]) -> Result<(Self, RingBuf<MapData>)> {
+        check_privileges()?;
+        let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let fsbase_offset = task_fsbase_offset()?;
+        let filter_pids = u8::from(!pids.is_empty());
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .set_global(config::FILTER_PIDS, &filter_pids, true)
+            .set_global(config::TASK_FSBASE_OFFSET, &fsbase_offset, true)
+            .load(OBJECT)
+            .map_err(explain_load_error)?;
+
+        let mut targets: HashMap<_, u32, u8> = HashMap::try_from(ebpf.map_mut("TARGETS").context("map TARGETS")?)?;
+        for &pid in pids {
+            targets.insert(pid, 1, 0).with_context(|| format!("cannot add pid {pid} to the targets"))?;
+        }
+
+        for (name, tracepoint) in [("process_exec", "sched_process_exec"), ("process_exit", "sched_process_exit")] {
+            let program: &mut BtfTracePoint = ebpf.program_mut(name).context(name)?.try_into()?;
+            program.load(tracepoint, &btf).with_context(|| format!("cannot load the {tracepoint} program"))?;
+            program.attach().with_context(|| format!("cannot attach to the {tracepoint} tracepoint"))?;
+        }
+
+        let program: &mut PerfEvent = ebpf.program_mut("sample_cpu").context("sample_cpu")?.try_into()?;
+        program.load().context("the kernel refused the CPU sampler program")?;
+        let cpus = aya::util::online_cpus().map_err(|(what, error)| anyhow::anyhow!("{what}: {error}"))?;
+        for &cpu in &cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    // A fixed period of CPU time makes every sample worth the same.
+                    SamplePolicy::Period(1_000_000_000 / frequency),
+                    false,
+                )
+                .with_context(|| format!("cannot open the cpu-clock perf event on CPU {cpu}"))?;
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let sampler = Sampler {
+            py_procs: HashMap::try_from(ebpf.take_map("PY_PROCS").context("map PY_PROCS")?)?,
+            stats: PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS")?)?,
+            _ebpf: ebpf,
+            cpus: cpus.len(),
+        };
+        Ok((sampler, events))
+    }
+
+    /// Lets the kernel walk the Python stacks of `pid`.
+    pub fn add_python(&mut self, pid: u32, process: &PyProcess) -> Result<()> {
+        self.py_procs.insert(pid, process, 0).with_context(|| format!("cannot register CPython process {pid}"))
+    }
+
+    pub fn stats(&self) -> Result<KernelStats> {
+        let sum = |index: u32| -> Result<u64> { Ok(self.stats.get(&index, 0)?.iter().sum()) };
+        Ok(KernelStats {
+            samples: sum(stat::SAMPLES)?,
+            samples_dropped: sum(stat::SAMPLES_DROPPED)?,
+            events_dropped: sum(stat::EVENTS_DROPPED)?,
+            thread_scans: sum(stat::THREAD_SCANS)?,
+        })
+    }
+}
+
+/// Where `task_struct.thread.fsbase` lives in this kernel, from its BTF: the
+/// frame walker compares it with `PyThreadState.thread_id`.
+fn task_fsbase_offset() -> Result<u64> {
+    use btf_rs::{Btf, Type};
+    let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("cannot read /sys/kernel/btf/vmlinux")?;
+    let member_offset = |struct_name: &str, member_name: &str| -> Result<(u64, Type)> {
+        for candidate in btf.resolve_types_by_name(struct_name)? {
+            let Type::Struct(s) = candidate else { continue };
+            for member in &s.members {
+                if btf.resolve_name(member).ok().as_deref() == Some(member_name) {
+                    return Ok((u64::from(member.bit_offset() / 8), btf.resolve_chained_type(member)?));
+                }
+            }
+        }
+        bail!("the kernel's BTF has no {struct_name}.{member_name}")
+    };
+    let (thread, _) = member_offset("task_struct", "thread")?;
+    let (fsbase, _) = member_offset("thread_struct", "fsbase")?;
+    Ok(thread + fsbase)
+}
+
+/// Capabilities the agent needs, with the bit of each in `CapEff`.
+const NEEDED_CAPABILITIES: [(&str, u32); 3] = [("CAP_BPF", 39), ("CAP_PERFMON", 38), ("CAP_SYS_PTRACE", 19)];
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Fails with a message naming what is missing rather than an errno later.
+fn check_privileges() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let missing: Vec<&str> = NEEDED_CAPABILITIES
+        .iter()
+        .filter(|(_, bit)| !has(*bit) && !has(CAP_SYS_ADMIN))
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "ferroscope needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE \
+             (missing: {}); run it with sudo, or grant them: \
+             sudo setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep $(command -v ferroscope)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn explain_load_error(error: aya::EbpfError) -> anyhow::Error {
+    let text = format!("{error:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow::anyhow!(
+            "the kernel refused to load the eBPF programs ({text}): ferroscope needs root or \
+             CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE, and a kernel with BPF enabled"
+        )
+    } else {
+        anyhow::Error::new(error).context("cannot load the eBPF programs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use profiler_common::{kind, Sample};
+
+    use super::*;
+
+    /// Loads the real programs into the real kernel (needs root) and checks
+    /// that a busy thread of this process is sampled with its stacks.
+    #[test]
+    fn samples_a_busy_thread_of_this_process() {
+        let me = std::process::id();
+        let (sampler, mut events) = Sampler::start(1000, &[me]).expect("load and attach (run as root)");
+        let until = Instant::now() + Duration::from_millis(300);
+        let mut spin = 0u64;
+        while Instant::now() < until {
+            spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(7));
+        }
+        let mut ours = 0;
+        while let Some(record) = events.next() {
+            if record.len() >= size_of::<Sample>() && record[..4] == kind::SAMPLE.to_ne_bytes() {
+                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+                assert_eq!(sample.pid, me, "--pid filtering lets only this process through");
+                assert!(sample.user_len > 0, "a user stack is recorded");
+                ours += 1;
+            }
+        }
+        let stats = sampler.stats().unwrap();
+        assert!(ours >= 100, "300 ms of CPU at 1000 Hz gives ~300 samples, got {ours}");
+        assert_eq!(stats.samples_dropped, 0);
+        assert!(stats.samples >= ours);
+    }
+
+    #[test]
+    fn finds_fsbase_in_the_kernel_btf() {
+        let offset = task_fsbase_offset().unwrap();
+        assert!(offset > 0 && offset < 16384, "{offset}");
+    }
+}

@@ -1,0 +1,59 @@
+//! `ferroscope`: system-wide continuous profiler for Python, on eBPF.
+
+#[cfg(any())] // TEMP: until cpython, discovery and sinks land
+mod agent;
+mod aggregate;
+mod config;
+mod cpython;
+mod discovery;
+mod ebpf;
+mod flamegraph;
+mod pprof;
+mod procmem;
+mod sinks;
+mod summary;
+mod symbolize;
+
+use clap::{Parser, Subcommand};
+
+/// Continuous profiler for Python: samples every CPython process on the host
+/// from the kernel (eBPF), with no code change, and writes one pprof profile
+/// and one flame graph per application and period.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Profile this host (or the given processes) until stopped.
+    ///
+    /// Needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE. Example:
+    /// `ferroscope agent --period 1m --label env=staging`
+    Agent(config::AgentArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => args.settings().and_then(|settings| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async { let _ = settings; Ok(()) }) // TEMP
+        }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferroscope: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The short report printed on the terminal at the end of every period.
+
+use std::{collections::HashMap, path::Path, time::SystemTime};
+
+use crate::aggregate::{Frame, FrameKind, PeriodProfile};
+
+/// Functions listed per period.
+const TOP_FUNCTIONS: usize = 5;
+
+/// Counts of one period, filled while it runs.
+#[derive(Debug, Default)]
+pub struct PeriodSummary {
+    pub samples: u64,
+    pub samples_dropped: u64,
+    pub events_dropped: u64,
+    pub python_processes: u64,
+    pub unsupported_processes: u64,
+    pub samples_of_vanished_processes: u64,
+    pub unnamed_python_frames: u64,
+    pub broken_python_stacks: u64,
+    pub profiles_written: u64,
+}
+
+impl PeriodSummary {
+    pub fn print(&self, profiles: &[PeriodProfile], output_dir: &Path) {
+        eprint!("{}", self.render(profiles, output_dir));
+    }
+
+    fn render(&self, profiles: &[PeriodProfile], output_dir: &Path) -> String {
+        let (start, end) = profiles
+            .first()
+            .map_or((SystemTime::now(), SystemTime::now()), |profile| (profile.start, profile.end));
+        let processes: std::collections::HashSet<u32> =
+            profiles.iter().flat_map(|profile| profile.stacks.keys().map(|key| key.thread.pid)).collect();
+        let mut text = format!(
+            "ferroscope: {} to {}: {} processes in {} applications, {} samples",
+            clock(start),
+            clock(end),
+            processes.len(),
+            profiles.len(),
+            self.samples,
+        );
+        text += &format!(", {} dropped", self.samples_dropped + self.events_dropped);
+        if self.python_processes > 0 {
+            text += &format!("; {} new CPython processes", self.python_processes);
+        }
+        if self.unsupported_processes > 0 {
+            text += &format!(", {} unsupported (native stacks only)", self.unsupported_processes);
+        }
+        text.push('\n');
+        for (frame, samples) in top_functions(profiles, TOP_FUNCTIONS) {
+            let share = 100.0 * samples as f64 / self.samples.max(1) as f64;
+            let place = match frame.kind {
+                FrameKind::Python => format!("  {}:{}", frame.file, frame.start_line),
+                FrameKind::Native | FrameKind::Kernel if !frame.file.is_empty() => format!("  {}", frame.file),
+                _ => String::new(),
+            };
+            text += &format!("  {share:5.1}%  {}{place}\n", frame.function);
+        }
+        let problems = [
+            (self.unnamed_python_frames, "Python frames could not be named"),
+            (self.broken_python_stacks, "Python stacks ended early on a bad pointer"),
+            (self.samples_of_vanished_processes, "samples came from processes gone before they were looked at"),
+        ];
+        for (count, what) in problems {
+            if count > 0 {
+                text += &format!("  note: {count} {what}\n");
+            }
+        }
+        text += &format!("  wrote {} profiles to {}\n", self.profiles_written, output_dir.display());
+        text
+    }
+}
+
+/// The functions with the most samples, named by the innermost Python frame
+/// of a stack when it has one (what a Python user wants to see), else by its
+/// innermost frame.
+fn top_functions(profiles: &[PeriodProfile], count: usize) -> Vec<(Frame, u64)> {
+    let mut by_frame: HashMap<Frame, u64> = HashMap::new();
+    for profile in profiles {
+        for (key, value) in &profile.stacks {
+            let frames = key.frames.iter().map(|&id| &profile.frames[id as usize]);
+            let mut python = frames.clone().filter(|frame| frame.kind == FrameKind::Python);
+            if let Some(frame) = python.next().or_else(|| frames.clone().next()) {
+                // Lines apart, one function is one entry.
+                let function = Frame { line: 0, ..frame.clone() };
+                *by_frame.entry(function).or_default() += value.samples;
+            }
+        }
+    }
+    let mut top: Vec<_> = by_frame.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.function.cmp(&b.0.function)));
+    top.truncate(count);
+    top
+}
+
+/// `HH:MM:SS` in UTC.
+fn clock(time: SystemTime) -> String {
+    let rfc3339 = humantime::format_rfc3339_seconds(time).to_string();
+    rfc3339.get(11..19).unwrap_or(&rfc3339).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use super::*;
+    use crate::aggregate::Thread;
+
+    #[test]
+    fn names_python_functions_before_native_leaves() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(3600);
+        let mut profile = PeriodProfile::new("app.py".into(), BTreeMap::new(), start, 10_000_000);
+        profile.end = start + Duration::from_secs(45);
+        let native = Frame { kind: FrameKind::Native, function: "_PyEval_EvalFrameDefault".into(), file: "libpython3.11.so".into(), start_line: 0, line: 0 };
+        let crunch = Frame { kind: FrameKind::Python, function: "Cruncher.crunch_a".into(), file: "split.py".into(), start_line: 7, line: 9 };
+        let thread = Thread { pid: 1, tid: 1, thread_name: "python".into(), process_name: "python".into() };
+        for _ in 0..3 {
+            profile.add(&[native.clone(), crunch.clone()], &thread);
+        }
+        profile.add(&[native.clone()], &thread);
+        let summary = PeriodSummary { samples: 4, profiles_written: 1, ..Default::default() };
+        let text = summary.render(&[profile], Path::new("./profiles"));
+        assert!(text.starts_with("ferroscope: 01:00:00 to 01:00:45: 1 processes in 1 applications, 4 samples, 0 dropped\n"), "{text}");
+        assert!(text.contains(" 75.0%  Cruncher.crunch_a  split.py:7\n"), "{text}");
+        assert!(text.contains(" 25.0%  _PyEval_EvalFrameDefault  libpython3.11.so\n"), "{text}");
+        assert!(text.ends_with("  wrote 1 profiles to ./profiles\n"), "{text}");
+    }
+}
