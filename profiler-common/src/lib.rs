@@ -141,6 +141,9 @@ pub struct ProcessEvent {
     /// [`kind::NEW_PROCESS`] or [`kind::EXIT`]
     pub kind: u32,
     pub pid: u32,
+    /// The process's name (its main thread's `comm`), which names it even if
+    /// it exits before userspace looks at it.
+    pub comm: [u8; 16],
 }
 
 /// Counters in the per-CPU `STATS` array, summed by userspace.
@@ -163,6 +166,10 @@ pub mod config {
     /// Name of the global holding the offset of `thread.fsbase` in
     /// `task_struct`, read from the kernel's BTF.
     pub const TASK_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
+    /// Likewise for `task_struct.group_leader`.
+    pub const TASK_GROUP_LEADER_OFFSET: &str = "TASK_GROUP_LEADER_OFFSET";
+    /// Likewise for `task_struct.comm`.
+    pub const TASK_COMM_OFFSET: &str = "TASK_COMM_OFFSET";
 }
 
 #[cfg(feature = "user")]

@@ -11,7 +11,10 @@ mod python;
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{btf_tracepoint, map, perf_event},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, PerfEventContext},
@@ -24,6 +27,11 @@ use profiler_common::{
 /// Set by the agent before load: 1 limits sampling to the pids in `TARGETS`.
 #[no_mangle]
 static FILTER_PIDS: u8 = 0;
+/// Offsets in `task_struct`, from the kernel's BTF, set by the agent.
+#[no_mangle]
+static TASK_GROUP_LEADER_OFFSET: u64 = 0;
+#[no_mangle]
+static TASK_COMM_OFFSET: u64 = 0;
 
 /// Samples and process events, in the order they happened on each CPU.
 #[map]
@@ -63,8 +71,21 @@ fn sampled(pid: u32) -> bool {
 }
 
 fn send_process_event(kind: u32, pid: u32) {
-    if EVENTS.output(ProcessEvent { kind, pid }, 0).is_err() {
+    if EVENTS.output(ProcessEvent { kind, pid, comm: process_comm() }, 0).is_err() {
         count(stat::EVENTS_DROPPED);
+    }
+}
+
+/// The `comm` of the current process's main thread.
+fn process_comm() -> [u8; 16] {
+    // SAFETY: globals written by the loader only; kernel reads fault safely.
+    unsafe {
+        let leader_offset = core::ptr::read_volatile(&TASK_GROUP_LEADER_OFFSET);
+        let comm_offset = core::ptr::read_volatile(&TASK_COMM_OFFSET);
+        let task = bpf_get_current_task();
+        bpf_probe_read_kernel((task + leader_offset) as *const u64)
+            .and_then(|leader| bpf_probe_read_kernel((leader + comm_offset) as *const [u8; 16]))
+            .unwrap_or_default()
     }
 }
 

@@ -120,7 +120,7 @@ impl<'a> Agent<'a> {
                     // SAFETY: as above, for a `ProcessEvent`.
                     let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
                     if event.kind == kind::NEW_PROCESS {
-                        self.inspect(event.pid, sampler);
+                        self.inspect(event.pid, &event.comm, sampler);
                     } else if let Some(process) = self.processes.get_mut(&event.pid) {
                         process.exited = true;
                     }
@@ -132,13 +132,21 @@ impl<'a> Agent<'a> {
 
     /// Looks at a process the kernel saw for the first time (or since its
     /// last exec) and tells the kernel how to walk it if it runs CPython.
-    fn inspect(&mut self, pid: u32, sampler: &mut Sampler) -> Option<&Process> {
+    /// `comm` names it if it is already gone.
+    fn inspect(&mut self, pid: u32, comm: &[u8; 16], sampler: &mut Sampler) {
+        // First, so that its native frames can be named even if it exits
+        // while we look at it.
+        self.native.remember_process(pid);
         let info = match discovery::inspect(pid) {
             Ok(info) => info,
-            // Gone already: its samples keep their addresses only.
-            Err(_) => return None,
+            Err(_) => {
+                self.summary.vanished_processes += 1;
+                let name = comm_text(comm);
+                let process = Process { application: name.clone(), process_name: name, python: None, exited: true };
+                self.processes.insert(pid, process);
+                return;
+            }
         };
-        self.native.remember_process(pid);
         let python = match info.python {
             PythonStatus::NotPython => None,
             PythonStatus::Supported(interpreter) => match sampler.add_python(pid, &interpreter.kernel) {
@@ -161,55 +169,44 @@ impl<'a> Agent<'a> {
         let process =
             Process { application: info.application, process_name: info.process_name, python, exited: false };
         self.processes.insert(pid, process);
-        self.processes.get(&pid)
     }
 
     fn on_sample(&mut self, sample: &Sample, sampler: &mut Sampler) {
         let pid = sample.pid;
-        if !self.processes.contains_key(&pid) && self.inspect(pid, sampler).is_none() {
-            self.summary.samples_of_vanished_processes += 1;
+        if !self.processes.contains_key(&pid) {
+            // Its NEW_PROCESS event was lost: the thread's name will do.
+            self.inspect(pid, &sample.comm, sampler);
         }
+        let Some(process) = self.processes.get_mut(&pid) else { return };
         self.summary.samples += 1;
-        let mut stack = std::mem::take(&mut self.stack);
+        let stack = &mut self.stack;
         stack.clear();
-        self.native.kernel(&sample.kernel_stack[..(sample.kernel_len as usize).min(sample.kernel_stack.len())], &mut stack);
-        self.native.user(pid, &sample.user_stack[..(sample.user_len as usize).min(sample.user_stack.len())], &mut stack);
-        let (application, process_name) = match self.processes.get_mut(&pid) {
-            Some(process) => {
-                if let Some(python) = process.python.as_mut() {
-                    let frames = &sample.py_frames[..(sample.py_len as usize).min(sample.py_frames.len())];
-                    for frame in frames {
-                        match python.symbolize(frame) {
-                            Some(named) => stack.push(named),
-                            None => {
-                                self.summary.unnamed_python_frames += 1;
-                                stack.push(Frame::marker("[unknown python frame]"));
-                            }
-                        }
-                    }
-                    match sample.py_status {
-                        PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
-                        PY_BAD_POINTER | PY_BAD_CODE => {
-                            self.summary.broken_python_stacks += 1;
-                            stack.push(Frame::marker("[broken python stack]"))
-                        }
-                        _ => {}
-                    }
+        self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
+        self.native.user(pid, valid(&sample.user_stack, sample.user_len), stack);
+        if let Some(python) = process.python.as_mut() {
+            for frame in valid(&sample.py_frames, sample.py_len) {
+                stack.push(python.symbolize(frame).unwrap_or_else(|| {
+                    self.summary.unnamed_python_frames += 1;
+                    Frame::marker("[unknown python frame]")
+                }));
+            }
+            match sample.py_status {
+                PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
+                PY_BAD_POINTER | PY_BAD_CODE => {
+                    self.summary.broken_python_stacks += 1;
+                    stack.push(Frame::marker("[broken python stack]"))
                 }
-                (process.application.clone(), process.process_name.clone())
+                _ => {}
             }
-            None => {
-                let comm = comm_text(&sample.comm);
-                (comm.clone(), comm)
-            }
+        }
+        let application = self.settings.application_name.as_deref().unwrap_or(&process.application);
+        let thread = Thread {
+            pid,
+            tid: sample.tid,
+            thread_name: comm_text(&sample.comm),
+            process_name: process.process_name.clone(),
         };
-        let application = match &self.settings.application_name {
-            Some(name) => name.as_str(),
-            None => &application,
-        };
-        let thread = Thread { pid, tid: sample.tid, thread_name: comm_text(&sample.comm), process_name };
-        self.aggregator.add(application, &stack, &thread);
-        self.stack = stack;
+        self.aggregator.add(application, stack, &thread);
     }
 
     fn finish_period(&mut self, sink: &LocalDir, stats: KernelStats, before: KernelStats) {
@@ -231,6 +228,11 @@ impl<'a> Agent<'a> {
             self.native.forget_process(pid);
         }
     }
+}
+
+/// The first `len` entries of a kernel-filled array, never past its end.
+fn valid<T>(items: &[T], len: u32) -> &[T] {
+    &items[..(len as usize).min(items.len())]
 }
 
 fn comm_text(comm: &[u8; 16]) -> Arc<str> {

@@ -39,12 +39,14 @@ impl Sampler {
     pub fn start(frequency: u64, pids: &[u32]) -> Result<(Self, RingBuf<MapData>)> {
         check_privileges()?;
         let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-        let fsbase_offset = task_fsbase_offset()?;
+        let task = TaskOffsets::from_kernel_btf()?;
         let filter_pids = u8::from(!pids.is_empty());
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
-            .set_global(config::FILTER_PIDS, &filter_pids, true)
-            .set_global(config::TASK_FSBASE_OFFSET, &fsbase_offset, true)
+            .override_global(config::FILTER_PIDS, &filter_pids, true)
+            .override_global(config::TASK_FSBASE_OFFSET, &task.fsbase, true)
+            .override_global(config::TASK_GROUP_LEADER_OFFSET, &task.group_leader, true)
+            .override_global(config::TASK_COMM_OFFSET, &task.comm, true)
             .load(OBJECT)
             .map_err(explain_load_error)?;
 
@@ -100,25 +102,36 @@ impl Sampler {
     }
 }
 
-/// Where `task_struct.thread.fsbase` lives in this kernel, from its BTF: the
-/// frame walker compares it with `PyThreadState.thread_id`.
-fn task_fsbase_offset() -> Result<u64> {
-    use btf_rs::{Btf, Type};
-    let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("cannot read /sys/kernel/btf/vmlinux")?;
-    let member_offset = |struct_name: &str, member_name: &str| -> Result<(u64, Type)> {
-        for candidate in btf.resolve_types_by_name(struct_name)? {
-            let Type::Struct(s) = candidate else { continue };
-            for member in &s.members {
-                if btf.resolve_name(member).ok().as_deref() == Some(member_name) {
-                    return Ok((u64::from(member.bit_offset() / 8), btf.resolve_chained_type(member)?));
+/// Where the fields the programs read live in this kernel's `task_struct`,
+/// from its BTF (aya-ebpf has no CO-RE relocations).
+struct TaskOffsets {
+    /// `thread.fsbase`: compared with `PyThreadState.thread_id`.
+    fsbase: u64,
+    group_leader: u64,
+    comm: u64,
+}
+
+impl TaskOffsets {
+    fn from_kernel_btf() -> Result<Self> {
+        use btf_rs::{Btf, Type};
+        let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("cannot read /sys/kernel/btf/vmlinux")?;
+        let offset = |struct_name: &str, member_name: &str| -> Result<u64> {
+            for candidate in btf.resolve_types_by_name(struct_name)? {
+                let Type::Struct(s) = candidate else { continue };
+                for member in &s.members {
+                    if btf.resolve_name(member).ok().as_deref() == Some(member_name) {
+                        return Ok(u64::from(member.bit_offset() / 8));
+                    }
                 }
             }
-        }
-        bail!("the kernel's BTF has no {struct_name}.{member_name}")
-    };
-    let (thread, _) = member_offset("task_struct", "thread")?;
-    let (fsbase, _) = member_offset("thread_struct", "fsbase")?;
-    Ok(thread + fsbase)
+            bail!("the kernel's BTF has no {struct_name}.{member_name}")
+        };
+        Ok(TaskOffsets {
+            fsbase: offset("task_struct", "thread")? + offset("thread_struct", "fsbase")?,
+            group_leader: offset("task_struct", "group_leader")?,
+            comm: offset("task_struct", "comm")?,
+        })
+    }
 }
 
 /// Capabilities the agent needs, with the bit of each in `CapEff`.
@@ -197,8 +210,10 @@ mod tests {
     }
 
     #[test]
-    fn finds_fsbase_in_the_kernel_btf() {
-        let offset = task_fsbase_offset().unwrap();
-        assert!(offset > 0 && offset < 16384, "{offset}");
+    fn finds_task_offsets_in_the_kernel_btf() {
+        let task = TaskOffsets::from_kernel_btf().unwrap();
+        for offset in [task.fsbase, task.group_leader, task.comm] {
+            assert!(offset > 0 && offset < 16384, "{offset}");
+        }
     }
 }

@@ -1,6 +1,5 @@
 //! `ferroscope`: system-wide continuous profiler for Python, on eBPF.
 
-#[cfg(any())] // TEMP: until cpython, discovery and sinks land
 mod agent;
 mod aggregate;
 mod config;
@@ -46,7 +45,7 @@ fn main() -> std::process::ExitCode {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(async { let _ = settings; Ok(()) }) // TEMP
+                .block_on(agent::run(settings))
         }),
     };
     match result {

@@ -15,7 +15,7 @@ pub struct PeriodSummary {
     pub events_dropped: u64,
     pub python_processes: u64,
     pub unsupported_processes: u64,
-    pub samples_of_vanished_processes: u64,
+    pub vanished_processes: u64,
     pub unnamed_python_frames: u64,
     pub broken_python_stacks: u64,
     pub profiles_written: u64,
@@ -60,7 +60,7 @@ impl PeriodSummary {
         let problems = [
             (self.unnamed_python_frames, "Python frames could not be named"),
             (self.broken_python_stacks, "Python stacks ended early on a bad pointer"),
-            (self.samples_of_vanished_processes, "samples came from processes gone before they were looked at"),
+            (self.vanished_processes, "processes exited before they could be looked at (named by their comm, native frames unnamed)"),
         ];
         for (count, what) in problems {
             if count > 0 {

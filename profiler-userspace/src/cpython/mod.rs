@@ -1,0 +1,138 @@
+//! CPython knowledge: versions, struct layouts and reading code objects.
+
+mod code;
+mod linetable;
+mod offsets;
+
+pub use code::FrameSymbolizer;
+
+use offsets::Layout;
+use profiler_common::PyProcess;
+use std::{fmt, sync::Arc};
+
+/// A CPython release, e.g. 3.11.7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    pub major: u8,
+    pub minor: u8,
+    pub micro: u8,
+}
+
+impl Version {
+    /// From `PY_VERSION_HEX` (the `Py_Version` constant, 3.11+): 0xMMmmuuLS.
+    pub fn from_hex(hex: u64) -> Version {
+        Version { major: (hex >> 24) as u8, minor: (hex >> 16) as u8, micro: (hex >> 8) as u8 }
+    }
+
+    /// Finds `sys.version` as `Py_GetVersion` formats it, "3.10.13 (main,
+    /// ...", in `bytes`: a NUL-terminated string starting with the version
+    /// and its optional release suffix ("rc1", "+"), then " (".
+    pub fn find_version_string(bytes: &[u8]) -> Option<Version> {
+        (0..bytes.len()).filter(|&i| i == 0 || bytes[i - 1] == 0).find_map(|i| Self::parse_version_string(&bytes[i..]))
+    }
+
+    fn parse_version_string(text: &[u8]) -> Option<Version> {
+        let (major, rest) = number(text, 1)?;
+        let (minor, rest) = number(rest.strip_prefix(b".")?, 2)?;
+        let (micro, rest) = number(rest.strip_prefix(b".")?, 2)?;
+        let suffix = rest.iter().take_while(|b| b.is_ascii_alphanumeric() || **b == b'+').count();
+        rest[suffix..].starts_with(b" (").then_some(Version { major, minor, micro })
+    }
+}
+
+/// A decimal number of 1 to `max_digits` digits at the start of `text`.
+fn number(text: &[u8], max_digits: usize) -> Option<(u8, &[u8])> {
+    let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > max_digits {
+        return None;
+    }
+    let value = std::str::from_utf8(&text[..digits]).ok()?.parse().ok()?;
+    Some((value, &text[digits..]))
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// A CPython interpreter of a supported version, found in one process.
+#[derive(Clone, Debug)]
+pub struct Interpreter {
+    pub version: Version,
+    /// What the eBPF frame walker needs for this process.
+    pub kernel: PyProcess,
+    /// The object file that holds the interpreter (defines `_PyRuntime`),
+    /// as the process maps it.
+    pub path: Arc<str>,
+    layout: Layout,
+}
+
+/// Why a CPython interpreter cannot be profiled.
+#[derive(Debug, thiserror::Error)]
+#[error("CPython {version} ({path}): version not supported yet")]
+pub struct UnsupportedVersion {
+    pub version: Version,
+    pub path: Arc<str>,
+}
+
+impl Interpreter {
+    /// `runtime` and `code_type` are the run-time addresses of `_PyRuntime`
+    /// and `PyCode_Type` in the process.
+    pub fn new(
+        version: Version,
+        path: Arc<str>,
+        runtime: u64,
+        code_type: u64,
+    ) -> Result<Interpreter, UnsupportedVersion> {
+        let Some(layout) = offsets::layout(version.major, version.minor) else {
+            return Err(UnsupportedVersion { version, path });
+        };
+        let kernel =
+            PyProcess { runtime, code_type, offsets: layout.kernel, owner_cstack: layout.owner_cstack, _pad: [0; 7] };
+        Ok(Interpreter { version, kernel, path, layout })
+    }
+
+    /// E.g. `CPython 3.11.7 (/usr/lib/libpython3.11.so.1.0)`.
+    pub fn describe(&self) -> String {
+        format!("CPython {} ({})", self.version, self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_from_hex() {
+        // 3.11.7 final.
+        assert_eq!(Version::from_hex(0x030b07f0), Version { major: 3, minor: 11, micro: 7 });
+    }
+
+    #[test]
+    fn version_string() {
+        let v = |major, minor, micro| Some(Version { major, minor, micro });
+        let find = |bytes: &[u8]| Version::find_version_string(bytes);
+        assert_eq!(find(b"3.10.13 (main, Jan  1 2024, 00:00:00) [GCC 12.2.0]"), v(3, 10, 13));
+        assert_eq!(find(b"xx\0\0garbage 3.8.1 (\x003.9.0rc1+ (default"), v(3, 9, 0));
+        assert_eq!(find(b"\x003.9.18\0"), None);
+        assert_eq!(find(b"\x0033.9.18 (x"), None);
+        assert_eq!(find(b"\x003.9 (x"), None);
+    }
+
+    #[test]
+    fn only_supported_versions_get_an_interpreter() {
+        let path: Arc<str> = "/usr/bin/python3.9".into();
+        let old = Version { major: 3, minor: 9, micro: 18 };
+        let err = Interpreter::new(old, path.clone(), 0x1000, 0x2000).unwrap_err();
+        assert_eq!(err.to_string(), "CPython 3.9.18 (/usr/bin/python3.9): version not supported yet");
+
+        let v311 = Version { major: 3, minor: 11, micro: 2 };
+        let interp = Interpreter::new(v311, "/usr/bin/python3.11".into(), 0x1000, 0x2000).unwrap();
+        assert_eq!(interp.describe(), "CPython 3.11.2 (/usr/bin/python3.11)");
+        assert_eq!(interp.kernel.runtime, 0x1000);
+        assert_eq!(interp.kernel.code_type, 0x2000);
+        assert_eq!(interp.kernel.owner_cstack, u8::MAX);
+        assert_eq!(interp.kernel.offsets.runtime_interpreters_head, 40);
+    }
+}

@@ -1,0 +1,586 @@
+//! What a process is: its names and, for CPython, where its interpreter is.
+//!
+//! The interpreter is the mapped ELF file that defines `_PyRuntime`: the
+//! executable of a static build, `libpython3.X.so` of a shared one, or any
+//! object that embeds CPython under another name.
+
+use crate::{
+    cpython::{Interpreter, Version},
+    procmem::ProcessMemory,
+};
+use anyhow::{ensure, Context};
+use object::{Object, ObjectSegment, ObjectSymbol};
+use std::{
+    collections::HashMap,
+    fs::{self, File},
+    io::{self, Read},
+    os::unix::fs::MetadataExt,
+    sync::{Arc, LazyLock, Mutex},
+};
+
+/// What a process is.
+#[derive(Debug)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// `/proc/PID/comm`
+    pub process_name: Arc<str>,
+    /// Default application name: the script or module for CPython, else the
+    /// executable's name.
+    pub application: Arc<str>,
+    pub python: PythonStatus,
+}
+
+#[derive(Debug)]
+pub enum PythonStatus {
+    NotPython,
+    Supported(Interpreter),
+    /// CPython that cannot be profiled, and why.
+    Unsupported(String),
+}
+
+/// Looks at process `pid`; fails when the process is gone.
+pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    let comm = comm.trim_end_matches('\n');
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))?;
+    let args = split_cmdline(&cmdline);
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let python = find_python(pid, &parse_maps(&maps))?;
+    let is_python = !matches!(python, PythonStatus::NotPython);
+    Ok(ProcessInfo {
+        pid,
+        process_name: comm.into(),
+        application: application_name(&args, comm, is_python).into(),
+        python,
+    })
+}
+
+/// The arguments in `/proc/PID/cmdline`, NUL-separated.
+fn split_cmdline(cmdline: &[u8]) -> Vec<String> {
+    let cmdline = cmdline.strip_suffix(b"\0").unwrap_or(cmdline);
+    if cmdline.is_empty() {
+        return Vec::new();
+    }
+    cmdline.split(|&b| b == 0).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect()
+}
+
+/// The default application name of a process started with `args`.
+fn application_name<'a>(args: &'a [String], comm: &'a str, is_python: bool) -> &'a str {
+    let executable = args.first().map(|arg| basename(arg)).filter(|name| !name.is_empty()).unwrap_or(comm);
+    match args.get(1..) {
+        Some(options) if is_python => python_entry(options).map(basename).unwrap_or(executable),
+        _ => executable,
+    }
+}
+
+/// The script or module that the CPython options `args` run; None for `-c`,
+/// standard input and the interactive prompt.
+fn python_entry(args: &[String]) -> Option<&str> {
+    let mut args = args.iter().map(String::as_str);
+    while let Some(arg) = args.next() {
+        match arg {
+            "--" => return args.next().filter(|script| *script != "-"),
+            "-" => return None,
+            // The one long option with a separate value.
+            "--check-hash-based-pycs" => {
+                args.next();
+            }
+            _ if arg.starts_with("--") => {}
+            _ => {
+                let Some(flags) = arg.strip_prefix('-') else { return Some(arg) };
+                // Single-letter options can be grouped: `-uc CODE`, `-Xdev`.
+                for (i, flag) in flags.char_indices() {
+                    let value = &flags[i + 1..];
+                    match flag {
+                        'c' => return None,
+                        'm' if value.is_empty() => return args.next(),
+                        'm' => return Some(value),
+                        'X' | 'W' => {
+                            if value.is_empty() {
+                                args.next();
+                            }
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// A file-backed line of `/proc/PID/maps`.
+#[derive(Debug, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    /// Device and inode: which file, even if two paths name it.
+    file: (String, u64),
+    path: String,
+}
+
+fn parse_maps(maps: &str) -> Vec<Mapping> {
+    maps.lines().filter_map(parse_maps_line).collect()
+}
+
+/// `start-end perms offset dev inode path`; None for anonymous and special
+/// mappings.
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let _perms = fields.next()?;
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let dev = fields.next()?;
+    let inode: u64 = fields.next()?.parse().ok()?;
+    let path = fields.next()?.trim_start();
+    if inode == 0 || !path.starts_with('/') {
+        return None;
+    }
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset,
+        file: (dev.to_owned(), inode),
+        path: path.to_owned(),
+    })
+}
+
+/// What an ELF file that defines `_PyRuntime` tells, at link-time addresses.
+#[derive(Debug)]
+struct ElfFacts {
+    runtime: u64,
+    code_type: Option<u64>,
+    /// `Py_Version` (3.11+).
+    version_hex: Option<u64>,
+    loads: Vec<LoadSegment>,
+}
+
+/// A `PT_LOAD` program header.
+#[derive(Debug)]
+struct LoadSegment {
+    vaddr: u64,
+    memsz: u64,
+    offset: u64,
+    filesz: u64,
+}
+
+/// ELF facts per file, None for files that are not a CPython interpreter,
+/// so that 100 processes of one Python cost one parse.
+type ElfCache = HashMap<FileKey, Option<Arc<ElfFacts>>>;
+static ELF_CACHE: LazyLock<Mutex<ElfCache>> = LazyLock::new(Default::default);
+/// Emptied when it reaches this size: files come and go with containers.
+const MAX_CACHED_FILES: usize = 8192;
+
+/// A file and its version, as `stat` of the path we read tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i64,
+}
+
+/// Largest `.bss` searched for the version string of a CPython older than
+/// 3.11; CPython's is well under 1 MiB.
+const MAX_BSS_SCAN: u64 = 16 << 20;
+
+fn find_python(pid: u32, mappings: &[Mapping]) -> io::Result<PythonStatus> {
+    let mut seen = Vec::new();
+    for mapping in mappings {
+        if seen.contains(&&mapping.file) {
+            continue;
+        }
+        seen.push(&mapping.file);
+        let Some(facts) = elf_facts(pid, mapping) else { continue };
+        let file_mappings: Vec<&Mapping> = mappings.iter().filter(|m| m.file == mapping.file).collect();
+        return interpreter(pid, &mapping.path, &facts, &file_mappings);
+    }
+    Ok(PythonStatus::NotPython)
+}
+
+/// The facts of the file of `mapping` if it is a CPython interpreter.
+fn elf_facts(pid: u32, mapping: &Mapping) -> Option<Arc<ElfFacts>> {
+    // Through the process's root, so that other mount namespaces work; a
+    // file deleted since (" (deleted)") only through the mapping itself.
+    let path = if mapping.path.ends_with(" (deleted)") {
+        format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end)
+    } else {
+        format!("/proc/{pid}/root{}", mapping.path)
+    };
+    let mut file = File::open(&path).map_err(|e| log::debug!("opening {path}: {e}")).ok()?;
+    let meta = file.metadata().map_err(|e| log::debug!("stat of {path}: {e}")).ok()?;
+    let key = FileKey { dev: meta.dev(), inode: meta.ino(), size: meta.size(), mtime_ns: mtime_ns(&meta) };
+
+    let mut cache = ELF_CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(facts) = cache.get(&key) {
+        return facts.clone();
+    }
+    let facts = match parse_elf(&mut file) {
+        Ok(facts) => facts.map(Arc::new),
+        Err(e) => {
+            log::debug!("reading {path} as ELF: {e:#}");
+            None
+        }
+    };
+    if cache.len() >= MAX_CACHED_FILES {
+        cache.clear();
+    }
+    cache.insert(key, facts.clone());
+    facts
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+}
+
+/// The facts of an ELF file defining `_PyRuntime`, Ok(None) for other files.
+fn parse_elf(file: &mut File) -> anyhow::Result<Option<ElfFacts>> {
+    let mut magic = [0; 4];
+    if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
+        return Ok(None);
+    }
+    // Reads only the parts parsed, not a whole (maybe huge) library.
+    let data = object::ReadCache::new(&*file);
+    let elf = object::File::parse(&data).context("parsing ELF headers")?;
+    let (mut runtime, mut code_type, mut version_hex) = (None, None, None);
+    // Dynamic symbols survive stripping; `.symtab` has them otherwise.
+    for symbol in elf.dynamic_symbols().chain(elf.symbols()) {
+        if !symbol.is_definition() {
+            continue;
+        }
+        let slot = match symbol.name_bytes() {
+            Ok(b"_PyRuntime") => &mut runtime,
+            Ok(b"PyCode_Type") => &mut code_type,
+            Ok(b"Py_Version") => &mut version_hex,
+            _ => continue,
+        };
+        slot.get_or_insert(symbol.address());
+    }
+    let Some(runtime) = runtime else { return Ok(None) };
+    let loads = elf
+        .segments()
+        .map(|segment| {
+            let (offset, filesz) = segment.file_range();
+            LoadSegment { vaddr: segment.address(), memsz: segment.size(), offset, filesz }
+        })
+        .collect::<Vec<_>>();
+    ensure!(!loads.is_empty(), "no PT_LOAD segment");
+    Ok(Some(ElfFacts { runtime, code_type, version_hex, loads }))
+}
+
+/// The interpreter of `path`, whose facts are `facts` and mappings
+/// `mappings`; Err only when the process is gone.
+fn interpreter(pid: u32, path: &str, facts: &ElfFacts, mappings: &[&Mapping]) -> io::Result<PythonStatus> {
+    let Some(bias) = load_bias(facts, mappings) else {
+        return Ok(PythonStatus::Unsupported(format!("CPython in {path}: cannot find its load address")));
+    };
+    let mem = ProcessMemory::new(pid);
+    let version = match find_version(&mem, facts, bias) {
+        Ok(Some(version)) => version,
+        Ok(None) => {
+            return Ok(PythonStatus::Unsupported(format!(
+                "CPython in {path}: version not found (no Py_Version symbol, no sys.version in memory)"
+            )))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(e),
+        Err(e) => return Ok(PythonStatus::Unsupported(format!("CPython in {path}: reading its version: {e}"))),
+    };
+    let Some(code_type) = facts.code_type else {
+        return Ok(PythonStatus::Unsupported(format!("CPython {version} ({path}): no PyCode_Type symbol")));
+    };
+    let runtime = bias.wrapping_add(facts.runtime);
+    Ok(match Interpreter::new(version, path.into(), runtime, bias.wrapping_add(code_type)) {
+        Ok(interpreter) => PythonStatus::Supported(interpreter),
+        Err(unsupported) => PythonStatus::Unsupported(unsupported.to_string()),
+    })
+}
+
+/// What to add to a link-time address of the file to get its run-time one.
+///
+/// A mapping at `start` of file offset `offset` holds the `PT_LOAD` segment
+/// whose page-aligned offset is `offset`, and the segment's page-aligned
+/// address is then at `start`. This is 0 for fixed-address executables
+/// (`ET_EXEC`) and the load address for PIE executables and libraries.
+fn load_bias(facts: &ElfFacts, mappings: &[&Mapping]) -> Option<u64> {
+    let page_mask = !(page_size() - 1);
+    mappings.iter().find_map(|mapping| {
+        let segment = facts.loads.iter().find(|segment| segment.offset & page_mask == mapping.offset)?;
+        Some(mapping.start.wrapping_sub(segment.vaddr & page_mask))
+    })
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|size| size.is_power_of_two()).unwrap_or(4096)
+}
+
+/// The interpreter's version, from the binary rather than its file name.
+///
+/// 3.11+ has `Py_Version`, `PY_VERSION_HEX` as a constant. Older versions
+/// have no such symbol, and `PY_VERSION` ("3.10.13") is not reliably found in
+/// `.rodata`: the linker merges it into the tail of longer strings (pyenv's
+/// ends "/root/.pyenv/versions/3.10.13"). But `Py_GetVersion` formats
+/// `sys.version` ("3.10.13 (main, ...") at start-up into a static buffer in
+/// `.bss`, so that is searched in the process's memory.
+fn find_version(mem: &ProcessMemory, facts: &ElfFacts, bias: u64) -> io::Result<Option<Version>> {
+    if let Some(version_hex) = facts.version_hex {
+        return Ok(Some(Version::from_hex(mem.read_u64(bias.wrapping_add(version_hex))?)));
+    }
+    for segment in facts.loads.iter().filter(|segment| segment.memsz > segment.filesz) {
+        let bss = bias.wrapping_add(segment.vaddr).wrapping_add(segment.filesz);
+        let len = (segment.memsz - segment.filesz).min(MAX_BSS_SCAN);
+        if let Some(version) = Version::find_version_string(&mem.read_vec(bss, len as usize)?) {
+            return Ok(Some(version));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpython::FrameSymbolizer;
+    use profiler_common::PyFrame;
+    use std::{
+        io::{BufRead, BufReader},
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+    };
+
+    fn args(line: &str) -> Vec<String> {
+        line.split(' ').map(String::from).collect()
+    }
+
+    #[test]
+    fn python_application_names() {
+        let cases = [
+            ("python3 app.py", "app.py"),
+            ("python -m mypkg.server --port 80", "mypkg.server"),
+            ("/usr/bin/python3 /usr/local/bin/gunicorn app:app", "gunicorn"),
+            ("python3 -u -X dev -W ignore -O -OO -B srv/main.py -v", "main.py"),
+            ("python3 -Xdev -Wignore -I -- job.py", "job.py"),
+            ("python3 --check-hash-based-pycs never tool.py", "tool.py"),
+            ("python3 -mhttp.server", "http.server"),
+            ("python3 -um pkg", "pkg"),
+            ("/usr/bin/python3.11 -c import time; time.sleep(1)", "python3.11"),
+            ("python3 -uc pass", "python3"),
+            ("python3 -", "python3"),
+            ("/opt/py/bin/python3", "python3"),
+            ("python3 -X", "python3"),
+        ];
+        for (cmdline, expected) in cases {
+            assert_eq!(application_name(&args(cmdline), "comm", true), expected, "{cmdline}");
+        }
+        assert_eq!(application_name(&[], "python3", true), "python3");
+    }
+
+    #[test]
+    fn other_application_names() {
+        assert_eq!(application_name(&args("/usr/sbin/nginx -g daemon off;"), "nginx", false), "nginx");
+        assert_eq!(application_name(&args("./run.sh app.py"), "run.sh", false), "run.sh");
+        // Kernel threads have no command line.
+        assert_eq!(application_name(&[], "kworker/0:1", false), "kworker/0:1");
+    }
+
+    #[test]
+    fn cmdline_split() {
+        assert_eq!(split_cmdline(b"python3\0-m\0a.b\0"), ["python3", "-m", "a.b"]);
+        assert_eq!(split_cmdline(b"x\0\0y\0"), ["x", "", "y"]);
+        assert!(split_cmdline(b"").is_empty());
+    }
+
+    #[test]
+    fn maps_lines() {
+        let maps = "\
+55d0c1a00000-55d0c1a01000 r--p 00000000 fd:01 1234 /usr/bin/python3.11
+7f1c2e000000-7f1c2e021000 rw-p 00000000 00:00 0 
+7ffd5c5f0000-7ffd5c611000 rw-p 00000000 00:00 0                          [stack]
+7f1c2f000000-7f1c2f100000 r-xp 0001f000 fd:01 99 /lib/my lib.so (deleted)";
+        assert_eq!(
+            parse_maps(maps),
+            [
+                Mapping {
+                    start: 0x55d0c1a00000,
+                    end: 0x55d0c1a01000,
+                    offset: 0,
+                    file: ("fd:01".into(), 1234),
+                    path: "/usr/bin/python3.11".into()
+                },
+                Mapping {
+                    start: 0x7f1c2f000000,
+                    end: 0x7f1c2f100000,
+                    offset: 0x1f000,
+                    file: ("fd:01".into(), 99),
+                    path: "/lib/my lib.so (deleted)".into()
+                },
+            ]
+        );
+    }
+
+    const SCRIPT: &str = "\
+import sys, time
+
+class Sleeper:
+    def nap(self):
+        print('ready', flush=True)
+        time.sleep(60)
+
+def main():
+    Sleeper().nap()
+
+main()
+";
+
+    /// A Python process running [`SCRIPT`], killed on drop.
+    struct Sleeper {
+        child: Child,
+        script: PathBuf,
+    }
+
+    impl Sleeper {
+        fn start(python: &str, name: &str) -> Sleeper {
+            let dir = std::env::temp_dir().join(format!("ferroscope-test-{}-{name}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            let script = dir.join("sleeper.py");
+            fs::write(&script, SCRIPT).unwrap();
+            let mut child = Command::new(python).arg("-u").arg(&script).stdout(Stdio::piped()).spawn().unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            assert_eq!(line, "ready\n");
+            Sleeper { child, script }
+        }
+
+        fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = fs::remove_dir_all(self.script.parent().unwrap());
+        }
+    }
+
+    /// The frames of the first thread of the first interpreter, innermost
+    /// first, walked as the eBPF program does.
+    fn python_stack(pid: u32, interpreter: &Interpreter) -> Vec<PyFrame> {
+        let mem = ProcessMemory::new(pid);
+        let offsets = interpreter.kernel.offsets;
+        let at = |addr: u64, offset: u16| mem.read_u64(addr + u64::from(offset)).unwrap();
+        let interp = at(interpreter.kernel.runtime, offsets.runtime_interpreters_head);
+        let thread = at(interp, offsets.interp_threads_head);
+        let cframe = at(thread, offsets.tstate_frame);
+        let mut frame = at(cframe, offsets.cframe_current_frame);
+        let mut frames = Vec::new();
+        while frame != 0 && frames.len() < 100 {
+            let code = at(frame, offsets.frame_code);
+            assert_eq!(at(code, offsets.object_type), interpreter.kernel.code_type);
+            frames.push(PyFrame { code, instr: at(frame, offsets.frame_instr) });
+            frame = at(frame, offsets.frame_previous);
+        }
+        frames
+    }
+
+    fn check_supported(python: &str, binary: &str) {
+        if !Path::new(python).exists() {
+            eprintln!("skipped: {python} not installed");
+            return;
+        }
+        let sleeper = Sleeper::start(python, "supported");
+        let info = inspect(sleeper.pid()).unwrap();
+        assert_eq!(&*info.application, "sleeper.py");
+        let PythonStatus::Supported(interpreter) = info.python else {
+            panic!("{python}: {:?}", info.python);
+        };
+        assert_eq!((interpreter.version.major, interpreter.version.minor), (3, 11));
+        assert_eq!(interpreter.describe(), format!("CPython {} ({binary})", interpreter.version));
+
+        let mut symbolizer = FrameSymbolizer::new(sleeper.pid(), &interpreter);
+        let frames: Vec<_> = python_stack(sleeper.pid(), &interpreter)
+            .iter()
+            .map(|frame| symbolizer.symbolize(frame).unwrap())
+            .map(|frame| (frame.function.to_string(), frame.start_line, frame.line, frame.file.to_string()))
+            .collect();
+        let file = sleeper.script.to_str().unwrap().to_owned();
+        assert_eq!(
+            frames,
+            [
+                ("Sleeper.nap".into(), 4, 6, file.clone()),
+                ("main".into(), 8, 9, file.clone()),
+                ("<module>".into(), 1, 11, file),
+            ]
+        );
+        // A bogus code object address gives no frame, and no panic.
+        assert_eq!(symbolizer.symbolize(&PyFrame { code: 8, instr: 8 }), None);
+    }
+
+    #[test]
+    fn pyenv_python_311() {
+        let libpython = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
+        check_supported("/root/.pyenv/versions/3.11.7/bin/python3.11", libpython);
+    }
+
+    #[test]
+    fn debian_python_311() {
+        // Static, fixed-address and stripped: only dynamic symbols.
+        check_supported("/usr/bin/python3.11", "/usr/bin/python3.11");
+    }
+
+    #[test]
+    fn other_versions_are_unsupported() {
+        // 3.10 has no `Py_Version`: the version comes from `sys.version`.
+        for (python, version) in [
+            ("/root/.pyenv/versions/3.10.13/bin/python3.10", "3.10.13"),
+            ("/root/.pyenv/versions/3.12.1/bin/python3.12", "3.12.1"),
+        ] {
+            if !Path::new(python).exists() {
+                eprintln!("skipped: {python} not installed");
+                continue;
+            }
+            let sleeper = Sleeper::start(python, version);
+            let info = inspect(sleeper.pid()).unwrap();
+            assert_eq!(&*info.application, "sleeper.py");
+            let PythonStatus::Unsupported(reason) = info.python else {
+                panic!("{python}: {:?}", info.python);
+            };
+            assert!(reason.starts_with(&format!("CPython {version} (")), "{reason}");
+            assert!(reason.ends_with("version not supported yet"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn not_python() {
+        let mut child = Command::new("sleep").arg("10").spawn().unwrap();
+        // Wait for the exec, after which the process is named `sleep`.
+        for _ in 0..100 {
+            match fs::read_to_string(format!("/proc/{}/comm", child.id())) {
+                Ok(comm) if comm == "sleep\n" => break,
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        let info = inspect(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let info = info.unwrap();
+        assert!(matches!(info.python, PythonStatus::NotPython), "{:?}", info.python);
+        assert_eq!(&*info.application, "sleep");
+        assert_eq!(&*info.process_name, "sleep");
+    }
+
+    #[test]
+    fn gone_process_is_an_error() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(inspect(pid).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! Where the profiles of finished periods go.
+
+mod local;
+
+pub use local::{LocalDir, Written};
