@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    ops::Range,
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -31,7 +32,24 @@ struct Process {
     application: Arc<str>,
     process_name: Arc<str>,
     python: Option<FrameSymbolizer>,
+    /// Executable address ranges, sorted; empty when unknown.
+    code: Vec<Range<u64>>,
     exited: bool,
+}
+
+impl Process {
+    /// The user return addresses that can be trusted: without frame pointers
+    /// `bpf_get_stack` reads stack garbage after the first frames, so the
+    /// stack ends at the first address outside executable code (or after the
+    /// sampled instruction when the mappings are unknown).
+    fn user_stack<'s>(&self, addrs: &'s [u64]) -> &'s [u64] {
+        let executable = |addr: &u64| {
+            let next = self.code.partition_point(|range| range.end <= *addr);
+            self.code.get(next).is_some_and(|range| range.contains(addr))
+        };
+        let len = addrs.iter().skip(1).position(|addr| !executable(addr)).map_or(addrs.len(), |bad| bad + 1);
+        &addrs[..len]
+    }
 }
 
 pub async fn run(settings: Settings) -> Result<()> {
@@ -142,7 +160,8 @@ impl<'a> Agent<'a> {
             Err(_) => {
                 self.summary.vanished_processes += 1;
                 let name = comm_text(comm);
-                let process = Process { application: name.clone(), process_name: name, python: None, exited: true };
+                let process =
+                    Process { application: name.clone(), process_name: name, python: None, code: Vec::new(), exited: true };
                 self.processes.insert(pid, process);
                 return;
             }
@@ -166,8 +185,13 @@ impl<'a> Agent<'a> {
                 None
             }
         };
-        let process =
-            Process { application: info.application, process_name: info.process_name, python, exited: false };
+        let process = Process {
+            application: info.application,
+            process_name: info.process_name,
+            python,
+            code: info.code,
+            exited: false,
+        };
         self.processes.insert(pid, process);
     }
 
@@ -182,7 +206,7 @@ impl<'a> Agent<'a> {
         let stack = &mut self.stack;
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
-        self.native.user(pid, valid(&sample.user_stack, sample.user_len), stack);
+        self.native.user(pid, process.user_stack(valid(&sample.user_stack, sample.user_len)), stack);
         if let Some(python) = process.python.as_mut() {
             for frame in valid(&sample.py_frames, sample.py_len) {
                 stack.push(python.symbolize(frame).unwrap_or_else(|| {
@@ -238,4 +262,25 @@ fn valid<T>(items: &[T], len: u32) -> &[T] {
 fn comm_text(comm: &[u8; 16]) -> Arc<str> {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     Arc::from(String::from_utf8_lossy(&comm[..len]).as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(code: Vec<Range<u64>>) -> Process {
+        Process { application: "app".into(), process_name: "app".into(), python: None, code, exited: false }
+    }
+
+    #[test]
+    fn user_stacks_end_at_the_first_address_outside_code() {
+        let known = process(vec![0x1000..0x2000, 0x5000..0x6000]);
+        assert_eq!(known.user_stack(&[0x1500, 0x5fff, 0x9000, 0x1100]), [0x1500, 0x5fff]);
+        assert_eq!(known.user_stack(&[0x1500, 0x1600]), [0x1500, 0x1600]);
+        // The sampled instruction itself is always kept.
+        assert_eq!(known.user_stack(&[0x9000, 0x9500, 0x1500]), [0x9000]);
+        assert_eq!(known.user_stack(&[]), [] as [u64; 0]);
+        let unknown = process(Vec::new());
+        assert_eq!(unknown.user_stack(&[0x1500, 0x1600]), [0x1500]);
+    }
 }

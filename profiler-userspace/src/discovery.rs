@@ -15,19 +15,22 @@ use std::{
     fs::{self, File},
     io::{self, Read},
     os::unix::fs::MetadataExt,
+    ops::Range,
     sync::{Arc, LazyLock, Mutex},
 };
 
 /// What a process is.
 #[derive(Debug)]
 pub struct ProcessInfo {
-    pub pid: u32,
     /// `/proc/PID/comm`
     pub process_name: Arc<str>,
     /// Default application name: the script or module for CPython, else the
     /// executable's name.
     pub application: Arc<str>,
     pub python: PythonStatus,
+    /// Address ranges of executable mappings: a return address elsewhere is
+    /// not one (stack garbage from unwinding without frame pointers).
+    pub code: Vec<Range<u64>>,
 }
 
 #[derive(Debug)]
@@ -48,11 +51,25 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
     let python = find_python(pid, &parse_maps(&maps))?;
     let is_python = !matches!(python, PythonStatus::NotPython);
     Ok(ProcessInfo {
-        pid,
         process_name: comm.into(),
         application: application_name(&args, comm, is_python).into(),
         python,
+        code: executable_ranges(&maps),
     })
+}
+
+/// Ranges of the executable lines of `/proc/PID/maps`, sorted.
+fn executable_ranges(maps: &str) -> Vec<Range<u64>> {
+    maps.lines()
+        .filter_map(|line| {
+            let (range, rest) = line.split_once(' ')?;
+            if rest.as_bytes().get(2) != Some(&b'x') {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some(u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?)
+        })
+        .collect()
 }
 
 /// The arguments in `/proc/PID/cmdline`, NUL-separated.
@@ -422,6 +439,7 @@ mod tests {
                 },
             ]
         );
+        assert_eq!(executable_ranges(maps), [0x7f1c2f000000..0x7f1c2f100000]);
     }
 
     const SCRIPT: &str = "\
@@ -505,11 +523,22 @@ main()
         assert_eq!(interpreter.describe(), format!("CPython {} ({binary})", interpreter.version));
 
         let mut symbolizer = FrameSymbolizer::new(sleeper.pid(), &interpreter);
-        let frames: Vec<_> = python_stack(sleeper.pid(), &interpreter)
-            .iter()
-            .map(|frame| symbolizer.symbolize(frame).unwrap())
-            .map(|frame| (frame.function.to_string(), frame.start_line, frame.line, frame.file.to_string()))
-            .collect();
+        let mut named = |frames: Vec<PyFrame>| -> Vec<_> {
+            frames
+                .iter()
+                .map(|frame| symbolizer.symbolize(frame).unwrap())
+                .map(|frame| (frame.function.to_string(), frame.start_line, frame.line, frame.file.to_string()))
+                .collect()
+        };
+        // "ready" is printed just before the sleep: give it time to get there.
+        let mut frames = named(python_stack(sleeper.pid(), &interpreter));
+        for _ in 0..100 {
+            if frames.first().is_some_and(|top| top.2 == 6) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            frames = named(python_stack(sleeper.pid(), &interpreter));
+        }
         let file = sleeper.script.to_str().unwrap().to_owned();
         assert_eq!(
             frames,
