@@ -38,8 +38,15 @@ impl Sampler {
     /// buffer of samples and process events with the sampler.
     pub fn start(frequency: u64, pids: &[u32]) -> Result<(Self, RingBuf<MapData>)> {
         check_privileges()?;
-        let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        for &pid in pids {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                bail!("`--pid {pid}`: no such process");
+            }
+        }
+        // The kernel's BTF is parsed twice (for offsets, then by aya): one
+        // after the other, so that the agent's peak memory holds only one.
         let task = TaskOffsets::from_kernel_btf()?;
+        let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         let filter_pids = u8::from(!pids.is_empty());
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -60,6 +67,10 @@ impl Sampler {
             program.load(tracepoint, &btf).with_context(|| format!("cannot load the {tracepoint} program"))?;
             program.attach().with_context(|| format!("cannot attach to the {tracepoint} tracepoint"))?;
         }
+        drop(btf);
+        // Give the parsed BTF's memory back to the system; the agent runs for days.
+        // SAFETY: plain libc call.
+        unsafe { libc::malloc_trim(0) };
 
         let program: &mut PerfEvent = ebpf.program_mut("sample_cpu").context("sample_cpu")?.try_into()?;
         program.load().context("the kernel refused the CPU sampler program")?;
