@@ -110,6 +110,9 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+/// Labels that every sample carries already.
+const RESERVED_LABELS: [&str; 4] = ["pid", "tid", "thread_name", "process_name"];
+
 /// Label names follow Prometheus' rules, which Pyroscope and pprof tools
 /// accept; values must be non-empty single-line text.
 fn validate_label(key: &str, value: &str) -> Result<(), String> {
@@ -118,6 +121,9 @@ fn validate_label(key: &str, value: &str) -> Result<(), String> {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
     if !valid_key {
         return Err(format!("label name `{key}` must start with a letter or `_` and hold only letters, digits, `_` and `.`"));
+    }
+    if RESERVED_LABELS.contains(&key) {
+        return Err(format!("label name `{key}` is set by ferroscope on every sample; pick another name"));
     }
     if value.is_empty() || value.chars().any(char::is_control) {
         return Err(format!("label `{key}` needs a non-empty value without control characters"));
@@ -237,6 +243,7 @@ mod tests {
         assert!(parse_label("noequals").is_err());
         assert!(parse_label("1abc=x").unwrap_err().contains("1abc"));
         assert!(parse_label("env=").is_err());
+        assert!(parse_label("pid=7").unwrap_err().contains("`pid`"));
         assert_eq!(parse_label("env=prod"), Ok(("env".into(), "prod".into())));
     }
 }
