@@ -20,9 +20,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, PerfEventContext},
     EbpfContext,
 };
-use profiler_common::{
-    kind, stat, ProcessEvent, PyProcess, Sample, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON,
-};
+use profiler_common::{kind, stat, ProcessEvent, PyProcess, Sample, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON};
 
 /// Set by the agent before load: 1 limits sampling to the pids in `TARGETS`.
 #[no_mangle]
@@ -118,8 +116,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         (*sample).cpu = bpf_get_smp_processor_id();
         (*sample).comm = bpf_get_current_comm().unwrap_or_default();
         (*sample).kernel_len = stack(&ctx, (*sample).kernel_stack.as_mut_ptr(), MAX_KERNEL_FRAMES, 0);
-        (*sample).user_len =
-            stack(&ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64);
+        (*sample).user_len = stack(&ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64);
         match PY_PROCS.get(pid) {
             Some(process) => python::walk(process, tid, sample),
             None => {

@@ -10,15 +10,14 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::bpf_loop,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop,
     },
     macros::map,
     maps::LruHashMap,
 };
 use profiler_common::{
-    stat, PyFrame, PyProcess, Sample, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE,
-    PY_BAD_POINTER, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
+    stat, PyFrame, PyProcess, Sample, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER,
+    PY_NO_THREAD, PY_OK, PY_TRUNCATED,
 };
 
 /// Offset of `thread.fsbase` in `task_struct`, from the kernel's BTF.

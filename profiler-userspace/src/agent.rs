@@ -5,10 +5,10 @@ use std::{
     collections::HashMap,
     ops::Range,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{kind, ProcessEvent, Sample, PY_BAD_CODE, PY_BAD_POINTER, PY_TRUNCATED};
 use tokio::{
@@ -34,8 +34,14 @@ struct Process {
     python: Option<FrameSymbolizer>,
     /// Executable address ranges, sorted; empty when unknown.
     code: Vec<Range<u64>>,
+    /// When `code` was read: it is read again, at most this often, when an
+    /// address falls outside it (a library loaded since, or garbage).
+    code_read: Instant,
     exited: bool,
 }
+
+/// How often a process's executable ranges may be read again.
+const CODE_RANGES_REFRESH: Duration = Duration::from_secs(1);
 
 impl Process {
     /// The user return addresses that can be trusted: without frame pointers
@@ -49,6 +55,19 @@ impl Process {
         };
         let len = addrs.iter().skip(1).position(|addr| !executable(addr)).map_or(addrs.len(), |bad| bad + 1);
         &addrs[..len]
+    }
+
+    /// [`Self::user_stack`], reading the process's mappings again first if
+    /// the stack ends early and they may have changed.
+    fn refreshed_user_stack<'s>(&mut self, pid: u32, addrs: &'s [u64]) -> &'s [u64] {
+        if self.user_stack(addrs).len() < addrs.len() && !self.exited && self.code_read.elapsed() > CODE_RANGES_REFRESH
+        {
+            self.code_read = Instant::now();
+            if let Ok(code) = discovery::code_ranges(pid) {
+                self.code = code;
+            }
+        }
+        self.user_stack(addrs)
     }
 }
 
@@ -69,7 +88,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.output_dir.display(),
     );
 
-    let mut events = AsyncFd::new(events).context("cannot poll the events ring buffer")?;
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as
+    // the `AsyncFd` holds it.
+    let mut events = unsafe { AsyncFd::register(events) }
+        .map_err(|error| anyhow::anyhow!("cannot poll the events ring buffer: {error}"))?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let started = Instant::now();
@@ -160,8 +182,14 @@ impl<'a> Agent<'a> {
             Err(_) => {
                 self.summary.vanished_processes += 1;
                 let name = comm_text(comm);
-                let process =
-                    Process { application: name.clone(), process_name: name, python: None, code: Vec::new(), exited: true };
+                let process = Process {
+                    application: name.clone(),
+                    process_name: name,
+                    python: None,
+                    code: Vec::new(),
+                    code_read: Instant::now(),
+                    exited: true,
+                };
                 self.processes.insert(pid, process);
                 return;
             }
@@ -190,6 +218,7 @@ impl<'a> Agent<'a> {
             process_name: info.process_name,
             python,
             code: info.code,
+            code_read: Instant::now(),
             exited: false,
         };
         self.processes.insert(pid, process);
@@ -206,7 +235,7 @@ impl<'a> Agent<'a> {
         let stack = &mut self.stack;
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
-        self.native.user(pid, process.user_stack(valid(&sample.user_stack, sample.user_len)), stack);
+        self.native.user(pid, process.refreshed_user_stack(pid, valid(&sample.user_stack, sample.user_len)), stack);
         if let Some(python) = process.python.as_mut() {
             for frame in valid(&sample.py_frames, sample.py_len) {
                 stack.push(python.symbolize(frame).unwrap_or_else(|| {
@@ -241,7 +270,10 @@ impl<'a> Agent<'a> {
         summary.events_dropped = stats.events_dropped - before.events_dropped;
         for profile in &profiles {
             match sink.write(profile) {
-                Ok(_) => summary.profiles_written += 1,
+                Ok(written) => {
+                    log::debug!("wrote {} and {}", written.pprof.display(), written.flamegraph.display());
+                    summary.profiles_written += 1;
+                }
                 Err(error) => log::error!("cannot write the profile of {}: {error:#}", profile.application),
             }
         }
@@ -269,7 +301,14 @@ mod tests {
     use super::*;
 
     fn process(code: Vec<Range<u64>>) -> Process {
-        Process { application: "app".into(), process_name: "app".into(), python: None, code, exited: false }
+        Process {
+            application: "app".into(),
+            process_name: "app".into(),
+            python: None,
+            code,
+            code_read: Instant::now(),
+            exited: false,
+        }
     }
 
     #[test]

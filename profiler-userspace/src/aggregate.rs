@@ -123,21 +123,6 @@ impl PeriodProfile {
     pub fn total_samples(&self) -> u64 {
         self.stacks.values().map(|value| value.samples).sum()
     }
-
-    /// Functions by self samples (the innermost frame of each stack), most
-    /// first.
-    pub fn top_functions(&self, count: usize) -> Vec<(&Frame, u64)> {
-        let mut by_function: HashMap<FrameId, u64> = HashMap::new();
-        for (key, value) in &self.stacks {
-            if let Some(&leaf) = key.frames.first() {
-                *by_function.entry(leaf).or_default() += value.samples;
-            }
-        }
-        let mut top: Vec<_> = by_function.into_iter().map(|(id, n)| (&self.frames[id as usize], n)).collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.function.cmp(&b.0.function)));
-        top.truncate(count);
-        top
-    }
 }
 
 /// The profiles of the current period, one per application.
@@ -207,7 +192,6 @@ mod tests {
         assert_eq!(app.total_samples(), 3);
         let on_10 = app.stacks.iter().find(|(key, _)| key.thread.tid == 10).unwrap().1;
         assert_eq!(*on_10, StackValue { samples: 2, cpu_ns: 20_000_000 });
-        assert_eq!(app.top_functions(5), vec![(&stack[0], 3)]);
         assert!(aggregator.finish_period(end).is_empty(), "a period starts empty");
     }
 }

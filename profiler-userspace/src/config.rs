@@ -120,7 +120,9 @@ fn validate_label(key: &str, value: &str) -> Result<(), String> {
     let valid_key = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
     if !valid_key {
-        return Err(format!("label name `{key}` must start with a letter or `_` and hold only letters, digits, `_` and `.`"));
+        return Err(format!(
+            "label name `{key}` must start with a letter or `_` and hold only letters, digits, `_` and `.`"
+        ));
     }
     if RESERVED_LABELS.contains(&key) {
         return Err(format!("label name `{key}` is set by ferroscope on every sample; pick another name"));
@@ -182,7 +184,8 @@ impl AgentArgs {
 }
 
 fn read_config(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
     // toml's errors name the key and show the line.
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }

@@ -14,8 +14,8 @@ use std::{
     collections::HashMap,
     fs::{self, File},
     io::{self, Read},
-    os::unix::fs::MetadataExt,
     ops::Range,
+    os::unix::fs::MetadataExt,
     sync::{Arc, LazyLock, Mutex},
 };
 
@@ -56,6 +56,11 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         python,
         code: executable_ranges(&maps),
     })
+}
+
+/// The executable address ranges of process `pid`, sorted.
+pub fn code_ranges(pid: u32) -> io::Result<Vec<Range<u64>>> {
+    Ok(executable_ranges(&fs::read_to_string(format!("/proc/{pid}/maps"))?))
 }
 
 /// Ranges of the executable lines of `/proc/PID/maps`, sorted.
@@ -439,7 +444,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(executable_ranges(maps), [0x7f1c2f000000..0x7f1c2f100000]);
+        assert_eq!(executable_ranges(maps), vec![0x7f1c2f000000..0x7f1c2f100000]);
     }
 
     const SCRIPT: &str = "\

@@ -42,10 +42,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => args.settings().and_then(|settings| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(agent::run(settings))
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(settings))
         }),
     };
     match result {

@@ -60,12 +60,6 @@ impl ProcessMemory {
         Ok(u32::from_ne_bytes(buf))
     }
 
-    pub fn read_i32(&self, addr: u64) -> io::Result<i32> {
-        let mut buf = [0; 4];
-        self.read(addr, &mut buf)?;
-        Ok(i32::from_ne_bytes(buf))
-    }
-
     fn read_vm(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
@@ -107,13 +101,13 @@ mod tests {
 
     #[test]
     fn mem_file_fallback_reads_the_same() {
-        let value: i32 = -42;
+        let value: u32 = 0xfeed_f00d;
         let mem = ProcessMemory::new(std::process::id());
         let mut buf = [0; 4];
-        mem.read_mem_file(&value as *const i32 as u64, &mut buf).unwrap();
-        assert_eq!(i32::from_ne_bytes(buf), value);
+        mem.read_mem_file(&value as *const u32 as u64, &mut buf).unwrap();
+        assert_eq!(u32::from_ne_bytes(buf), value);
         // Once opened, the file serves every read.
-        assert_eq!(mem.read_i32(&value as *const i32 as u64).unwrap(), value);
+        assert_eq!(mem.read_u32(&value as *const u32 as u64).unwrap(), value);
     }
 
     #[test]

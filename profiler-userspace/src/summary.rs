@@ -27,9 +27,8 @@ impl PeriodSummary {
     }
 
     fn render(&self, profiles: &[PeriodProfile], output_dir: &Path) -> String {
-        let (start, end) = profiles
-            .first()
-            .map_or((SystemTime::now(), SystemTime::now()), |profile| (profile.start, profile.end));
+        let (start, end) =
+            profiles.first().map_or((SystemTime::now(), SystemTime::now()), |profile| (profile.start, profile.end));
         let processes: std::collections::HashSet<u32> =
             profiles.iter().flat_map(|profile| profile.stacks.keys().map(|key| key.thread.pid)).collect();
         let mut text = format!(
@@ -60,7 +59,10 @@ impl PeriodSummary {
         let problems = [
             (self.unnamed_python_frames, "Python frames could not be named"),
             (self.broken_python_stacks, "Python stacks ended early on a bad pointer"),
-            (self.vanished_processes, "processes exited before they could be looked at (named by their comm, native frames unnamed)"),
+            (
+                self.vanished_processes,
+                "processes exited before they could be looked at (named by their comm, native frames unnamed)",
+            ),
         ];
         for (count, what) in problems {
             if count > 0 {
@@ -112,16 +114,31 @@ mod tests {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(3600);
         let mut profile = PeriodProfile::new("app.py".into(), BTreeMap::new(), start, 10_000_000);
         profile.end = start + Duration::from_secs(45);
-        let native = Frame { kind: FrameKind::Native, function: "_PyEval_EvalFrameDefault".into(), file: "libpython3.11.so".into(), start_line: 0, line: 0 };
-        let crunch = Frame { kind: FrameKind::Python, function: "Cruncher.crunch_a".into(), file: "split.py".into(), start_line: 7, line: 9 };
+        let native = Frame {
+            kind: FrameKind::Native,
+            function: "_PyEval_EvalFrameDefault".into(),
+            file: "libpython3.11.so".into(),
+            start_line: 0,
+            line: 0,
+        };
+        let crunch = Frame {
+            kind: FrameKind::Python,
+            function: "Cruncher.crunch_a".into(),
+            file: "split.py".into(),
+            start_line: 7,
+            line: 9,
+        };
         let thread = Thread { pid: 1, tid: 1, thread_name: "python".into(), process_name: "python".into() };
         for _ in 0..3 {
             profile.add(&[native.clone(), crunch.clone()], &thread);
         }
-        profile.add(&[native.clone()], &thread);
+        profile.add(std::slice::from_ref(&native), &thread);
         let summary = PeriodSummary { samples: 4, profiles_written: 1, ..Default::default() };
         let text = summary.render(&[profile], Path::new("./profiles"));
-        assert!(text.starts_with("ferroscope: 01:00:00 to 01:00:45: 1 processes in 1 applications, 4 samples, 0 dropped\n"), "{text}");
+        assert!(
+            text.starts_with("ferroscope: 01:00:00 to 01:00:45: 1 processes in 1 applications, 4 samples, 0 dropped\n"),
+            "{text}"
+        );
         assert!(text.contains(" 75.0%  Cruncher.crunch_a  split.py:7\n"), "{text}");
         assert!(text.contains(" 25.0%  _PyEval_EvalFrameDefault  libpython3.11.so\n"), "{text}");
         assert!(text.ends_with("  wrote 1 profiles to ./profiles\n"), "{text}");

@@ -24,11 +24,7 @@ pub struct NativeSymbolizer {
 
 impl NativeSymbolizer {
     pub fn new() -> Self {
-        let kernel = source::Kernel {
-            vmlinux: blazesym::MaybeDefault::None,
-            debug_syms: false,
-            ..Default::default()
-        };
+        let kernel = source::Kernel { vmlinux: blazesym::MaybeDefault::None, debug_syms: false, ..Default::default() };
         NativeSymbolizer {
             // Function names are what a profile needs; source lines of
             // native code would make symbolization read all of DWARF.
@@ -76,22 +72,35 @@ impl NativeSymbolizer {
         let missing: Vec<u64> = addrs.iter().copied().filter(|addr| !self.user.contains_key(&(pid, *addr))).collect();
         if !missing.is_empty() {
             bound(&mut self.user);
-            let mut process = source::Process::new(Pid::from(pid));
-            process.perf_map = false;
-            process.debug_syms = false;
-            let names = self.symbolizer.symbolize(&source::Source::Process(process), Input::AbsAddr(&missing));
-            for (i, &addr) in missing.iter().enumerate() {
-                let frame = match names.as_ref().ok().and_then(|names| names.get(i)) {
-                    Some(Symbolized::Sym(sym)) => {
-                        let module = sym.module.as_deref().map(|m| m.to_string_lossy()).unwrap_or_default();
-                        named(FrameKind::Native, &sym.name, &module)
-                    }
-                    _ => named(FrameKind::Native, "[unknown]", ""),
-                };
+            let mut frames = self.symbolize_user(pid, &missing);
+            if frames.iter().any(Option::is_none) {
+                // The memory map cached when the process was first seen may
+                // predate a library it loaded since (a Python C extension).
+                self.remember_process(pid);
+                frames = self.symbolize_user(pid, &missing);
+            }
+            for (addr, frame) in missing.into_iter().zip(frames) {
+                let frame = frame.unwrap_or_else(|| named(FrameKind::Native, "[unknown]", ""));
                 self.user.insert((pid, addr), frame);
             }
         }
         out.extend(addrs.iter().map(|addr| self.user[&(pid, *addr)].clone()));
+    }
+
+    fn symbolize_user(&self, pid: u32, addrs: &[u64]) -> Vec<Option<Frame>> {
+        let mut process = source::Process::new(Pid::from(pid));
+        process.perf_map = false;
+        process.debug_syms = false;
+        let names = self.symbolizer.symbolize(&source::Source::Process(process), Input::AbsAddr(addrs));
+        (0..addrs.len())
+            .map(|i| match names.as_ref().ok().and_then(|names| names.get(i)) {
+                Some(Symbolized::Sym(sym)) => {
+                    let module = sym.module.as_deref().map(|m| m.to_string_lossy()).unwrap_or_default();
+                    Some(named(FrameKind::Native, &sym.name, &module))
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -115,7 +124,7 @@ mod tests {
     fn names_kernel_and_own_addresses() {
         let mut symbolizer = NativeSymbolizer::new();
         // Our own function, as a return address inside it would be.
-        let own = names_kernel_and_own_addresses as usize as u64;
+        let own = names_kernel_and_own_addresses as fn() as usize as u64;
         let mut frames = Vec::new();
         symbolizer.user(std::process::id(), &[own + 1], &mut frames);
         assert!(frames[0].function.contains("names_kernel_and_own_addresses"), "{frames:?}");

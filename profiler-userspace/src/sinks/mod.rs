@@ -2,4 +2,4 @@
 
 mod local;
 
-pub use local::{LocalDir, Written};
+pub use local::LocalDir;
