@@ -1,0 +1,579 @@
+//! Helpers for Ferroscope's end-to-end tests and benchmark: run the real agent and Python
+//! workloads, and read the agent's profiles back with the real `go tool pprof`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// pyenv's CPython 3.11, built with a shared libpython.
+pub const PYENV_PYTHON_3_11: &str = "/root/.pyenv/versions/3.11.7/bin/python3.11";
+/// Debian's CPython 3.11: static and stripped.
+pub const DEBIAN_PYTHON_3_11: &str = "/usr/bin/python3.11";
+
+/// The line the agent prints on stderr once it is attached and sampling.
+const SAMPLING_LINE: &str = "ferroscope: sampling";
+/// Loading and verifying the eBPF programs and finding the Python processes may take a while.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for the agent to write its last profiles after SIGINT.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent binary under test, from `FERROSCOPE_BIN`.
+pub fn ferroscope_bin() -> PathBuf {
+    let bin = std::env::var_os("FERROSCOPE_BIN").expect(
+        "FERROSCOPE_BIN is not set: run the end-to-end tests with `cargo xtask test`, \
+         or set it to the absolute path of a built `ferroscope` binary",
+    );
+    let bin = PathBuf::from(bin);
+    assert!(bin.is_file(), "FERROSCOPE_BIN={} is not a file", bin.display());
+    bin
+}
+
+/// The path of a Python workload under `tests/workloads/`.
+pub fn workload(file_name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(file_name)
+}
+
+/// A child process killed when dropped, so that a failing test leaves nothing running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Sends `signal` to the process `pid`.
+fn send_signal(pid: u32, signal: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("kill({pid}, {signal})"));
+    }
+    Ok(())
+}
+
+/// Waits for `child` to exit, for at most `timeout`.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running agent, writing its profiles into a temporary directory.
+pub struct Agent {
+    child: KillOnDrop,
+    output_dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+    /// The threads copying the agent's stdout and stderr into `log`.
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// What a stopped agent left: its profiles and its output.
+pub struct AgentRun {
+    pub output_dir: tempfile::TempDir,
+    pub log: String,
+}
+
+impl Agent {
+    /// Starts `$FERROSCOPE_BIN agent ARGS --output-dir <temp dir>` and waits until it samples.
+    pub fn start(args: &[&str]) -> Result<Agent> {
+        Agent::start_binary(&ferroscope_bin(), args)
+    }
+
+    /// Starts `BINARY agent ARGS --output-dir <temp dir>` and waits until it samples.
+    pub fn start_binary(binary: &Path, args: &[&str]) -> Result<Agent> {
+        let output_dir = tempfile::tempdir()?;
+        let mut child = Command::new(binary)
+            .arg("agent")
+            .args(args)
+            .arg("--output-dir")
+            .arg(output_dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the agent")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (sampling_tx, sampling_rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let readers =
+            vec![collect_lines(stdout, log.clone(), None), collect_lines(stderr, log.clone(), Some(sampling_tx))];
+        let mut agent = Agent { child: KillOnDrop(child), output_dir, log, readers };
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        loop {
+            if sampling_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.0.try_wait()? {
+                bail!("the agent exited ({status}) before sampling; its output:\n{}", agent.log());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent did not print {SAMPLING_LINE:?} within {ATTACH_TIMEOUT:?}; its output:\n{}",
+                    agent.log()
+                );
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Everything the agent printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Stops the agent with SIGINT and checks that it exits cleanly.
+    pub fn stop(mut self) -> Result<AgentRun> {
+        send_signal(self.pid(), libc::SIGINT)?;
+        let status = wait_timeout(&mut self.child.0, EXIT_TIMEOUT)?;
+        if status.is_some() {
+            // The pipes are closed: the readers have taken the last lines.
+            for reader in self.readers.drain(..) {
+                let _ = reader.join();
+            }
+        }
+        let log = self.log();
+        match status {
+            None => bail!("the agent did not exit within {EXIT_TIMEOUT:?} of SIGINT; its output:\n{log}"),
+            Some(status) if !status.success() => {
+                bail!("the agent exited with {status} after SIGINT; its output:\n{log}")
+            }
+            Some(_) => Ok(AgentRun { output_dir: self.output_dir, log }),
+        }
+    }
+}
+
+/// Appends the lines of `source` to `log`, and signals `sampling` when the agent says it samples.
+fn collect_lines(
+    source: impl Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+    sampling: Option<mpsc::Sender<()>>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        for line in BufReader::new(source).lines().map_while(|line| line.ok()) {
+            if line.starts_with(SAMPLING_LINE) {
+                if let Some(sampling) = &sampling {
+                    let _ = sampling.send(());
+                }
+            }
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    })
+}
+
+/// Runs `ferroscope agent ARGS` to its end, for at most `timeout`; returns its status and stderr.
+pub fn run_agent_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
+    let mut child = KillOnDrop(
+        Command::new(ferroscope_bin())
+            .arg("agent")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the agent")?,
+    );
+    let mut stderr = child.0.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    match wait_timeout(&mut child.0, timeout)? {
+        Some(status) => Ok((status, reader.join().unwrap())),
+        None => {
+            drop(child);
+            bail!(
+                "`ferroscope agent {}` still ran after {timeout:?}; stderr:\n{}",
+                args.join(" "),
+                reader.join().unwrap()
+            )
+        }
+    }
+}
+
+/// A running Python workload.
+pub struct Workload {
+    child: KillOnDrop,
+}
+
+impl Workload {
+    /// Starts `python SCRIPT ARGS` with `script` from `tests/workloads/`.
+    pub fn start(python: &str, script: &str, args: &[&str]) -> Result<Workload> {
+        let child = Command::new(python)
+            .arg(workload(script))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {python} {script}"))?;
+        Ok(Workload { child: KillOnDrop(child) })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Waits for the workload to exit successfully; returns what it printed.
+    pub fn wait(mut self) -> Result<String> {
+        let mut stdout = String::new();
+        self.child.0.stdout.take().unwrap().read_to_string(&mut stdout)?;
+        let status = self.child.0.wait()?;
+        ensure!(status.success(), "the workload exited with {status}");
+        Ok(stdout)
+    }
+}
+
+/// The pprof files (`*.pb.gz`) the agent wrote for `application` under `output_dir`.
+pub fn profile_files(output_dir: &Path, application: &str) -> Result<Vec<PathBuf>> {
+    let dir = output_dir.join(application);
+    let mut files: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .map(|entry| entry.map(|entry| entry.path()))
+            .collect::<std::io::Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|path| path.to_string_lossy().ends_with(".pb.gz"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    ensure!(
+        !files.is_empty(),
+        "no profile of {application:?} in {}; it holds: {:?}",
+        output_dir.display(),
+        list_tree(output_dir)
+    );
+    Ok(files)
+}
+
+/// Every file under `dir`, for error messages.
+pub fn list_tree(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// One frame of a sample, as `go tool pprof -raw` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub function: String,
+    pub file: String,
+    pub line: i64,
+    pub start_line: i64,
+}
+
+/// One sample: its values (in the profile's sample type order), its frames leaf first, and
+/// its string labels.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub values: Vec<i64>,
+    pub frames: Vec<Frame>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Sample {
+    /// The sample's count: its first value (`samples`/`count`).
+    pub fn count(&self) -> i64 {
+        self.values[0]
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+
+    pub fn has_function(&self, function: &str) -> bool {
+        self.frames.iter().any(|frame| frame.function == function)
+    }
+}
+
+/// A profile as read back by `go tool pprof`, several files merged.
+#[derive(Debug)]
+pub struct Profile {
+    /// `type/unit` of each sample value, such as `samples/count` and `cpu/nanoseconds`.
+    pub sample_types: Vec<String>,
+    pub samples: Vec<Sample>,
+}
+
+impl Profile {
+    /// Reads (and merges) pprof files with `go tool pprof -raw`.
+    pub fn load(files: &[PathBuf]) -> Result<Profile> {
+        let output = Command::new("go")
+            .args(["tool", "pprof", "-raw", "-symbolize=none"])
+            .args(files)
+            .output()
+            .context("running `go tool pprof` (is Go installed? `cargo xtask setup --test` installs it)")?;
+        ensure!(
+            output.status.success(),
+            "go tool pprof -raw {files:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        parse_raw(&String::from_utf8(output.stdout)?)
+    }
+
+    /// The samples of one process.
+    pub fn samples_of_pid(&self, pid: u32) -> impl Iterator<Item = &Sample> {
+        let pid = pid.to_string();
+        self.samples.iter().filter(move |sample| sample.label("pid") == Some(pid.as_str()))
+    }
+}
+
+/// Parses the text of `go tool pprof -raw`: a header, `Samples:`, `Locations`, `Mappings`.
+fn parse_raw(text: &str) -> Result<Profile> {
+    enum Section {
+        Header,
+        Samples,
+        Locations,
+        Mappings,
+    }
+    let mut section = Section::Header;
+    let mut sample_types = Vec::new();
+    // Samples with their location ids, whose frames are filled in once all locations are read.
+    let mut samples: Vec<(Sample, Vec<u64>)> = Vec::new();
+    let mut locations: HashMap<u64, Vec<Frame>> = HashMap::new();
+    let mut last_location = None;
+    for line in text.lines() {
+        match line.trim_end() {
+            "Samples:" => {
+                section = Section::Samples;
+                continue;
+            }
+            "Locations" => {
+                section = Section::Locations;
+                continue;
+            }
+            "Mappings" => {
+                section = Section::Mappings;
+                continue;
+            }
+            _ => {}
+        }
+        match section {
+            Section::Header | Section::Mappings => {}
+            Section::Samples => {
+                if sample_types.is_empty() {
+                    // pprof marks the default sample type: `cpu/nanoseconds[dflt]`.
+                    sample_types = line.split_whitespace().map(|t| t.trim_end_matches("[dflt]").to_owned()).collect();
+                } else if let Some((values, stack)) = line.split_once(':').filter(|_| !line.contains(":[")) {
+                    let values = values.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+                    let stack = stack.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+                    samples.push((Sample { values, frames: Vec::new(), labels: BTreeMap::new() }, stack));
+                } else if line.contains(":[") {
+                    let (sample, _) = samples.last_mut().context("labels before any sample")?;
+                    sample.labels.extend(parse_labels(line.trim()));
+                }
+            }
+            Section::Locations => {
+                // `%6d: %#x [M=%d ][[F] ]` then `function file:line s=start`, or `??` for a
+                // line without a function; inlined frames follow on lines without an id.
+                let trimmed = line.trim_start();
+                let rest = match trimmed.split_once(": 0x") {
+                    Some((id, rest)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => {
+                        let id = id.parse()?;
+                        last_location = Some(id);
+                        locations.entry(id).or_default();
+                        let mut rest = rest.split_once(' ').map_or("", |(_address, rest)| rest);
+                        for prefix in ["M=", "[F]"] {
+                            if rest.starts_with(prefix) {
+                                rest = rest.split_once(' ').map_or("", |(_, rest)| rest);
+                            }
+                        }
+                        rest
+                    }
+                    _ => trimmed,
+                };
+                if let Some(frame) = parse_frame(rest) {
+                    let id = last_location.context("an inlined frame before any location")?;
+                    locations.entry(id).or_default().push(frame);
+                }
+            }
+        }
+    }
+    let samples = samples
+        .into_iter()
+        .map(|(mut sample, stack)| {
+            for id in stack {
+                sample
+                    .frames
+                    .extend(locations.get(&id).with_context(|| format!("unknown location {id}"))?.iter().cloned());
+            }
+            Ok(sample)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Profile { sample_types, samples })
+}
+
+/// Parses `function file:line s=start` (maybe followed by `(system name)`).
+fn parse_frame(text: &str) -> Option<Frame> {
+    let (head, start) = text.rsplit_once(" s=")?;
+    let start_line = start.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let (function, file_line) = head.rsplit_once(' ')?;
+    let (file, line) = file_line.rsplit_once(':')?;
+    Some(Frame { function: function.to_owned(), file: file.to_owned(), line: line.parse().ok()?, start_line })
+}
+
+/// Parses a label line such as `pid:[1234] thread_name:[main thread]`.
+fn parse_labels(mut text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    while let Some((key, rest)) = text.split_once(":[") {
+        // The value ends at the `]` that is followed by the next `key:[` or the end.
+        let end = rest
+            .match_indices(']')
+            .map(|(index, _)| index)
+            .find(|&index| {
+                let after = &rest[index + 1..];
+                after.is_empty() || after.starts_with(' ') && after.contains(":[")
+            })
+            .unwrap_or(rest.len());
+        labels.push((key.trim().to_owned(), rest[..end].to_owned()));
+        text = rest.get(end + 1..).unwrap_or("");
+    }
+    labels
+}
+
+/// The share (0 to 1) of the samples containing each of `functions`, among the samples
+/// containing any of them, weighted by the samples' counts.
+pub fn function_shares<'a>(samples: impl IntoIterator<Item = &'a Sample>, functions: &[&str]) -> Result<Vec<f64>> {
+    let mut counts = vec![0i64; functions.len()];
+    let mut total = 0;
+    for sample in samples {
+        let containing: Vec<usize> = (0..functions.len()).filter(|&i| sample.has_function(functions[i])).collect();
+        if !containing.is_empty() {
+            total += sample.count();
+        }
+        for i in containing {
+            counts[i] += sample.count();
+        }
+    }
+    ensure!(total > 0, "no sample contains any of {functions:?}");
+    Ok(counts.iter().map(|&count| count as f64 / total as f64).collect())
+}
+
+/// The largest absolute difference between `shares` and `expected`, in percentage points.
+pub fn max_deviation_pp(shares: &[f64], expected: &[f64]) -> f64 {
+    shares.iter().zip(expected).map(|(share, expected)| (share - expected).abs() * 100.0).fold(0.0, f64::max)
+}
+
+/// The source lines (first, last) of each function in a Python file, by qualified name
+/// (`Cruncher.crunch_a`), found by `python` itself with `ast`.
+pub fn function_line_ranges(python: &str, script: &Path) -> Result<HashMap<String, (i64, i64)>> {
+    const LIST_FUNCTIONS: &str = r#"
+import ast, sys
+def walk(node, prefix):
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            walk(child, prefix + child.name + ".")
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            print(prefix + child.name, child.lineno, child.end_lineno)
+            walk(child, prefix + child.name + ".<locals>.")
+        else:
+            walk(child, prefix)
+walk(ast.parse(open(sys.argv[1]).read()), "")
+"#;
+    let output = Command::new(python).args(["-c", LIST_FUNCTIONS]).arg(script).output()?;
+    ensure!(
+        output.status.success(),
+        "listing the functions of {}: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)?
+        .lines()
+        .map(|line| {
+            let mut fields = line.split(' ');
+            let (Some(name), Some(first), Some(last)) = (fields.next(), fields.next(), fields.next()) else {
+                bail!("unexpected line {line:?}");
+            };
+            Ok((name.to_owned(), (first.parse()?, last.parse()?)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAW: &str = "PeriodType: cpu nanoseconds
+Period: 10000000
+Samples:
+samples/count cpu/nanoseconds[dflt]
+         40  400000000: 1 2 3 
+                pid:[1234] thread_name:[main thread] tid:[1234]
+          2   20000000: 4 
+Locations
+     1: 0x0 M=1 Cruncher.crunch_a /w/split.py:25 s=23
+     2: 0x451f13 M=1 inlined_leaf /x.c:19 s=0
+             caller /x.c:40 s=0
+     3: 0x0 M=1 <module> /w/split.py:70 s=0
+     4: 0xffffffff8100 M=2 
+Mappings
+1: 0x0/0x0/0x0   
+";
+
+    #[test]
+    fn parses_pprof_raw_output() {
+        let profile = parse_raw(RAW).unwrap();
+        assert_eq!(profile.sample_types, ["samples/count", "cpu/nanoseconds"]);
+        assert_eq!(profile.samples.len(), 2);
+        let first = &profile.samples[0];
+        assert_eq!(first.values, [40, 400000000]);
+        let names: Vec<_> = first.frames.iter().map(|frame| frame.function.as_str()).collect();
+        assert_eq!(names, ["Cruncher.crunch_a", "inlined_leaf", "caller", "<module>"]);
+        assert_eq!(
+            first.frames[0],
+            Frame { function: "Cruncher.crunch_a".into(), file: "/w/split.py".into(), line: 25, start_line: 23 }
+        );
+        assert_eq!(first.label("thread_name"), Some("main thread"));
+        assert_eq!(first.label("tid"), Some("1234"));
+        assert!(profile.samples[1].frames.is_empty());
+        assert_eq!(profile.samples_of_pid(1234).count(), 1);
+    }
+
+    #[test]
+    fn shares_count_samples_containing_each_function() {
+        let profile = parse_raw(RAW).unwrap();
+        let shares = function_shares(&profile.samples, &["Cruncher.crunch_a", "caller", "absent"]).unwrap();
+        assert_eq!(shares, [1.0, 1.0, 0.0]);
+        assert!((max_deviation_pp(&[0.52, 0.29, 0.19], &[0.5, 0.3, 0.2]) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn finds_function_line_ranges() {
+        let ranges = function_line_ranges(PYENV_PYTHON_3_11, &workload("split.py")).unwrap();
+        let (first, last) = ranges["Cruncher.crunch_a"];
+        assert!(first < last);
+        assert!(ranges.contains_key("main"));
+    }
+}

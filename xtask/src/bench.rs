@@ -1,0 +1,384 @@
+//! `cargo xtask bench`: the known-split workload run bare, under Ferroscope and under py-spy,
+//! alternating, to measure slowdown, the agent's own cost, and attribution error.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use e2e::{
+    function_shares, max_deviation_pp, profile_files, workload, Agent, Profile, Workload,
+    PYENV_PYTHON_3_11,
+};
+
+use crate::{build, setup, step, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Runs of each configuration.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Rounds of work per run (~90 rounds per second with CPython 3.11).
+    #[arg(long, default_value_t = 450)]
+    rounds: u32,
+}
+
+/// The sampling rate of both profilers.
+const RATE: &str = "100";
+const FUNCTIONS: [&str; 3] = [
+    "Cruncher.crunch_a",
+    "Cruncher.crunch_b",
+    "Cruncher.crunch_c",
+];
+const EXPECTED_SHARES: [f64; 3] = [0.5, 0.3, 0.2];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Mode {
+    Bare,
+    Ferroscope,
+    PySpy,
+}
+
+const MODES: [Mode; 3] = [Mode::Bare, Mode::Ferroscope, Mode::PySpy];
+
+/// What the runs of one mode measured.
+#[derive(Default)]
+struct Measurements {
+    elapsed: Vec<f64>,
+    /// Samples containing each of FUNCTIONS, over all runs.
+    function_samples: [f64; 3],
+    /// Per run, the profiler's attribution error in percentage points.
+    errors: Vec<f64>,
+    /// The profiler's CPU time as % of one core, per run.
+    profiler_cpu_percent: Vec<f64>,
+    /// Ferroscope only: the agent's peak RSS in bytes.
+    agent_peak_rss: u64,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    ensure!(options.runs > 0, "--runs must be at least 1");
+    setup::test_tools()?;
+    let agent = build(true)?;
+    let load_average = fs::read_to_string("/proc/loadavg")?;
+    let mut results: HashMap<Mode, Measurements> = HashMap::new();
+    for run in 0..options.runs {
+        // Rotate the order so that no mode always follows the same one.
+        for offset in 0..MODES.len() {
+            let mode = MODES[(run + offset) % MODES.len()];
+            let measurements = results.entry(mode).or_default();
+            match mode {
+                Mode::Bare => run_bare(options, measurements)?,
+                Mode::Ferroscope => run_ferroscope(options, &agent, measurements)?,
+                Mode::PySpy => run_py_spy(options, measurements)?,
+            }
+            step(format!(
+                "bench: run {}/{}: {mode:?} {:.3} s",
+                run + 1,
+                options.runs,
+                measurements.elapsed.last().unwrap()
+            ));
+        }
+    }
+    let table = table(&results);
+    println!("{table}");
+    write_report(options, &load_average, &table)
+}
+
+/// Starts the workload for a fixed amount of work.
+fn start_workload(options: &Options) -> Result<Workload> {
+    Workload::start(
+        PYENV_PYTHON_3_11,
+        "split.py",
+        &["--rounds", &options.rounds.to_string()],
+    )
+}
+
+/// What the workload printed: its elapsed seconds and the seconds of CPU it used, on the last
+/// line of two numbers (py-spy prints its own messages on the same stdout).
+fn workload_times(stdout: &str) -> Result<(f64, f64)> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let (elapsed, cpu) = line.trim().split_once(' ')?;
+            Some((elapsed.parse().ok()?, cpu.parse().ok()?))
+        })
+        .with_context(|| format!("the workload printed no times: {stdout:?}"))
+}
+
+fn run_bare(options: &Options, measurements: &mut Measurements) -> Result<()> {
+    measurements
+        .elapsed
+        .push(workload_times(&start_workload(options)?.wait()?)?.0);
+    Ok(())
+}
+
+fn run_ferroscope(
+    options: &Options,
+    agent_bin: &Path,
+    measurements: &mut Measurements,
+) -> Result<()> {
+    let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
+    // Measure the agent from when it samples, leaving out its start-up.
+    let cpu_before = cpu_seconds(agent.pid())?;
+    let started = Instant::now();
+    let split = start_workload(options)?;
+    let pid = split.pid();
+    measurements.elapsed.push(workload_times(&split.wait()?)?.0);
+    let cpu = cpu_seconds(agent.pid())? - cpu_before;
+    measurements
+        .profiler_cpu_percent
+        .push(100.0 * cpu / started.elapsed().as_secs_f64());
+    measurements.agent_peak_rss = measurements.agent_peak_rss.max(peak_rss(agent.pid())?);
+    let run = agent.stop()?;
+
+    let profile = Profile::load(&profile_files(run.output_dir.path(), "split.py")?)?;
+    let samples: Vec<_> = profile.samples_of_pid(pid).collect();
+    let shares = function_shares(samples.iter().copied(), &FUNCTIONS)?;
+    measurements
+        .errors
+        .push(max_deviation_pp(&shares, &EXPECTED_SHARES));
+    for (total, function) in measurements.function_samples.iter_mut().zip(FUNCTIONS) {
+        *total += samples
+            .iter()
+            .filter(|sample| sample.has_function(function))
+            .map(|sample| sample.count() as f64)
+            .sum::<f64>();
+    }
+    Ok(())
+}
+
+fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let raw = dir.path().join("py-spy.txt");
+    let children_cpu_before = children_cpu_seconds();
+    let output = Command::new(setup::py_spy())
+        .args([
+            "record",
+            "--rate",
+            RATE,
+            "--nonblocking",
+            "--format",
+            "raw",
+            "-o",
+        ])
+        .arg(&raw)
+        .args(["--", PYENV_PYTHON_3_11])
+        .arg(workload("split.py"))
+        .args(["--rounds", &options.rounds.to_string()])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "py-spy failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (elapsed, workload_cpu) = workload_times(&String::from_utf8(output.stdout)?)?;
+    measurements.elapsed.push(elapsed);
+    // py-spy reaped the workload, so our children's CPU time holds both: take the workload's out.
+    let py_spy_cpu = children_cpu_seconds() - children_cpu_before - workload_cpu;
+    measurements
+        .profiler_cpu_percent
+        .push(100.0 * py_spy_cpu / elapsed);
+
+    // Collapsed stacks: `frame;frame;... count`, each frame `function (file:line)`.
+    let mut counts = [0.0; 3];
+    let mut total = 0.0;
+    for line in fs::read_to_string(&raw)?.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let count: f64 = count.parse()?;
+        let functions: Vec<&str> = stack
+            .split(';')
+            .map(|frame| frame.split(" (").next().unwrap())
+            .collect();
+        let mut any = false;
+        for (i, function) in FUNCTIONS.iter().enumerate() {
+            // py-spy names methods without their class.
+            let method = function.rsplit('.').next().unwrap();
+            if functions
+                .iter()
+                .any(|name| name == function || *name == method)
+            {
+                counts[i] += count;
+                any = true;
+            }
+        }
+        if any {
+            total += count;
+        }
+    }
+    ensure!(total > 0.0, "py-spy recorded no sample of {FUNCTIONS:?}");
+    let shares: Vec<f64> = counts.iter().map(|count| count / total).collect();
+    measurements
+        .errors
+        .push(max_deviation_pp(&shares, &EXPECTED_SHARES));
+    for (sum, count) in measurements.function_samples.iter_mut().zip(counts) {
+        *sum += count;
+    }
+    Ok(())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .context("malformed stat")?
+        .1
+        .split(' ')
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / ticks_per_second as f64)
+}
+
+/// utime + stime of this process's waited-for descendants, in seconds.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes only into the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// VmHWM of a process, in bytes.
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(kib) = line.strip_prefix("VmHWM:") {
+            return Ok(kib.trim().trim_end_matches("kB").trim().parse::<u64>()? * 1024);
+        }
+    }
+    bail!("no VmHWM in /proc/{pid}/status")
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
+}
+
+/// The markdown table of results.
+fn table(results: &HashMap<Mode, Measurements>) -> String {
+    let bare = &results[&Mode::Bare];
+    let mut table = String::from(
+        "| | median slowdown vs bare | profiler CPU (% of a core) | profiler peak RSS | attribution error, all runs pooled | median attribution error per run |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    table.push_str(&format!(
+        "| bare | median {:.3} s | | | | |\n",
+        median(&bare.elapsed)
+    ));
+    for (mode, name) in [
+        (Mode::Ferroscope, "Ferroscope"),
+        (Mode::PySpy, "py-spy 0.4.3 --nonblocking"),
+    ] {
+        let measured = &results[&mode];
+        // Runs are paired: run i of each mode ran back to back.
+        let ratios: Vec<f64> = measured
+            .elapsed
+            .iter()
+            .zip(&bare.elapsed)
+            .map(|(elapsed, bare)| elapsed / bare)
+            .collect();
+        let ratio = median(&ratios);
+        let total: f64 = measured.function_samples.iter().sum::<f64>();
+        let pooled: Vec<f64> = measured
+            .function_samples
+            .iter()
+            .map(|count| count / total)
+            .collect();
+        let cpu = format!("{:.2}%", median(&measured.profiler_cpu_percent));
+        let rss = if mode == Mode::Ferroscope {
+            format!("{:.1} MiB", measured.agent_peak_rss as f64 / 1048576.0)
+        } else {
+            "not measured".to_owned()
+        };
+        table.push_str(&format!(
+            "| {name} | x{ratio:.3} ({:+.1}%) | {cpu} | {rss} | {:.2} pp | {:.2} pp |\n",
+            (ratio - 1.0) * 100.0,
+            max_deviation_pp(&pooled, &EXPECTED_SHARES),
+            median(&measured.errors),
+        ));
+    }
+    table.push_str("| target for Ferroscope | ≤ x1.010 (≤ +1%) | < 1% | < 64 MiB | ≤ 2 pp | |\n");
+    table
+}
+
+/// Writes docs/benchmarks.md with the table and what it was measured on.
+fn write_report(options: &Options, load_average: &str, table: &str) -> Result<()> {
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()?
+        .stdout;
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo")?;
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("model name")
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']))
+        })
+        .unwrap_or("unknown");
+    let cores = std::thread::available_parallelism()?;
+    let report = format!(
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench --runs {runs} --rounds {rounds}` on {date} (kernel {kernel}, {cpu_model}, {cores} cores; \
+         load average {load} before the runs, from other work on the machine).\n\n\
+         The workload is `tests/workloads/split.py --rounds {rounds}` on CPython 3.11.7 (pyenv): `Cruncher.crunch_a`, `crunch_b` \
+         and `crunch_c` take 50/30/20% of its CPU, with rounds of random length so that no sampler aliases with them. \
+         Each run does the same work and reports its own elapsed time. Each of the {runs} runs runs it bare, under \
+         Ferroscope (`ferroscope agent --frequency {RATE}`, system-wide) and under py-spy \
+         (`py-spy record --rate {RATE} --nonblocking --format raw`), in rotating order.\n\n\
+         - Slowdown: the median over runs of the elapsed time divided by the same run's bare time. \
+         The machine's noise floor for such ratios is about ±3%.\n\
+         - Profiler CPU, as % of one core while the workload ran: for Ferroscope, the agent's utime + stime from `/proc/PID/stat` \
+         (its start-up left out; it handles the samples of every process on the host, not only the workload's); for py-spy, \
+         its children's CPU time (`getrusage`) less the workload's own. Peak RSS: the agent's VmHWM, read just before it stops.\n\
+         - Attribution error: the largest absolute difference, in percentage points, between 50/30/20 and the shares of samples \
+         containing each function, from the profiler's own output (Ferroscope's pprof read with `go tool pprof`, py-spy's \
+         collapsed stacks). Pooled over all runs it shows bias; per run it also includes sampling noise (~2 pp at 100 Hz for ~5 s).\n\n\
+         {table}",
+        runs = options.runs,
+        rounds = options.rounds,
+        date = String::from_utf8_lossy(&date).trim(),
+        kernel = kernel.trim(),
+        load = load_average.split(' ').next().unwrap_or("?"),
+    );
+    let path = workspace_root().join("docs/benchmarks.md");
+    fs::write(&path, report)?;
+    step(format!("bench: wrote {}", path.display()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn workload_times_skip_py_spy_messages() {
+        let stdout = "py-spy> Sampling process 100 times a second\n4.925000 4.901000\npy-spy> Wrote raw data\n";
+        assert_eq!(workload_times(stdout).unwrap(), (4.925, 4.901));
+        assert!(workload_times("py-spy> nothing\n").is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|bench`.
+
+mod bench;
+mod setup;
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Ferroscope's build, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the tools the build needs (nightly's rust-src, bpf-linker); skip what is there.
+    Setup {
+        /// Also install the tools the tests and the benchmark need (Go's pprof, py-spy).
+        #[arg(long)]
+        test: bool,
+    },
+    /// Build the eBPF object and the agent that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `ferroscope agent ARGS` (by default, profile this host into ./profiles).
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `ferroscope agent`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the unit tests, then the end-to-end tests against the real kernel (as root).
+    Test,
+    /// Measure the agent's overhead and accuracy against running bare and py-spy.
+    Bench(bench::Options),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup { test } => {
+            setup::build_tools()?;
+            if test {
+                setup::test_tools()?;
+            }
+        }
+        Task::Build { release } => {
+            build(release)?;
+        }
+        Task::Run { release, args } => {
+            let agent = build(release)?;
+            let error = Command::new(&agent).arg("agent").args(args).exec();
+            bail!("running {}: {error}", agent.display());
+        }
+        Task::Test => test()?,
+        Task::Bench(options) => bench::run(&options)?,
+    }
+    Ok(())
+}
+
+/// The workspace's root directory.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// The workspace's target directory.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Where setup installs the project's own tools.
+fn tools_dir() -> PathBuf {
+    target_dir().join("tools")
+}
+
+/// Prints one line for a step, as `xtask: STEP`.
+fn step(message: impl std::fmt::Display) {
+    eprintln!("xtask: {message}");
+}
+
+/// Runs `command`, failing if it does not succeed.
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The workspace's cargo, the one running xtask.
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// `cargo +nightly`, through rustup, without the settings that pin the stable toolchain
+/// running xtask.
+fn nightly_cargo() -> Command {
+    let mut command = Command::new("cargo");
+    command.arg("+nightly");
+    for pinned in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "CARGO_TARGET_DIR"] {
+        command.env_remove(pinned);
+    }
+    command
+}
+
+/// Builds the eBPF object (always optimized: the verifier needs it) and the agent embedding
+/// it; returns the agent binary.
+fn build(release: bool) -> Result<PathBuf> {
+    let linker = setup::build_tools()?;
+    let object = build_ebpf(&linker)?;
+    let profile = if release { "release" } else { "debug" };
+    step(format!("building the agent ({profile})"));
+    let mut command = cargo();
+    command
+        .args(["build", "-p", "profiler-userspace"])
+        .env(EBPF_OBJECT_VAR, &object);
+    if release {
+        command.arg("--release");
+    }
+    run(&mut command)?;
+    let agent = target_dir().join(profile).join("ferroscope");
+    step(format!("built {}", agent.display()));
+    Ok(agent)
+}
+
+/// The variable that tells profiler-userspace's build script where the eBPF object is.
+const EBPF_OBJECT_VAR: &str = "FERROSCOPE_EBPF_OBJECT";
+
+/// Builds profiler-ebpf for `bpfel-unknown-none` with nightly and `bpf-linker`.
+fn build_ebpf(linker: &Path) -> Result<PathBuf> {
+    step("building the eBPF object (release)");
+    let crate_dir = workspace_root().join("profiler-ebpf");
+    let linker_dir = linker.parent().unwrap();
+    let path = std::env::join_paths(std::iter::once(linker_dir.to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    run(nightly_cargo()
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .current_dir(&crate_dir)
+        .env("PATH", path))?;
+    let object = ebpf_object();
+    step(format!("built {}", object.display()));
+    Ok(object)
+}
+
+/// The eBPF object `build_ebpf` makes.
+fn ebpf_object() -> PathBuf {
+    workspace_root().join("profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf")
+}
+
+/// Setup, a release build, the unit tests, then the end-to-end tests.
+fn test() -> Result<()> {
+    setup::test_tools()?;
+    let agent = build(true)?;
+    step("running the unit tests");
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "e2e", "--no-fail-fast"])
+        .env(EBPF_OBJECT_VAR, ebpf_object()))?;
+    step("running the end-to-end tests");
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "e2e",
+            "--release",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ])
+        .env("FERROSCOPE_BIN", &agent))?;
+    step("all tests passed");
+    Ok(())
+}
