@@ -10,7 +10,7 @@
 mod python;
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -33,7 +33,11 @@ static TASK_COMM_OFFSET: u64 = 0;
 
 /// Samples and process events, in the order they happened on each CPU.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+const EVENTS_BYTES: u32 = 8 << 20;
+/// Samples wake the agent only past this much unread data: a wakeup costs
+/// more than the rest of a sample, and the agent also reads on a timer.
+const WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 4;
 
 /// Processes the agent was told about, so each gets one `NEW_PROCESS` event.
 #[map]
@@ -100,7 +104,8 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     count(stat::SAMPLES);
-    if KNOWN.insert(pid, 0, BPF_NOEXIST as u64).is_ok() {
+    // An LRU insert takes a node before it looks for the key: look first.
+    if KNOWN.get_ptr(pid).is_none() && KNOWN.insert(pid, 0, BPF_NOEXIST as u64).is_ok() {
         send_process_event(kind::NEW_PROCESS, pid);
     }
     let Some(sample) = SCRATCH.get_ptr_mut(0) else {
@@ -124,7 +129,12 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
                 (*sample).py_status = PY_NOT_PYTHON;
             }
         }
-        if EVENTS.output::<Sample>(&*sample, 0).is_err() {
+        let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKEUP_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        if EVENTS.output::<Sample>(&*sample, wakeup as u64).is_err() {
             count(stat::SAMPLES_DROPPED);
         }
     }

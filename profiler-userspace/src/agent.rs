@@ -40,6 +40,9 @@ struct Process {
     exited: bool,
 }
 
+/// How often the agent reads samples from the ring buffer.
+const READ_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How often a process's executable ranges may be read again.
 const CODE_RANGES_REFRESH: Duration = Duration::from_secs(1);
 
@@ -98,6 +101,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     let deadline = settings.duration.map(|duration| started + duration);
     let mut next_period = started + settings.period;
     let mut stats_before = KernelStats::default();
+    // Samples don't wake the agent (see profiler-ebpf's WAKEUP_BYTES): it
+    // reads them on this tick, and process events wake it at once.
+    let mut read_tick = tokio::time::interval(READ_INTERVAL);
+    read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let period_end = deadline.map_or(next_period, |deadline| next_period.min(deadline));
         let stop = tokio::select! {
@@ -105,6 +112,10 @@ pub async fn run(settings: Settings) -> Result<()> {
                 let mut guard = ready?;
                 agent.drain(guard.get_inner_mut(), &mut sampler);
                 guard.clear_ready();
+                continue;
+            }
+            _ = read_tick.tick() => {
+                agent.drain(events.get_mut(), &mut sampler);
                 continue;
             }
             _ = tokio::time::sleep_until(period_end.into()) => deadline.is_some_and(|deadline| Instant::now() >= deadline),

@@ -8,10 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::{
-    function_shares, max_deviation_pp, profile_files, workload, Agent, Profile, Workload,
-    PYENV_PYTHON_3_11,
-};
+use e2e::{function_shares, max_deviation_pp, profile_files, workload, Agent, Profile, Workload, PYENV_PYTHON_3_11};
 
 use crate::{build, setup, step, workspace_root};
 
@@ -27,11 +24,7 @@ pub struct Options {
 
 /// The sampling rate of both profilers.
 const RATE: &str = "100";
-const FUNCTIONS: [&str; 3] = [
-    "Cruncher.crunch_a",
-    "Cruncher.crunch_b",
-    "Cruncher.crunch_c",
-];
+const FUNCTIONS: [&str; 3] = ["Cruncher.crunch_a", "Cruncher.crunch_b", "Cruncher.crunch_c"];
 const EXPECTED_SHARES: [f64; 3] = [0.5, 0.3, 0.2];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,11 +81,7 @@ pub fn run(options: &Options) -> Result<()> {
 
 /// Starts the workload for a fixed amount of work.
 fn start_workload(options: &Options) -> Result<Workload> {
-    Workload::start(
-        PYENV_PYTHON_3_11,
-        "split.py",
-        &["--rounds", &options.rounds.to_string()],
-    )
+    Workload::start(PYENV_PYTHON_3_11, "split.py", &["--rounds", &options.rounds.to_string()])
 }
 
 /// What the workload printed: its elapsed seconds and the seconds of CPU it used, on the last
@@ -109,17 +98,11 @@ fn workload_times(stdout: &str) -> Result<(f64, f64)> {
 }
 
 fn run_bare(options: &Options, measurements: &mut Measurements) -> Result<()> {
-    measurements
-        .elapsed
-        .push(workload_times(&start_workload(options)?.wait()?)?.0);
+    measurements.elapsed.push(workload_times(&start_workload(options)?.wait()?)?.0);
     Ok(())
 }
 
-fn run_ferroscope(
-    options: &Options,
-    agent_bin: &Path,
-    measurements: &mut Measurements,
-) -> Result<()> {
+fn run_ferroscope(options: &Options, agent_bin: &Path, measurements: &mut Measurements) -> Result<()> {
     let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
     // Measure the agent from when it samples, leaving out its start-up.
     let cpu_before = cpu_seconds(agent.pid())?;
@@ -128,18 +111,14 @@ fn run_ferroscope(
     let pid = split.pid();
     measurements.elapsed.push(workload_times(&split.wait()?)?.0);
     let cpu = cpu_seconds(agent.pid())? - cpu_before;
-    measurements
-        .profiler_cpu_percent
-        .push(100.0 * cpu / started.elapsed().as_secs_f64());
+    measurements.profiler_cpu_percent.push(100.0 * cpu / started.elapsed().as_secs_f64());
     measurements.agent_peak_rss = measurements.agent_peak_rss.max(peak_rss(agent.pid())?);
     let run = agent.stop()?;
 
     let profile = Profile::load(&profile_files(run.output_dir.path(), "split.py")?)?;
     let samples: Vec<_> = profile.samples_of_pid(pid).collect();
     let shares = function_shares(samples.iter().copied(), &FUNCTIONS)?;
-    measurements
-        .errors
-        .push(max_deviation_pp(&shares, &EXPECTED_SHARES));
+    measurements.errors.push(max_deviation_pp(&shares, &EXPECTED_SHARES));
     for (total, function) in measurements.function_samples.iter_mut().zip(FUNCTIONS) {
         *total += samples
             .iter()
@@ -155,33 +134,19 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
     let raw = dir.path().join("py-spy.txt");
     let children_cpu_before = children_cpu_seconds();
     let output = Command::new(setup::py_spy())
-        .args([
-            "record",
-            "--rate",
-            RATE,
-            "--nonblocking",
-            "--format",
-            "raw",
-            "-o",
-        ])
+        .args(["record", "--rate", RATE, "--nonblocking", "--format", "raw", "-o"])
         .arg(&raw)
         .args(["--", PYENV_PYTHON_3_11])
         .arg(workload("split.py"))
         .args(["--rounds", &options.rounds.to_string()])
         .stdin(Stdio::null())
         .output()?;
-    ensure!(
-        output.status.success(),
-        "py-spy failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "py-spy failed: {}", String::from_utf8_lossy(&output.stderr));
     let (elapsed, workload_cpu) = workload_times(&String::from_utf8(output.stdout)?)?;
     measurements.elapsed.push(elapsed);
     // py-spy reaped the workload, so our children's CPU time holds both: take the workload's out.
     let py_spy_cpu = children_cpu_seconds() - children_cpu_before - workload_cpu;
-    measurements
-        .profiler_cpu_percent
-        .push(100.0 * py_spy_cpu / elapsed);
+    measurements.profiler_cpu_percent.push(100.0 * py_spy_cpu / elapsed);
 
     // Collapsed stacks: `frame;frame;... count`, each frame `function (file:line)`.
     let mut counts = [0.0; 3];
@@ -191,18 +156,12 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
             continue;
         };
         let count: f64 = count.parse()?;
-        let functions: Vec<&str> = stack
-            .split(';')
-            .map(|frame| frame.split(" (").next().unwrap())
-            .collect();
+        let functions: Vec<&str> = stack.split(';').map(|frame| frame.split(" (").next().unwrap()).collect();
         let mut any = false;
         for (i, function) in FUNCTIONS.iter().enumerate() {
             // py-spy names methods without their class.
             let method = function.rsplit('.').next().unwrap();
-            if functions
-                .iter()
-                .any(|name| name == function || *name == method)
-            {
+            if functions.iter().any(|name| name == function || *name == method) {
                 counts[i] += count;
                 any = true;
             }
@@ -213,9 +172,7 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
     }
     ensure!(total > 0.0, "py-spy recorded no sample of {FUNCTIONS:?}");
     let shares: Vec<f64> = counts.iter().map(|count| count / total).collect();
-    measurements
-        .errors
-        .push(max_deviation_pp(&shares, &EXPECTED_SHARES));
+    measurements.errors.push(max_deviation_pp(&shares, &EXPECTED_SHARES));
     for (sum, count) in measurements.function_samples.iter_mut().zip(counts) {
         *sum += count;
     }
@@ -226,12 +183,7 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .context("malformed stat")?
-        .1
-        .split(' ')
-        .collect();
+    let fields: Vec<&str> = stat.rsplit_once(") ").context("malformed stat")?.1.split(' ').collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -279,29 +231,15 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
         "| | median slowdown vs bare | profiler CPU (% of a core) | profiler peak RSS | attribution error, all runs pooled | median attribution error per run |\n\
          |---|---|---|---|---|---|\n",
     );
-    table.push_str(&format!(
-        "| bare | median {:.3} s | | | | |\n",
-        median(&bare.elapsed)
-    ));
-    for (mode, name) in [
-        (Mode::Ferroscope, "Ferroscope"),
-        (Mode::PySpy, "py-spy 0.4.3 --nonblocking"),
-    ] {
+    table.push_str(&format!("| bare | median {:.3} s | | | | |\n", median(&bare.elapsed)));
+    for (mode, name) in [(Mode::Ferroscope, "Ferroscope"), (Mode::PySpy, "py-spy 0.4.3 --nonblocking")] {
         let measured = &results[&mode];
         // Runs are paired: run i of each mode ran back to back.
-        let ratios: Vec<f64> = measured
-            .elapsed
-            .iter()
-            .zip(&bare.elapsed)
-            .map(|(elapsed, bare)| elapsed / bare)
-            .collect();
+        let ratios: Vec<f64> =
+            measured.elapsed.iter().zip(&bare.elapsed).map(|(elapsed, bare)| elapsed / bare).collect();
         let ratio = median(&ratios);
         let total: f64 = measured.function_samples.iter().sum::<f64>();
-        let pooled: Vec<f64> = measured
-            .function_samples
-            .iter()
-            .map(|count| count / total)
-            .collect();
+        let pooled: Vec<f64> = measured.function_samples.iter().map(|count| count / total).collect();
         let cpu = format!("{:.2}%", median(&measured.profiler_cpu_percent));
         let rss = if mode == Mode::Ferroscope {
             format!("{:.1} MiB", measured.agent_peak_rss as f64 / 1048576.0)
@@ -321,18 +259,12 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
 
 /// Writes docs/benchmarks.md with the table and what it was measured on.
 fn write_report(options: &Options, load_average: &str, table: &str) -> Result<()> {
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()?
-        .stdout;
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo")?;
     let cpu_model = cpuinfo
         .lines()
-        .find_map(|line| {
-            line.strip_prefix("model name")
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']))
-        })
+        .find_map(|line| line.strip_prefix("model name").map(|rest| rest.trim_start_matches([' ', '\t', ':'])))
         .unwrap_or("unknown");
     let cores = std::thread::available_parallelism()?;
     let report = format!(

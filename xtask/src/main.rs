@@ -92,9 +92,7 @@ fn step(message: impl std::fmt::Display) {
 
 /// Runs `command`, failing if it does not succeed.
 fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("starting {command:?}"))?;
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -127,9 +125,7 @@ fn build(release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
     step(format!("building the agent ({profile})"));
     let mut command = cargo();
-    command
-        .args(["build", "-p", "profiler-userspace"])
-        .env(EBPF_OBJECT_VAR, &object);
+    command.args(["build", "-p", "profiler-userspace"]).env(EBPF_OBJECT_VAR, &object);
     if release {
         command.arg("--release");
     }
@@ -147,18 +143,12 @@ fn build_ebpf(linker: &Path) -> Result<PathBuf> {
     step("building the eBPF object (release)");
     let crate_dir = workspace_root().join("profiler-ebpf");
     let linker_dir = linker.parent().unwrap();
-    let path = std::env::join_paths(std::iter::once(linker_dir.to_path_buf()).chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))?;
+    let path = std::env::join_paths(
+        std::iter::once(linker_dir.to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )?;
     run(nightly_cargo()
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .current_dir(&crate_dir)
         .env("PATH", path))?;
     let object = ebpf_object();
@@ -171,26 +161,66 @@ fn ebpf_object() -> PathBuf {
     workspace_root().join("profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf")
 }
 
-/// Setup, a release build, the unit tests, then the end-to-end tests.
+/// Setup, a release build, the unit tests, then the end-to-end tests; ends with one
+/// `N passed, N failed` line for the whole run.
 fn test() -> Result<()> {
     setup::test_tools()?;
     let agent = build(true)?;
+    // Release for both, so the tests reuse the agent's build; no doctests (there are none).
+    let targets = ["--lib", "--bins", "--tests", "--release", "--no-fail-fast"];
     step("running the unit tests");
-    run(cargo()
-        .args(["test", "--workspace", "--exclude", "e2e", "--no-fail-fast"])
-        .env(EBPF_OBJECT_VAR, ebpf_object()))?;
+    let unit = run_tests(
+        cargo().args(["test", "--workspace", "--exclude", "e2e"]).args(targets).env(EBPF_OBJECT_VAR, ebpf_object()),
+    )?;
     step("running the end-to-end tests");
-    run(cargo()
-        .args([
-            "test",
-            "-p",
-            "e2e",
-            "--release",
-            "--no-fail-fast",
-            "--",
-            "--test-threads=1",
-        ])
-        .env("FERROSCOPE_BIN", &agent))?;
-    step("all tests passed");
+    let e2e = run_tests(
+        cargo()
+            .args(["test", "-p", "e2e"])
+            .args(targets)
+            .args(["--", "--test-threads=1"])
+            .env("FERROSCOPE_BIN", &agent),
+    )?;
+    let (passed, failed) = (unit.passed + e2e.passed, unit.failed + e2e.failed);
+    if failed > 0 || !unit.success || !e2e.success {
+        // A build that failed before its tests ran still counts as a failure.
+        println!("{passed} passed, {} failed", failed.max(1));
+        bail!("tests failed");
+    }
+    println!("{passed} passed, 0 failed");
     Ok(())
+}
+
+/// What one `cargo test` run reported.
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    success: bool,
+}
+
+/// Runs a `cargo test` command, passing its output through, and adds up the counts of its
+/// `test result:` lines.
+fn run_tests(command: &mut Command) -> Result<TestCounts> {
+    use std::io::{BufRead, BufReader};
+    let mut child =
+        command.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("starting {command:?}"))?;
+    let mut counts = TestCounts { passed: 0, failed: 0, success: false };
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                result
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            counts.passed += count(" passed");
+            counts.failed += count(" failed");
+        }
+    }
+    counts.success = child.wait()?.success();
+    Ok(counts)
 }

@@ -36,10 +36,7 @@ fn nightly_toolchain() -> Result<PathBuf> {
             .env_remove("RUSTUP_TOOLCHAIN")
             .output()
             .ok()?;
-        output
-            .status
-            .success()
-            .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        output.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
     };
     if let Some(sysroot) = sysroot() {
         step("setup: nightly toolchain: present, skipped");
@@ -73,9 +70,7 @@ fn bpf_linker(sysroot: &Path) -> Result<PathBuf> {
     let linker = root.join("bin/bpf-linker");
     let stamp = root.join("built-against");
     if linker.is_file() && fs::read_to_string(&stamp).ok().as_deref() == Some(&fingerprint) {
-        step(format!(
-            "setup: bpf-linker {BPF_LINKER_VERSION}: built against {llvm_name}, skipped"
-        ));
+        step(format!("setup: bpf-linker {BPF_LINKER_VERSION}: built against {llvm_name}, skipped"));
         return Ok(linker);
     }
 
@@ -85,24 +80,11 @@ fn bpf_linker(sysroot: &Path) -> Result<PathBuf> {
         .and_then(|rest| rest.split('-').next())
         .with_context(|| format!("no LLVM version in {llvm_name}"))?;
     let major = version.split('.').next().unwrap();
-    step(format!(
-        "setup: bpf-linker {BPF_LINKER_VERSION}: building against {llvm_name} (a few minutes)"
-    ));
+    step(format!("setup: bpf-linker {BPF_LINKER_VERSION}: building against {llvm_name} (a few minutes)"));
     let prefix = llvm_prefix(&llvm, version)?;
     run(cargo()
-        .args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--force",
-            "--version",
-            BPF_LINKER_VERSION,
-        ])
-        .args([
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{major}"),
-        ])
+        .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
         .arg("--root")
         .arg(&root)
         .env("LLVM_PREFIX", &prefix))?;
@@ -115,12 +97,7 @@ fn nightly_libllvm(sysroot: &Path) -> Result<PathBuf> {
     let lib = sysroot.join("lib");
     for entry in fs::read_dir(&lib)? {
         let path = entry?.path();
-        if path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("libLLVM.so.")
-        {
+        if path.file_name().unwrap().to_string_lossy().starts_with("libLLVM.so.") {
             return Ok(path);
         }
     }
@@ -138,10 +115,7 @@ fn llvm_prefix(llvm: &Path, version: &str) -> Result<PathBuf> {
     symlink(llvm, prefix.join("lib/libLLVM.so"))?;
     symlink(llvm, prefix.join("lib").join(llvm.file_name().unwrap()))?;
     let config = prefix.join("bin/llvm-config");
-    fs::write(
-        &config,
-        LLVM_CONFIG.replace("@VERSION@", &format!("{version}.0")),
-    )?;
+    fs::write(&config, LLVM_CONFIG.replace("@VERSION@", &format!("{version}.0")))?;
     fs::set_permissions(&config, fs::Permissions::from_mode(0o755))?;
     Ok(prefix)
 }
@@ -171,20 +145,13 @@ echo $out
 
 /// Go, for `go tool pprof`, from Debian.
 fn go() -> Result<()> {
-    if Command::new("go")
-        .arg("version")
-        .output()
-        .is_ok_and(|output| output.status.success())
-    {
+    if Command::new("go").arg("version").output().is_ok_and(|output| output.status.success()) {
         step("setup: go (for go tool pprof): present, skipped");
         return Ok(());
     }
     step("setup: go (for go tool pprof): installing golang-go");
-    let install = || {
-        run(Command::new("apt-get")
-            .args(["install", "-y", "golang-go"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    };
+    let install =
+        || run(Command::new("apt-get").args(["install", "-y", "golang-go"]).env("DEBIAN_FRONTEND", "noninteractive"));
     if install().is_err() {
         // A fresh machine may have no package lists yet.
         run(Command::new("apt-get").arg("update"))?;
@@ -206,24 +173,15 @@ pub fn py_spy() -> PathBuf {
 /// A Python virtual environment with py-spy, for the benchmark.
 fn py_spy_venv() -> Result<()> {
     let installed = Command::new(py_spy()).arg("--version").output();
-    if installed.is_ok_and(|output| {
-        String::from_utf8_lossy(&output.stdout).trim() == format!("py-spy {PY_SPY_VERSION}")
-    }) {
+    if installed
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == format!("py-spy {PY_SPY_VERSION}"))
+    {
         step(format!("setup: py-spy {PY_SPY_VERSION}: present, skipped"));
         return Ok(());
     }
-    step(format!(
-        "setup: py-spy {PY_SPY_VERSION}: installing into {}",
-        venv().display()
-    ));
+    step(format!("setup: py-spy {PY_SPY_VERSION}: installing into {}", venv().display()));
     if !venv().join("bin/pip").is_file() {
-        run(Command::new(e2e::PYENV_PYTHON_3_11)
-            .args(["-m", "venv"])
-            .arg(venv()))?;
+        run(Command::new(e2e::PYENV_PYTHON_3_11).args(["-m", "venv"]).arg(venv()))?;
     }
-    run(Command::new(venv().join("bin/pip")).args([
-        "install",
-        "--quiet",
-        &format!("py-spy=={PY_SPY_VERSION}"),
-    ]))
+    run(Command::new(venv().join("bin/pip")).args(["install", "--quiet", &format!("py-spy=={PY_SPY_VERSION}")]))
 }
