@@ -78,6 +78,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids)?;
     let sink = LocalDir::new(&settings.output_dir);
     let mut agent = Agent::new(&settings);
+    agent.native.load_kernel_symbols();
     eprintln!(
         "ferroscope: sampling {} at {} Hz on {} CPUs; a profile every {} to {}",
         if settings.pids.is_empty() {

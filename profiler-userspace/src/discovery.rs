@@ -141,6 +141,8 @@ fn basename(path: &str) -> &str {
 struct Mapping {
     start: u64,
     end: u64,
+    /// Mapped with execute permission: only such files run code.
+    executable: bool,
     offset: u64,
     /// Device and inode: which file, even if two paths name it.
     file: (String, u64),
@@ -156,7 +158,7 @@ fn parse_maps(maps: &str) -> Vec<Mapping> {
 fn parse_maps_line(line: &str) -> Option<Mapping> {
     let mut fields = line.splitn(6, ' ');
     let (start, end) = fields.next()?.split_once('-')?;
-    let _perms = fields.next()?;
+    let executable = fields.next()?.as_bytes().get(2) == Some(&b'x');
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
     let dev = fields.next()?;
     let inode: u64 = fields.next()?.parse().ok()?;
@@ -167,6 +169,7 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
+        executable,
         offset,
         file: (dev.to_owned(), inode),
         path: path.to_owned(),
@@ -214,7 +217,9 @@ const MAX_BSS_SCAN: u64 = 16 << 20;
 
 fn find_python(pid: u32, mappings: &[Mapping]) -> io::Result<PythonStatus> {
     let mut seen = Vec::new();
-    for mapping in mappings {
+    // A file mapped without execute permission is data, such as the agent's
+    // own read-only view of a libpython it symbolizes.
+    for mapping in mappings.iter().filter(|mapping| mapping.executable) {
         if seen.contains(&&mapping.file) {
             continue;
         }
@@ -431,6 +436,7 @@ mod tests {
                 Mapping {
                     start: 0x55d0c1a00000,
                     end: 0x55d0c1a01000,
+                    executable: false,
                     offset: 0,
                     file: ("fd:01".into(), 1234),
                     path: "/usr/bin/python3.11".into()
@@ -438,6 +444,7 @@ mod tests {
                 Mapping {
                     start: 0x7f1c2f000000,
                     end: 0x7f1c2f100000,
+                    executable: true,
                     offset: 0x1f000,
                     file: ("fd:01".into(), 99),
                     path: "/lib/my lib.so (deleted)".into()

@@ -35,6 +35,12 @@ impl NativeSymbolizer {
         }
     }
 
+    /// Loads the kernel's symbols now rather than at the first kernel frame,
+    /// so that the cost falls in the agent's start-up.
+    pub fn load_kernel_symbols(&self) {
+        let _ = self.symbolizer.symbolize(&self.kernel_source, Input::AbsAddr(&[0]));
+    }
+
     /// Remembers the memory map of `pid`, so that its last samples are
     /// named even when they are read after it exited.
     pub fn remember_process(&self, pid: u32) {
