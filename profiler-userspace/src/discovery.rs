@@ -617,6 +617,34 @@ main()
         assert_eq!(&*info.process_name, "sleep");
     }
 
+    /// The agent maps the libpython files it symbolizes read-only: that does
+    /// not make it a CPython process.
+    #[test]
+    fn a_libpython_mapped_as_data_is_not_python() {
+        let path = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
+        let Ok(file) = File::open(path) else {
+            eprintln!("skipped: {path} not installed");
+            return;
+        };
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: a fresh read-only private mapping, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let info = inspect(std::process::id());
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(addr, len) };
+        assert!(matches!(info.unwrap().python, PythonStatus::NotPython));
+    }
+
     #[test]
     fn gone_process_is_an_error() {
         let mut child = Command::new("true").spawn().unwrap();
