@@ -1,7 +1,7 @@
 //! Turning the frames the kernel records (code object, instruction) into
 //! names, files and lines, by reading code objects from the process.
 
-use super::{linetable, offsets::Layout, Interpreter};
+use super::{layout::Layout, linetable, Interpreter};
 use crate::{
     aggregate::{Frame, FrameKind},
     procmem::ProcessMemory,
@@ -113,7 +113,7 @@ impl FrameSymbolizer {
         let object_type = u64_at(self.layout.kernel.object_type.into())?;
         ensure!(object_type == self.code_type, "type {object_type:#x} is not PyCode_Type");
         let first_line = field::<4>(&head, layout.firstlineno).map(i32::from_ne_bytes)?;
-        let function = self.read_str(u64_at(layout.qualname)?).context("reading co_qualname")?;
+        let function = self.read_str(u64_at(layout.name)?).context("reading the code object's name")?;
         let file = self.read_str(u64_at(layout.filename)?).context("reading co_filename")?;
         let linetable = self.read_bytes(u64_at(layout.linetable)?).context("reading co_linetable")?;
         Ok(CodeInfo { function: function.into(), file: file.into(), first_line, linetable: linetable.into() })

@@ -2,11 +2,11 @@
 
 mod code;
 mod linetable;
-mod offsets;
+mod layout;
 
 pub use code::FrameSymbolizer;
 
-use offsets::Layout;
+use layout::Layout;
 use profiler_common::PyProcess;
 use std::{fmt, sync::Arc};
 
@@ -85,7 +85,7 @@ impl Interpreter {
         runtime: u64,
         code_type: u64,
     ) -> Result<Interpreter, UnsupportedVersion> {
-        let Some(layout) = offsets::layout(version.major, version.minor) else {
+        let Some(layout) = layout::layout(version.major, version.minor) else {
             return Err(UnsupportedVersion { version, path });
         };
         let kernel =

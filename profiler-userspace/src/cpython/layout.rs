@@ -1,7 +1,8 @@
-//! Struct layouts of the supported CPython versions: one table entry each.
+//! What differs between CPython versions: struct layouts and encodings.
 //!
-//! Offsets are for 64-bit builds, read with gdb's `ptype /o` from the DWARF
-//! of release builds (`--with-pydebug` builds differ and are not supported).
+//! A [`Layout`] comes from a table generated from CPython's headers (before
+//! 3.13) or from the interpreter's own `_Py_DebugOffsets` (3.13+). Offsets
+//! are for 64-bit release builds.
 
 use profiler_common::{PyOffsets, NO_OFFSET};
 
@@ -10,10 +11,38 @@ use profiler_common::{PyOffsets, NO_OFFSET};
 pub struct CodeLayout {
     pub firstlineno: u64,
     pub filename: u64,
-    pub qualname: u64,
+    /// The function's name: `co_qualname` from 3.11 (`Worker.crunch`), else
+    /// `co_name` (`crunch`), the best the code object gives.
+    pub name: u64,
+    /// `co_linetable` (3.10+) or `co_lnotab` (before), in [`Layout::line_table`]'s format.
     pub linetable: u64,
-    /// Start of the bytecode, inline in the code object.
+    /// Start of the bytecode inline in the code object (`co_code_adaptive`),
+    /// when [`Layout::instr`] is [`InstrEncoding::Pointer`]; else 0.
     pub code_adaptive: u64,
+}
+
+/// How a frame's position in its bytecode is recorded (`PyFrame::instr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstrEncoding {
+    /// `PyFrameObject.f_lasti`, an `int` byte offset (3.6 to 3.9); the
+    /// kernel reads 8 bytes, of which the low 4 count.
+    LastiBytes,
+    /// `PyFrameObject.f_lasti`, an `int` index in 2-byte code units (3.10).
+    LastiUnits,
+    /// A pointer to the instruction (`prev_instr` 3.11-3.12, `instr_ptr` 3.13+).
+    Pointer,
+}
+
+/// How a code object maps bytecode offsets to lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineTable {
+    /// `co_lnotab`: (bytecode delta, signed line delta) byte pairs (3.6 to 3.9).
+    Lnotab,
+    /// `co_linetable` of PEP 626: (bytecode delta, signed line delta, -128
+    /// for none) byte pairs (3.10).
+    Pep626,
+    /// `co_linetable` location table of PEP 657 (3.11+).
+    Locations,
 }
 
 /// `PyBytesObject` fields.
@@ -42,6 +71,8 @@ pub struct Layout {
     pub kernel: PyOffsets,
     /// `_PyInterpreterFrame.owner` of C-stack shim frames, `u8::MAX` if none.
     pub owner_cstack: u8,
+    pub instr: InstrEncoding,
+    pub line_table: LineTable,
     pub code: CodeLayout,
     pub bytes: BytesLayout,
     pub unicode: UnicodeLayout,
@@ -73,7 +104,9 @@ const PY311: Layout = Layout {
         object_type: 8,
     },
     owner_cstack: u8::MAX,
-    code: CodeLayout { firstlineno: 72, filename: 112, qualname: 128, linetable: 136, code_adaptive: 184 },
+    instr: InstrEncoding::Pointer,
+    line_table: LineTable::Locations,
+    code: CodeLayout { firstlineno: 72, filename: 112, name: 128, linetable: 136, code_adaptive: 184 },
     bytes: BytesLayout { size: 16, data: 32 },
     unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
 };
