@@ -92,6 +92,8 @@ pub const PY_BAD_POINTER: u32 = 3;
 pub const PY_BAD_CODE: u32 = 4;
 /// Deeper than [`MAX_PY_FRAMES`]: the outermost frames are missing.
 pub const PY_TRUNCATED: u32 = 5;
+/// The `previous` links loop: the chain is corrupt (or changed under us).
+pub const PY_CYCLE: u32 = 6;
 
 /// Record kinds of the `EVENTS` ring buffer; every record starts with its
 /// kind and the process id, so samples and process events stay in order.

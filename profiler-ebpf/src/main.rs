@@ -129,11 +129,8 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
                 (*sample).py_status = PY_NOT_PYTHON;
             }
         }
-        let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKEUP_BYTES {
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        };
+        let wakeup =
+            if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
         if EVENTS.output::<Sample>(&*sample, wakeup as u64).is_err() {
             count(stat::SAMPLES_DROPPED);
         }

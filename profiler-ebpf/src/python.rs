@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     stat, PyFrame, PyProcess, Sample, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER,
-    PY_NO_THREAD, PY_OK, PY_TRUNCATED,
+    PY_CYCLE, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
 };
 
 /// Offset of `thread.fsbase` in `task_struct`, from the kernel's BTF.
@@ -32,6 +32,9 @@ const MAX_SKIPPED_FRAMES: u32 = 16;
 const NO_THREAD_RETRY_NS: u64 = 1_000_000_000;
 /// A `PY_*` status meaning "not finished yet".
 const WALKING: u32 = u32::MAX;
+/// Low bits of a code object pointer that may be tags (3.14's `_PyStackRef`);
+/// objects are at least 8-byte aligned, so they are never address bits.
+const POINTER_TAG_BITS: u64 = 7;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -155,6 +158,10 @@ struct FrameWalk {
     process: PyProcess,
     sample: *mut Sample,
     frame: u64,
+    /// A frame seen earlier, moved at every power-of-two step (Brent's cycle
+    /// detection): meeting it again means the chain loops.
+    checkpoint: u64,
+    steps: u32,
     len: u32,
     status: u32,
 }
@@ -183,7 +190,7 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
     let owner_cstack =
         off.frame_owner != NO_OFFSET && read::<u8>(field(walk.frame, off.frame_owner)) == Ok(walk.process.owner_cstack);
     if !owner_cstack {
-        let code = read::<u64>(field(walk.frame, off.frame_code))?;
+        let code = read::<u64>(field(walk.frame, off.frame_code))? & !POINTER_TAG_BITS;
         let instr = read::<u64>(field(walk.frame, off.frame_instr))?;
         if read::<u64>(field(code, off.object_type)) != Ok(walk.process.code_type) {
             return Err(PY_BAD_CODE);
@@ -197,6 +204,13 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
         unsafe { *(*walk.sample).py_frames.as_mut_ptr().add(len) = PyFrame { code, instr } };
         walk.len += 1;
     }
+    walk.steps += 1;
+    if walk.steps & (walk.steps - 1) == 0 {
+        walk.checkpoint = walk.frame;
+    }
+    if previous != 0 && previous == walk.checkpoint {
+        return Err(PY_CYCLE);
+    }
     walk.frame = previous;
     Ok(())
 }
@@ -204,7 +218,7 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
 /// Walks the Python stack of thread `tid` into `sample.py_frames`, innermost
 /// first, setting `sample.py_len` and `sample.py_status`.
 pub fn walk(process: &PyProcess, tid: u32, sample: *mut Sample) {
-    let mut walk = FrameWalk { process: *process, sample, frame: 0, len: 0, status: WALKING };
+    let mut walk = FrameWalk { process: *process, sample, frame: 0, checkpoint: 0, steps: 0, len: 0, status: WALKING };
     match thread_state(process, tid).and_then(|tstate| current_frame(process, tstate)) {
         Ok(frame) => {
             walk.frame = frame;

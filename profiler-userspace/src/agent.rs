@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{kind, ProcessEvent, Sample, PY_BAD_CODE, PY_BAD_POINTER, PY_TRUNCATED};
+use profiler_common::{kind, ProcessEvent, Sample, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -257,7 +257,7 @@ impl<'a> Agent<'a> {
             }
             match sample.py_status {
                 PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
-                PY_BAD_POINTER | PY_BAD_CODE => {
+                PY_BAD_POINTER | PY_BAD_CODE | PY_CYCLE => {
                     self.summary.broken_python_stacks += 1;
                     stack.push(Frame::marker("[broken python stack]"))
                 }
