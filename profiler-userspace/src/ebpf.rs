@@ -190,7 +190,10 @@ fn explain_load_error(error: aya::EbpfError) -> anyhow::Error {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use profiler_common::{kind, Sample};
+    use profiler_common::{
+        kind, PyFrame, PyOffsets, Sample, MAX_PY_FRAMES, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_NOT_PYTHON, PY_OK,
+        PY_TRUNCATED,
+    };
 
     use super::*;
 
@@ -218,6 +221,183 @@ mod tests {
         assert!(ours >= 100, "300 ms of CPU at 1000 Hz gives ~300 samples, got {ours}");
         assert_eq!(stats.samples_dropped, 0);
         assert!(stats.samples >= ours);
+    }
+
+    /// A Python stack laid out in this process's memory, as an interpreter
+    /// with the offsets of [`SYNTHETIC`] would: it lets every path of the
+    /// kernel's frame walker be checked without a real CPython.
+    struct SyntheticPython {
+        memory: Vec<u64>,
+    }
+
+    /// Object addresses, as byte offsets into the memory.
+    const RUNTIME: usize = 0;
+    const INTERP: usize = 512;
+    const DECOY_TSTATE: usize = 1024;
+    const TSTATE: usize = 1536;
+    const CFRAME: usize = 2048;
+    const CODE_TYPE: usize = 2560;
+    const FRAMES: usize = 4096;
+    /// Room for `MAX_PY_FRAMES` and more, frames then code objects.
+    const CODES: usize = FRAMES + 256 * FRAME_SIZE;
+    const FRAME_SIZE: usize = 128;
+
+    const SYNTHETIC: PyOffsets = PyOffsets {
+        runtime_interpreters_head: 40,
+        interp_next: 0,
+        interp_threads_head: 16,
+        tstate_next: 8,
+        tstate_thread_id: 152,
+        tstate_frame: 56,
+        cframe_current_frame: 8,
+        frame_code: 0,
+        frame_previous: 8,
+        frame_instr: 56,
+        frame_owner: 70,
+        object_type: 8,
+    };
+    const OWNER_CSTACK: u8 = 3;
+
+    impl SyntheticPython {
+        /// A thread whose state is the second of its interpreter (so it is
+        /// found by a scan), running `depth` frames.
+        fn new(depth: usize) -> Self {
+            assert!(depth <= 256);
+            let mut python = SyntheticPython { memory: vec![0; (CODES + 256 * 64) / 8] };
+            python.set(RUNTIME + 40, python.addr(INTERP));
+            python.set(INTERP + 16, python.addr(DECOY_TSTATE));
+            python.set(DECOY_TSTATE + 8, python.addr(TSTATE));
+            python.set(DECOY_TSTATE + 152, 1);
+            // SAFETY: no preconditions.
+            python.set(TSTATE + 152, unsafe { libc::pthread_self() } as u64);
+            python.set(TSTATE + 56, python.addr(CFRAME));
+            python.set(CFRAME + 8, python.addr(FRAMES));
+            for i in 0..depth {
+                let frame = FRAMES + i * FRAME_SIZE;
+                python.set(frame, python.addr(CODES + i * 64));
+                python.set(CODES + i * 64 + 8, python.addr(CODE_TYPE));
+                python.set(frame + 56, 0x1000 + i as u64);
+                if i + 1 < depth {
+                    python.set(frame + 8, python.addr(frame + FRAME_SIZE));
+                }
+            }
+            python
+        }
+
+        fn addr(&self, offset: usize) -> u64 {
+            self.memory.as_ptr() as u64 + offset as u64
+        }
+
+        fn set(&mut self, offset: usize, value: u64) {
+            self.memory[offset / 8] = value;
+        }
+
+        fn set_byte(&mut self, offset: usize, value: u8) {
+            let word = &mut self.memory[offset / 8];
+            let shift = (offset % 8) * 8;
+            *word = (*word & !(0xff << shift)) | (u64::from(value) << shift);
+        }
+
+        fn process(&self) -> PyProcess {
+            PyProcess {
+                runtime: self.addr(RUNTIME),
+                code_type: self.addr(CODE_TYPE),
+                offsets: SYNTHETIC,
+                owner_cstack: OWNER_CSTACK,
+                _pad: [0; 7],
+            }
+        }
+
+        fn frame(&self, i: usize) -> PyFrame {
+            PyFrame { code: self.addr(CODES + i * 64), instr: 0x1000 + i as u64 }
+        }
+    }
+
+    /// Runs on this thread for a while and returns the Python walks of its
+    /// samples: status and frames.
+    fn walks(python: &SyntheticPython) -> Vec<(u32, Vec<PyFrame>)> {
+        let me = std::process::id();
+        let (mut sampler, mut events) = Sampler::start(1000, &[me]).expect("load and attach (run as root)");
+        sampler.add_python(me, &python.process()).unwrap();
+        // SAFETY: no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let until = Instant::now() + Duration::from_millis(200);
+        let mut spin = 0u64;
+        while Instant::now() < until {
+            spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(7));
+        }
+        let mut walks = Vec::new();
+        while let Some(record) = events.next() {
+            if record.len() >= size_of::<Sample>() && record[..4] == kind::SAMPLE.to_ne_bytes() {
+                // SAFETY: a whole `Sample`, as the kind says.
+                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+                // Samples taken before `add_python` are not walked.
+                if sample.tid == tid && sample.py_status != PY_NOT_PYTHON {
+                    walks.push((sample.py_status, sample.py_frames[..sample.py_len as usize].to_vec()));
+                }
+            }
+        }
+        assert!(walks.len() >= 50, "200 ms at 1000 Hz gives ~200 samples of this thread, got {}", walks.len());
+        walks
+    }
+
+    /// Every walk has `status` and `frames`.
+    fn assert_walks(python: &SyntheticPython, status: u32, frames: &[PyFrame]) {
+        for (got_status, got_frames) in walks(python) {
+            assert_eq!(got_status, status);
+            assert!(
+                got_frames == frames,
+                "got {} frames, {:?}...",
+                got_frames.len(),
+                &got_frames[..got_frames.len().min(3)]
+            );
+        }
+    }
+
+    #[test]
+    fn walks_a_synthetic_python_stack() {
+        let python = SyntheticPython::new(3);
+        assert_walks(&python, PY_OK, &[python.frame(0), python.frame(1), python.frame(2)]);
+    }
+
+    #[test]
+    fn strips_pointer_tags_and_skips_c_stack_frames() {
+        let mut python = SyntheticPython::new(3);
+        // 3.14 tags `_PyStackRef`s in their low bits.
+        python.set(FRAMES, python.addr(CODES) | 1);
+        python.set_byte(FRAMES + FRAME_SIZE + 70, OWNER_CSTACK);
+        assert_walks(&python, PY_OK, &[python.frame(0), python.frame(2)]);
+    }
+
+    #[test]
+    fn a_frame_chain_that_loops_is_a_cycle() {
+        let mut python = SyntheticPython::new(5);
+        python.set(FRAMES + 4 * FRAME_SIZE + 8, python.addr(FRAMES + FRAME_SIZE));
+        for (status, frames) in walks(&python) {
+            assert_eq!(status, PY_CYCLE);
+            assert!(frames.len() < 16, "the loop is found within a few rounds, not after {}", frames.len());
+        }
+    }
+
+    #[test]
+    fn a_code_object_of_another_type_ends_the_walk() {
+        let mut python = SyntheticPython::new(3);
+        python.set(CODES + 64 + 8, python.addr(RUNTIME));
+        assert_walks(&python, PY_BAD_CODE, &[python.frame(0)]);
+    }
+
+    #[test]
+    fn a_pointer_outside_the_process_ends_the_walk() {
+        let mut python = SyntheticPython::new(3);
+        python.set(FRAMES + FRAME_SIZE + 8, 0xdead_0000_0000);
+        assert_walks(&python, PY_BAD_POINTER, &[python.frame(0), python.frame(1)]);
+    }
+
+    #[test]
+    fn a_stack_deeper_than_the_limit_is_truncated() {
+        let python = SyntheticPython::new(MAX_PY_FRAMES + 10);
+        let expected: Vec<_> = (0..MAX_PY_FRAMES).map(|i| python.frame(i)).collect();
+        assert_walks(&python, PY_TRUNCATED, &expected);
     }
 
     #[test]
