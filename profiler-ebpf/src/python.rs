@@ -29,7 +29,7 @@ const MAX_INTERPRETERS: u32 = 4;
 /// Shim frames (owned by the C stack) skipped on top of the recorded ones.
 const MAX_SKIPPED_FRAMES: u32 = 16;
 /// How long a thread found without a thread state is not searched again.
-const NO_THREAD_RETRY_NS: u64 = 1_000_000_000;
+const NO_THREAD_RETRY_NS: u64 = 100_000_000;
 /// A `PY_*` status meaning "not finished yet".
 const WALKING: u32 = u32::MAX;
 /// Low bits of a code object pointer that may be tags (3.14's `_PyStackRef`);
