@@ -31,6 +31,8 @@ use crate::{
 struct Process {
     application: Arc<str>,
     process_name: Arc<str>,
+    /// Its pid in its own PID namespace, when that differs.
+    container_pid: Option<u32>,
     python: Option<FrameSymbolizer>,
     /// Executable address ranges, sorted; empty when unknown.
     code: Vec<Range<u64>>,
@@ -197,6 +199,7 @@ impl<'a> Agent<'a> {
                 let process = Process {
                     application: name.clone(),
                     process_name: name,
+                    container_pid: None,
                     python: None,
                     code: Vec::new(),
                     code_read: Instant::now(),
@@ -228,6 +231,7 @@ impl<'a> Agent<'a> {
         let process = Process {
             application: info.application,
             process_name: info.process_name,
+            container_pid: info.namespace_pid,
             python,
             code: info.code,
             code_read: Instant::now(),
@@ -267,6 +271,7 @@ impl<'a> Agent<'a> {
         let application = self.settings.application_name.as_deref().unwrap_or(&process.application);
         let thread = Thread {
             pid,
+            container_pid: process.container_pid,
             tid: sample.tid,
             thread_name: comm_text(&sample.comm),
             process_name: process.process_name.clone(),
@@ -316,6 +321,7 @@ mod tests {
         Process {
             application: "app".into(),
             process_name: "app".into(),
+            container_pid: None,
             python: None,
             code,
             code_read: Instant::now(),

@@ -43,6 +43,9 @@ impl Frame {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Thread {
     pub pid: u32,
+    /// The process's pid in its own PID namespace (a container), when it
+    /// differs from `pid`.
+    pub container_pid: Option<u32>,
     pub tid: u32,
     pub thread_name: Arc<str>,
     pub process_name: Arc<str>,
@@ -169,7 +172,7 @@ mod tests {
     }
 
     fn thread(tid: u32) -> Thread {
-        Thread { pid: 10, tid, thread_name: "python".into(), process_name: "python3.11".into() }
+        Thread { pid: 10, container_pid: None, tid, thread_name: "python".into(), process_name: "python3.11".into() }
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 /// Labels that every sample carries already.
-const RESERVED_LABELS: [&str; 4] = ["pid", "tid", "thread_name", "process_name"];
+const RESERVED_LABELS: [&str; 5] = ["pid", "container_pid", "tid", "thread_name", "process_name"];
 
 /// Label names follow Prometheus' rules, which Pyroscope and pprof tools
 /// accept; values must be non-empty single-line text.

@@ -31,6 +31,9 @@ pub struct ProcessInfo {
     /// Address ranges of executable mappings: a return address elsewhere is
     /// not one (stack garbage from unwinding without frame pointers).
     pub code: Vec<Range<u64>>,
+    /// The process's id in its own PID namespace (a container's), when it
+    /// differs from the host's.
+    pub namespace_pid: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -55,7 +58,16 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         application: application_name(&args, comm, is_python).into(),
         python,
         code: executable_ranges(&maps),
+        namespace_pid: namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status"))?),
     })
+}
+
+/// The innermost pid of `NSpid:` in `/proc/PID/status` (the process's own
+/// namespace's), if it differs from the first (the host's).
+fn namespace_pid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|line| line.strip_prefix("NSpid:"))?;
+    let pids: Vec<u32> = line.split_whitespace().filter_map(|pid| pid.parse().ok()).collect();
+    Some(*pids.last()?).filter(|inner| Some(inner) != pids.first())
 }
 
 /// The executable address ranges of process `pid`, sorted.
@@ -233,14 +245,22 @@ fn find_python(pid: u32, mappings: &[Mapping]) -> io::Result<PythonStatus> {
 
 /// The facts of the file of `mapping` if it is a CPython interpreter.
 fn elf_facts(pid: u32, mapping: &Mapping) -> Option<Arc<ElfFacts>> {
-    // Through the process's root, so that other mount namespaces work; a
-    // file deleted since (" (deleted)") only through the mapping itself.
-    let path = if mapping.path.ends_with(" (deleted)") {
-        format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end)
-    } else {
-        format!("/proc/{pid}/root{}", mapping.path)
-    };
-    let mut file = File::open(&path).map_err(|e| log::debug!("opening {path}: {e}")).ok()?;
+    // Through the process's root, so that other mount namespaces work. The
+    // mapping itself (which needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)
+    // serves a file deleted since (" (deleted)"), and a chrooted process,
+    // whose maps show paths from our root, not its own.
+    let by_root = format!("/proc/{pid}/root{}", mapping.path);
+    let by_mapping = format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end);
+    let (path, mut file) = [by_root, by_mapping]
+        .into_iter()
+        .filter(|path| !mapping.path.ends_with(" (deleted)") || path.contains("/map_files/"))
+        .find_map(|path| match File::open(&path) {
+            Ok(file) => Some((path, file)),
+            Err(e) => {
+                log::debug!("opening {path}: {e}");
+                None
+            }
+        })?;
     let meta = file.metadata().map_err(|e| log::debug!("stat of {path}: {e}")).ok()?;
     let key = FileKey { dev: meta.dev(), inode: meta.ino(), size: meta.size(), mtime_ns: mtime_ns(&meta) };
 
@@ -321,10 +341,16 @@ fn interpreter(pid: u32, path: &str, facts: &ElfFacts, mappings: &[&Mapping]) ->
     let Some(code_type) = facts.code_type else {
         return Ok(PythonStatus::Unsupported(format!("CPython {version} ({path}): no PyCode_Type symbol")));
     };
-    let runtime = bias.wrapping_add(facts.runtime);
-    Ok(match Interpreter::new(version, path.into(), runtime, bias.wrapping_add(code_type)) {
+    let (runtime, code_type) = (bias.wrapping_add(facts.runtime), bias.wrapping_add(code_type));
+    // 3.13+ describes itself; older versions have tables of ours.
+    let interpreter = match Interpreter::from_debug_offsets(&mem, version, path.into(), runtime, code_type) {
+        Ok(Some(interpreter)) => Ok(interpreter),
+        Ok(None) => Interpreter::new(version, path.into(), runtime, code_type).map_err(|e| e.to_string()),
+        Err(reason) => Err(reason),
+    };
+    Ok(match interpreter {
         Ok(interpreter) => PythonStatus::Supported(interpreter),
-        Err(unsupported) => PythonStatus::Unsupported(unsupported.to_string()),
+        Err(reason) => PythonStatus::Unsupported(reason),
     })
 }
 
@@ -373,8 +399,8 @@ fn find_version(mem: &ProcessMemory, facts: &ElfFacts, bias: u64) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpython::FrameSymbolizer;
-    use profiler_common::PyFrame;
+    use crate::cpython::{pyenv_build, FrameSymbolizer};
+    use profiler_common::{PyFrame, NO_OFFSET};
     use std::{
         io::{BufRead, BufReader},
         path::{Path, PathBuf},
@@ -471,24 +497,49 @@ main()
     /// A Python process running [`SCRIPT`], killed on drop.
     struct Sleeper {
         child: Child,
+        /// The Python process: `child` or, in a container, its child.
+        pid: u32,
+        /// The script's directory, as the host sees it.
+        dir: PathBuf,
+        /// The script, as the Python process sees it.
         script: PathBuf,
     }
 
     impl Sleeper {
         fn start(python: &str, name: &str) -> Sleeper {
-            let dir = std::env::temp_dir().join(format!("ferroscope-test-{}-{name}", std::process::id()));
+            Sleeper::start_in("/", python, name)
+        }
+
+        /// Runs `python` of `root`; unless `root` is `/`, in a container: in
+        /// new PID and mount namespaces, chrooted in `root`.
+        fn start_in(root: &str, python: &str, name: &str) -> Sleeper {
+            let inside = std::env::temp_dir().join(format!("ferroscope-test-{}-{name}", std::process::id()));
+            let dir = Path::new(root).join(inside.strip_prefix("/").unwrap());
             fs::create_dir_all(&dir).unwrap();
-            let script = dir.join("sleeper.py");
-            fs::write(&script, SCRIPT).unwrap();
-            let mut child = Command::new(python).arg("-u").arg(&script).stdout(Stdio::piped()).spawn().unwrap();
+            fs::write(dir.join("sleeper.py"), SCRIPT).unwrap();
+            let script = inside.join("sleeper.py");
+            let mut command = Command::new(python);
+            if root != "/" {
+                command = Command::new("unshare");
+                command.args(["--pid", "--mount", "--fork", "--kill-child", "chroot", root, python]);
+            }
+            let mut child = command.arg("-u").arg(&script).stdout(Stdio::piped()).spawn().unwrap();
             let mut line = String::new();
             BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
             assert_eq!(line, "ready\n");
-            Sleeper { child, script }
+            let pid = match root {
+                "/" => child.id(),
+                _ => fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap(),
+            };
+            Sleeper { child, pid, dir, script }
         }
 
         fn pid(&self) -> u32 {
-            self.child.id()
+            self.pid
         }
     }
 
@@ -496,7 +547,7 @@ main()
         fn drop(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();
-            let _ = fs::remove_dir_all(self.script.parent().unwrap());
+            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 
@@ -508,30 +559,48 @@ main()
         let at = |addr: u64, offset: u16| mem.read_u64(addr + u64::from(offset)).unwrap();
         let interp = at(interpreter.kernel.runtime, offsets.runtime_interpreters_head);
         let thread = at(interp, offsets.interp_threads_head);
-        let cframe = at(thread, offsets.tstate_frame);
-        let mut frame = at(cframe, offsets.cframe_current_frame);
+        let mut frame = at(thread, offsets.tstate_frame);
+        if offsets.cframe_current_frame != NO_OFFSET {
+            frame = at(frame, offsets.cframe_current_frame);
+        }
         let mut frames = Vec::new();
         while frame != 0 && frames.len() < 100 {
-            let code = at(frame, offsets.frame_code);
-            assert_eq!(at(code, offsets.object_type), interpreter.kernel.code_type);
-            frames.push(PyFrame { code, instr: at(frame, offsets.frame_instr) });
+            let shim = offsets.frame_owner != NO_OFFSET
+                && at(frame, offsets.frame_owner) as u8 == interpreter.kernel.owner_cstack;
+            if !shim {
+                // 3.14's `_PyStackRef` keeps flags in the low bits.
+                let code = at(frame, offsets.frame_code) & !7;
+                assert_eq!(at(code, offsets.object_type), interpreter.kernel.code_type);
+                frames.push(PyFrame { code, instr: at(frame, offsets.frame_instr) });
+            }
             frame = at(frame, offsets.frame_previous);
         }
         frames
     }
 
-    fn check_supported(python: &str, binary: &str) {
-        if !Path::new(python).exists() {
-            eprintln!("skipped: {python} not installed");
+    /// Checks that `python`, whose interpreter is in `binary`, is found to
+    /// be CPython `version` (a prefix, e.g. "3.11.") and that its frames,
+    /// walked with the offsets found, are named right.
+    fn check_supported(python: &str, binary: &str, version: &str) {
+        check_supported_in("/", python, binary, version)
+    }
+
+    /// [`check_supported`] for `python` of `root`, run as [`Sleeper::start_in`] does.
+    fn check_supported_in(root: &str, python: &str, binary: &str, version: &str) {
+        let host_path = Path::new(root).join(python.trim_start_matches('/'));
+        if !host_path.exists() {
+            eprintln!("skipped: {} not installed", host_path.display());
             return;
         }
-        let sleeper = Sleeper::start(python, "supported");
+        let sleeper = Sleeper::start_in(root, python, version);
         let info = inspect(sleeper.pid()).unwrap();
         assert_eq!(&*info.application, "sleeper.py");
+        // Alone in its PID namespace, it is its pid 1.
+        assert_eq!(info.namespace_pid, (root != "/").then_some(1));
         let PythonStatus::Supported(interpreter) = info.python else {
             panic!("{python}: {:?}", info.python);
         };
-        assert_eq!((interpreter.version.major, interpreter.version.minor), (3, 11));
+        assert!(interpreter.version.to_string().starts_with(version), "{python}: {}", interpreter.version);
         assert_eq!(interpreter.describe(), format!("CPython {} ({binary})", interpreter.version));
 
         let mut symbolizer = FrameSymbolizer::new(sleeper.pid(), &interpreter);
@@ -551,51 +620,103 @@ main()
             std::thread::sleep(std::time::Duration::from_millis(10));
             frames = named(python_stack(sleeper.pid(), &interpreter));
         }
+        // Qualified names from 3.11 (`co_qualname`), plain ones before.
+        let nap = if interpreter.version.minor >= 11 { "Sleeper.nap" } else { "nap" };
         let file = sleeper.script.to_str().unwrap().to_owned();
         assert_eq!(
             frames,
-            [
-                ("Sleeper.nap".into(), 4, 6, file.clone()),
-                ("main".into(), 8, 9, file.clone()),
-                ("<module>".into(), 1, 11, file),
-            ]
+            [(nap.into(), 4, 6, file.clone()), ("main".into(), 8, 9, file.clone()), ("<module>".into(), 1, 11, file)],
+            "{python}"
         );
         // A bogus code object address gives no frame, and no panic.
         assert_eq!(symbolizer.symbolize(&PyFrame { code: 8, instr: 8 }), None);
     }
 
+    /// pyenv's build of 3.`minor`: a shared libpython, whose version before
+    /// 3.11 comes from `sys.version` in its `.bss`.
+    fn check_pyenv(minor: u8) {
+        let Some(build) = pyenv_build(minor) else {
+            eprintln!("skipped: pyenv's CPython 3.{minor} not installed");
+            return;
+        };
+        check_supported(build.python.to_str().unwrap(), build.libpython.to_str().unwrap(), &build.version);
+    }
+
     #[test]
-    fn pyenv_python_311() {
-        let libpython = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
-        check_supported("/root/.pyenv/versions/3.11.7/bin/python3.11", libpython);
+    fn pyenv_python_3_7() {
+        check_pyenv(7);
+    }
+
+    #[test]
+    fn pyenv_python_3_8() {
+        check_pyenv(8);
+    }
+
+    #[test]
+    fn pyenv_python_3_9() {
+        check_pyenv(9);
+    }
+
+    #[test]
+    fn pyenv_python_3_10() {
+        check_pyenv(10);
+    }
+
+    #[test]
+    fn pyenv_python_3_11() {
+        check_pyenv(11);
+    }
+
+    #[test]
+    fn pyenv_python_3_12() {
+        check_pyenv(12);
+    }
+
+    #[test]
+    fn pyenv_python_3_13() {
+        let libpython = "/root/.pyenv/versions/3.13.0/lib/libpython3.13.so.1.0";
+        check_supported("/root/.pyenv/versions/3.13.0/bin/python3.13", libpython, "3.13.");
+    }
+
+    /// Debian unstable's static builds (3.14's has frame pointers), with
+    /// another glibc, in a container; `cargo xtask setup --test` makes the root.
+    #[test]
+    fn debian_pythons_3_13_to_3_15_in_a_container() {
+        const ROOT: &str = "/var/cache/ferroscope/debian-sid";
+        for minor in 13..=15 {
+            let python = format!("/usr/bin/python3.{minor}");
+            // A chroot's maps show paths from the host's root.
+            check_supported_in(ROOT, &python, &format!("{ROOT}{python}"), &format!("3.{minor}."));
+        }
+    }
+
+    #[test]
+    fn namespace_pids() {
+        let status = |nspid: &str| format!("Name:\tpython3\nNSpid:{nspid}\nPPid:\t1\n");
+        assert_eq!(namespace_pid(&status("\t4242\t1")), Some(1));
+        assert_eq!(namespace_pid(&status("\t4242\t77\t9")), Some(9));
+        assert_eq!(namespace_pid(&status("\t4242")), None);
+        assert_eq!(namespace_pid("Name:\tpython3\n"), None);
     }
 
     #[test]
     fn debian_python_311() {
         // Static, fixed-address and stripped: only dynamic symbols.
-        check_supported("/usr/bin/python3.11", "/usr/bin/python3.11");
+        check_supported("/usr/bin/python3.11", "/usr/bin/python3.11", "3.11.");
     }
 
+    /// 3.6 has no `_PyRuntime` (its interpreters hang off a static
+    /// `interp_head`): not found as CPython, so its native stacks are kept.
     #[test]
-    fn other_versions_are_unsupported() {
-        // 3.10 has no `Py_Version`: the version comes from `sys.version`.
-        for (python, version) in [
-            ("/root/.pyenv/versions/3.10.13/bin/python3.10", "3.10.13"),
-            ("/root/.pyenv/versions/3.12.1/bin/python3.12", "3.12.1"),
-        ] {
-            if !Path::new(python).exists() {
-                eprintln!("skipped: {python} not installed");
-                continue;
-            }
-            let sleeper = Sleeper::start(python, version);
-            let info = inspect(sleeper.pid()).unwrap();
-            assert_eq!(&*info.application, "sleeper.py");
-            let PythonStatus::Unsupported(reason) = info.python else {
-                panic!("{python}: {:?}", info.python);
-            };
-            assert!(reason.starts_with(&format!("CPython {version} (")), "{reason}");
-            assert!(reason.ends_with("version not supported yet"), "{reason}");
+    fn python_3_6_is_not_found() {
+        let python = "/root/.pyenv/versions/3.6.15/bin/python3.6";
+        if !Path::new(python).exists() {
+            eprintln!("skipped: {python} not installed");
+            return;
         }
+        let sleeper = Sleeper::start(python, "3.6");
+        let info = inspect(sleeper.pid()).unwrap();
+        assert!(matches!(info.python, PythonStatus::NotPython), "{:?}", info.python);
     }
 
     #[test]

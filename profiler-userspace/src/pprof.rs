@@ -41,6 +41,9 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
                 tables.label("thread_name", &thread.thread_name),
                 tables.label("process_name", &thread.process_name),
             ];
+            if let Some(container_pid) = thread.container_pid {
+                label.push(tables.label("container_pid", &container_pid.to_string()));
+            }
             label.extend_from_slice(&common_labels);
             proto::Sample {
                 location_id: key.frames.iter().map(|&frame| locations[frame as usize]).collect(),
@@ -174,7 +177,7 @@ mod tests {
     }
 
     fn thread(tid: u32, name: &str) -> Thread {
-        Thread { pid: 42, tid, thread_name: name.into(), process_name: "python3.12".into() }
+        Thread { pid: 42, container_pid: None, tid, thread_name: name.into(), process_name: "python3.12".into() }
     }
 
     const START: Duration = Duration::from_secs(1_795_000_000);

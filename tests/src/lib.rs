@@ -12,10 +12,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
+pub mod known_split;
+
 /// pyenv's CPython 3.11, built with a shared libpython.
 pub const PYENV_PYTHON_3_11: &str = "/root/.pyenv/versions/3.11.7/bin/python3.11";
 /// Debian's CPython 3.11: static and stripped.
 pub const DEBIAN_PYTHON_3_11: &str = "/usr/bin/python3.11";
+/// pyenv's CPython 3.13, built with a shared libpython.
+pub const PYENV_PYTHON_3_13: &str = "/root/.pyenv/versions/3.13.0/bin/python3.13";
+/// A minimal Debian unstable root holding `/usr/bin/python3.13` to `python3.15` (those
+/// Debian has), made by `cargo xtask setup --test`, outside the repository so that every
+/// clone reuses it.
+pub const DEBIAN_ROOT: &str = "/var/cache/ferroscope/debian-sid";
+/// The file, in [`DEBIAN_ROOT`], written once the root is complete: the interpreters it holds.
+pub const DEBIAN_ROOT_STAMP: &str = ".ferroscope-complete";
 
 /// The line the agent prints on stderr once it is attached and sampling.
 const SAMPLING_LINE: &str = "ferroscope: sampling";
@@ -88,6 +98,18 @@ pub struct Agent {
 pub struct AgentRun {
     pub output_dir: tempfile::TempDir,
     pub log: String,
+}
+
+impl AgentRun {
+    /// Every profile the agent wrote, of every application, read as one.
+    pub fn all_profiles(&self) -> Result<Profile> {
+        let files: Vec<_> = list_tree(self.output_dir.path())
+            .into_iter()
+            .filter(|path| path.to_string_lossy().ends_with(".pb.gz"))
+            .collect();
+        ensure!(!files.is_empty(), "no profile written; agent output:\n{}", self.log);
+        Profile::load(&files)
+    }
 }
 
 impl Agent {
@@ -214,10 +236,26 @@ pub fn run_agent_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus
     }
 }
 
+/// Whether `python` (of `container_root`, if given) is installed; if not, says that the test
+/// is skipped and how to install it.
+pub fn installed(container_root: Option<&str>, python: &str) -> bool {
+    let path = Path::new(container_root.unwrap_or("/")).join(python.trim_start_matches('/'));
+    let complete = container_root.is_none_or(|root| Path::new(root).join(DEBIAN_ROOT_STAMP).is_file());
+    if !complete || !path.exists() {
+        eprintln!("skipped: {} not installed (`cargo xtask setup --test` makes {DEBIAN_ROOT})", path.display());
+    }
+    complete && path.exists()
+}
+
 /// A running Python workload.
 pub struct Workload {
     child: KillOnDrop,
+    /// The Python process, as the host sees it.
+    pid: u32,
 }
+
+/// Where [`Workload::start_in_container`] puts workloads, inside the root.
+const CONTAINER_WORKLOADS: &str = "tmp/ferroscope-e2e";
 
 impl Workload {
     /// Starts `python SCRIPT ARGS` with `script` from `tests/workloads/`.
@@ -229,11 +267,45 @@ impl Workload {
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {python} {script}"))?;
-        Ok(Workload { child: KillOnDrop(child) })
+        Ok(Workload { pid: child.id(), child: KillOnDrop(child) })
+    }
+
+    /// Starts `python SCRIPT ARGS` in a container: in new PID and mount namespaces, chrooted
+    /// in `root` (which holds `python`), with a copy of `script` at
+    /// [`Workload::container_script`]. The Python process is the namespace's pid 1.
+    pub fn start_in_container(root: &str, python: &str, script: &str, args: &[&str]) -> Result<Workload> {
+        let dir = Path::new(root).join(CONTAINER_WORKLOADS);
+        fs::create_dir_all(&dir)?;
+        fs::copy(workload(script), dir.join(script))?;
+        let child = Command::new("unshare")
+            .args(["--pid", "--mount", "--fork", "--kill-child", "chroot", root, python])
+            .arg(Workload::container_script(script))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {python} {script} in {root}"))?;
+        let child = KillOnDrop(child);
+        // `unshare --fork` runs the Python process as its child.
+        let children = format!("/proc/{0}/task/{0}/children", child.0.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(pid) = fs::read_to_string(&children)?.split_whitespace().next() {
+                return Ok(Workload { pid: pid.parse()?, child });
+            }
+            ensure!(Instant::now() < deadline, "{python} did not start in {root}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The path of a workload started with [`Workload::start_in_container`], as its Python
+    /// sees it.
+    pub fn container_script(script: &str) -> String {
+        format!("/{CONTAINER_WORKLOADS}/{script}")
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.0.id()
+        self.pid
     }
 
     /// Waits for the workload to exit successfully; returns what it printed.
@@ -268,8 +340,8 @@ pub fn profile_files(output_dir: &Path, application: &str) -> Result<Vec<PathBuf
     Ok(files)
 }
 
-/// Every file under `dir`, for error messages.
-pub fn list_tree(dir: &Path) -> Vec<PathBuf> {
+/// Every file under `dir`.
+fn list_tree(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -487,7 +559,7 @@ pub fn max_deviation_pp(shares: &[f64], expected: &[f64]) -> f64 {
 }
 
 /// The source lines (first, last) of each function in a Python file, by qualified name
-/// (`Cruncher.crunch_a`), found by `python` itself with `ast`.
+/// (`Cruncher.crunch_a`), found by `python` itself (3.6+) with `ast`.
 pub fn function_line_ranges(python: &str, script: &Path) -> Result<HashMap<String, (i64, i64)>> {
     const LIST_FUNCTIONS: &str = r#"
 import ast, sys
@@ -496,7 +568,9 @@ def walk(node, prefix):
         if isinstance(child, ast.ClassDef):
             walk(child, prefix + child.name + ".")
         elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            print(prefix + child.name, child.lineno, child.end_lineno)
+            # No end_lineno before 3.8: the last line of any node inside then.
+            last = getattr(child, "end_lineno", None) or max(getattr(n, "lineno", 0) for n in ast.walk(child))
+            print(prefix + child.name, child.lineno, last)
             walk(child, prefix + child.name + ".<locals>.")
         else:
             walk(child, prefix)

@@ -4,7 +4,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use e2e::{list_tree, Agent, Profile, Workload, PYENV_PYTHON_3_11};
+use e2e::{Agent, Workload, PYENV_PYTHON_3_11};
 
 #[test]
 fn pid_mode_samples_only_that_pid_on_pyenv_python_3_11_7() -> Result<()> {
@@ -18,12 +18,7 @@ fn pid_mode_samples_only_that_pid_on_pyenv_python_3_11_7() -> Result<()> {
     thread::sleep(Duration::from_secs(3));
     let run = agent.stop()?;
 
-    let files: Vec<_> = list_tree(run.output_dir.path())
-        .into_iter()
-        .filter(|path| path.to_string_lossy().ends_with(".pb.gz"))
-        .collect();
-    ensure!(!files.is_empty(), "no profile written; agent output:\n{}", run.log);
-    let profile = Profile::load(&files)?;
+    let profile = run.all_profiles()?;
     let others: Vec<_> =
         profile.samples.iter().filter(|sample| sample.label("pid") != Some(target_pid.as_str())).collect();
     ensure!(

@@ -1,6 +1,7 @@
-//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|bench`.
+//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|bench|cpython-layouts`.
 
 mod bench;
+mod layouts;
 mod setup;
 
 use std::ffi::OsString;
@@ -43,6 +44,14 @@ enum Task {
     Test,
     /// Measure the agent's overhead and accuracy against running bare and py-spy.
     Bench(bench::Options),
+    /// Regenerate profiler-userspace/src/cpython/layouts.rs, the struct layouts of CPython 3.7
+    /// to 3.12, from each version's headers.
+    ///
+    /// For each minor version, a C program printing `offsetof`/`sizeof` of the fields Ferroscope
+    /// reads is compiled with gcc against the headers of the newest patch release in --builds,
+    /// and run. Versions without headers keep their entry. 3.13 is probed and printed only, to
+    /// cross-check its `_Py_DebugOffsets`.
+    CpythonLayouts(layouts::Options),
 }
 
 fn main() -> Result<()> {
@@ -63,6 +72,7 @@ fn main() -> Result<()> {
         }
         Task::Test => test()?,
         Task::Bench(options) => bench::run(&options)?,
+        Task::CpythonLayouts(options) => layouts::generate(&options)?,
     }
     Ok(())
 }

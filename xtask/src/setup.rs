@@ -25,7 +25,8 @@ pub fn build_tools() -> Result<PathBuf> {
 /// Installs the tools of the end-to-end tests and the benchmark.
 pub fn test_tools() -> Result<()> {
     go()?;
-    py_spy_venv()
+    py_spy_venv()?;
+    debian_root()
 }
 
 /// The nightly toolchain (the eBPF target needs `-Z build-std`); returns its sysroot.
@@ -150,8 +151,13 @@ fn go() -> Result<()> {
         return Ok(());
     }
     step("setup: go (for go tool pprof): installing golang-go");
+    apt_install("golang-go")
+}
+
+/// Installs a package of this machine's Debian.
+fn apt_install(package: &str) -> Result<()> {
     let install =
-        || run(Command::new("apt-get").args(["install", "-y", "golang-go"]).env("DEBIAN_FRONTEND", "noninteractive"));
+        || run(Command::new("apt-get").args(["install", "-y", package]).env("DEBIAN_FRONTEND", "noninteractive"));
     if install().is_err() {
         // A fresh machine may have no package lists yet.
         run(Command::new("apt-get").arg("update"))?;
@@ -184,4 +190,63 @@ fn py_spy_venv() -> Result<()> {
         run(Command::new(e2e::PYENV_PYTHON_3_11).args(["-m", "venv"]).arg(venv()))?;
     }
     run(Command::new(venv().join("bin/pip")).args(["install", "--quiet", &format!("py-spy=={PY_SPY_VERSION}")]))
+}
+
+/// The interpreters the Debian root should hold, those of them Debian has.
+const DEBIAN_PYTHONS: [&str; 3] = ["python3.13", "python3.14", "python3.15"];
+
+/// A minimal Debian unstable root with its newest CPythons, for the tests that run them in
+/// their own PID and mount namespaces with another libc. It lives outside the repository so
+/// that every clone reuses it; a stamp written last marks it complete, so that a root left
+/// half-made is made again.
+fn debian_root() -> Result<()> {
+    let root = Path::new(e2e::DEBIAN_ROOT);
+    let stamp = root.join(e2e::DEBIAN_ROOT_STAMP);
+    if let Ok(pythons) = fs::read_to_string(&stamp) {
+        step(format!("setup: Debian root {} ({}): present, skipped", root.display(), pythons.trim()));
+        return Ok(());
+    }
+    if Command::new("debootstrap").arg("--version").output().is_err() {
+        step("setup: installing debootstrap");
+        apt_install("debootstrap")?;
+    }
+    let mirror = debian_mirror()?;
+    step(format!("setup: Debian root {}: debootstrap of sid from {mirror} (a minute)", root.display()));
+    if root.exists() {
+        fs::remove_dir_all(root)?;
+    }
+    run(Command::new("debootstrap").args(["--variant=minbase", "sid"]).arg(root).arg(&mirror))?;
+    // Debian may not have every minor yet: install those it has.
+    let chroot = |args: &[&str]| {
+        let mut command = Command::new("chroot");
+        command.arg(root).args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    let pythons: Vec<&str> = DEBIAN_PYTHONS
+        .into_iter()
+        .filter(|python| chroot(&["apt-cache", "show", python]).output().is_ok_and(|out| out.status.success()))
+        .collect();
+    run(chroot(&["apt-get", "install", "-y", "--no-install-recommends"]).args(&pythons))?;
+    fs::write(&stamp, pythons.join(" ") + "\n")?;
+    step(format!("setup: Debian root {}: made with {}", root.display(), pythons.join(" ")));
+    Ok(())
+}
+
+/// The Debian archive this machine's apt already uses (a URI ending in `/debian`), from the
+/// one-line `sources.list` format or deb822 `.sources` files.
+fn debian_mirror() -> Result<String> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
+        more.sort();
+        files.extend(more.into_iter().filter(|path| path.extension().is_some_and(|e| e == "list" || e == "sources")));
+    }
+    let text: String = files.iter().filter_map(|file| fs::read_to_string(file).ok()).collect::<Vec<_>>().join("\n");
+    text.lines()
+        .filter(|line| line.starts_with("deb ") || line.starts_with("URIs:"))
+        .flat_map(|line| line.split_whitespace().skip(1).filter(|word| word.contains("://")))
+        .map(|uri| uri.trim_end_matches('/'))
+        .find(|uri| uri.ends_with("/debian"))
+        .map(str::to_owned)
+        .context("no Debian archive (a URI ending in /debian) in apt's sources")
 }

@@ -92,12 +92,13 @@ impl FrameSymbolizer {
             return line;
         }
         let bytecode = frame.code + self.layout.code.code_adaptive;
-        let line = match frame.instr.checked_sub(bytecode) {
-            Some(offset) => linetable::line_of(&code.linetable, code.first_line, offset / 2).unwrap_or(0),
+        let line = match self.layout.instr.offset(frame.instr, bytecode) {
+            Some(offset) => linetable::line_of(self.layout.line_table, &code.linetable, code.first_line, offset),
             // Before the first instruction (a frame just pushed), CPython
             // reports the first line too.
-            None => u32::try_from(code.first_line).unwrap_or(0),
-        };
+            None => u32::try_from(code.first_line).ok(),
+        }
+        .unwrap_or(0);
         if self.lines.len() >= MAX_LINES {
             self.lines.clear();
         }
@@ -107,8 +108,10 @@ impl FrameSymbolizer {
 
     fn read_code(&self, addr: u64) -> anyhow::Result<CodeInfo> {
         let layout = &self.layout.code;
-        // Every field we need comes before the bytecode: read them at once.
-        let head = self.mem.read_vec(addr, layout.code_adaptive as usize)?;
+        // The fields we need all lie in the object's first bytes: one read.
+        let fields =
+            [self.layout.kernel.object_type.into(), layout.firstlineno, layout.filename, layout.name, layout.linetable];
+        let head = self.mem.read_vec(addr, fields.into_iter().max().unwrap_or(0) as usize + 8)?;
         let u64_at = |offset: u64| field::<8>(&head, offset).map(u64::from_ne_bytes);
         let object_type = u64_at(self.layout.kernel.object_type.into())?;
         ensure!(object_type == self.code_type, "type {object_type:#x} is not PyCode_Type");
@@ -120,7 +123,7 @@ impl FrameSymbolizer {
     }
 
     /// The text of a `str` object; only compact strings (all that code
-    /// objects hold) are supported.
+    /// objects hold) are supported, not the "legacy" ones before 3.12.
     fn read_str(&self, addr: u64) -> anyhow::Result<String> {
         ensure!(addr != 0, "null pointer");
         let layout = &self.layout.unicode;

@@ -4,7 +4,10 @@
 //! 3.13) or from the interpreter's own `_Py_DebugOffsets` (3.13+). Offsets
 //! are for 64-bit release builds.
 
-use profiler_common::{PyOffsets, NO_OFFSET};
+use profiler_common::PyOffsets;
+
+#[path = "layouts.rs"]
+mod layouts;
 
 /// `PyCodeObject` fields the symbolizer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +34,21 @@ pub enum InstrEncoding {
     LastiUnits,
     /// A pointer to the instruction (`prev_instr` 3.11-3.12, `instr_ptr` 3.13+).
     Pointer,
+}
+
+impl InstrEncoding {
+    /// The byte offset in the bytecode of the instruction `instr` of a frame
+    /// whose bytecode starts at `bytecode`; None before the first instruction
+    /// (f_lasti -1, or `prev_instr` one unit before the start).
+    pub fn offset(self, instr: u64, bytecode: u64) -> Option<u64> {
+        let lasti = || i64::from(instr as u32 as i32);
+        let offset = match self {
+            InstrEncoding::LastiBytes => lasti(),
+            InstrEncoding::LastiUnits => lasti() * 2,
+            InstrEncoding::Pointer => instr.wrapping_sub(bytecode) as i64,
+        };
+        u64::try_from(offset).ok()
+    }
 }
 
 /// How a code object maps bytecode offsets to lines.
@@ -78,35 +96,61 @@ pub struct Layout {
     pub unicode: UnicodeLayout,
 }
 
-/// The layout of CPython `major.minor`, None when not supported.
+/// The layout of CPython `major.minor`, None when not supported. One layout
+/// serves every patch release of a minor version: the generated table comes from
+/// one patch per minor, and Debian's 3.11.2 is tested against 3.11.7's.
 pub fn layout(major: u8, minor: u8) -> Option<Layout> {
-    match (major, minor) {
-        (3, 11) => Some(PY311),
-        _ => None,
-    }
+    layouts::LAYOUTS.iter().find(|(version, _)| *version == (major, minor)).map(|(_, layout)| *layout)
 }
 
-/// Verified against 3.11.7's `libpython3.11.so.1.0`.
-const PY311: Layout = Layout {
-    kernel: PyOffsets {
-        runtime_interpreters_head: 40,
-        interp_next: 0,
-        interp_threads_head: 16,
-        tstate_next: 8,
-        tstate_thread_id: 152,
-        tstate_frame: 56,
-        cframe_current_frame: 8,
-        frame_code: 32,
-        frame_previous: 48,
-        frame_instr: 56,
-        // `owner` is at 69, but 3.11 has no C-stack-owned frames to skip.
-        frame_owner: NO_OFFSET,
-        object_type: 8,
-    },
-    owner_cstack: u8::MAX,
-    instr: InstrEncoding::Pointer,
-    line_table: LineTable::Locations,
-    code: CodeLayout { firstlineno: 72, filename: 112, name: 128, linetable: 136, code_adaptive: 184 },
-    bytes: BytesLayout { size: 16, data: 32 },
-    unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
-};
+/// A pyenv build of CPython, for tests against real interpreters.
+#[cfg(test)]
+pub struct PyenvBuild {
+    /// E.g. `3.7.16`
+    pub version: String,
+    pub python: std::path::PathBuf,
+    /// Its shared `libpython3.X[m].so.1.0`, which holds the interpreter.
+    pub libpython: std::path::PathBuf,
+}
+
+/// pyenv's build of CPython 3.`minor`, the newest patch release installed.
+#[cfg(test)]
+pub fn pyenv_build(minor: u8) -> Option<PyenvBuild> {
+    let root = std::path::Path::new("/root/.pyenv/versions");
+    let prefix = format!("3.{minor}.");
+    let version = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|dir| dir.ok()?.file_name().into_string().ok())
+        .filter_map(|name| Some((name.strip_prefix(&prefix)?.parse::<u32>().ok()?, name)))
+        .max()?
+        .1;
+    let dir = root.join(&version);
+    // Before 3.8 the library's name has the ABI flag: `libpython3.7m.so.1.0`.
+    let libpython =
+        ["", "m"].iter().map(|abi| dir.join(format!("lib/libpython3.{minor}{abi}.so.1.0"))).find(|lib| lib.exists())?;
+    Some(PyenvBuild { python: dir.join(format!("bin/python3.{minor}")), libpython, version })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instruction_offsets() {
+        // The kernel reads 8 bytes at `f_lasti`: the `int` is the low 4.
+        let lasti = |value: i32| u64::from(value as u32) | 0xdead_beef << 32;
+        assert_eq!(InstrEncoding::LastiBytes.offset(lasti(10), 0), Some(10));
+        assert_eq!(InstrEncoding::LastiBytes.offset(lasti(-1), 0), None);
+        assert_eq!(InstrEncoding::LastiUnits.offset(lasti(5), 0), Some(10));
+        assert_eq!(InstrEncoding::LastiUnits.offset(lasti(-1), 0), None);
+        assert_eq!(InstrEncoding::Pointer.offset(0x1010, 0x1000), Some(16));
+        assert_eq!(InstrEncoding::Pointer.offset(0xffe, 0x1000), None);
+    }
+
+    #[test]
+    fn generated_minor_versions() {
+        let minors: Vec<u8> = (0..=20).filter(|&minor| layout(3, minor).is_some()).collect();
+        assert_eq!(minors, [7, 8, 9, 10, 11, 12]);
+        assert_eq!(layout(2, 7), None);
+    }
+}

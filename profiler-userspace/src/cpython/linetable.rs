@@ -1,11 +1,62 @@
-//! Line numbers from `co_linetable`, the location table of CPython 3.11+
-//! (PEP 657; format described in CPython's `Objects/locations.md`).
+//! Line numbers from a code object's line table, in the three formats
+//! CPython has used (see [`LineTable`]).
 //!
-//! The table is a list of entries, each covering 1 to 8 code units (2 bytes
-//! each) of bytecode. The first byte of an entry has bit 7 set, the entry's
-//! code in bits 3-6 and its length minus one in bits 0-2; the code says how
-//! the line changes from the previous entry's (starting at `co_firstlineno`)
-//! and how the columns that follow are encoded.
+//! The location table of 3.11+ (PEP 657, CPython's `Objects/locations.md`) is
+//! a list of entries, each covering 1 to 8 code units (2 bytes each) of
+//! bytecode. The first byte of an entry has bit 7 set, the entry's code in
+//! bits 3-6 and its length minus one in bits 0-2; the code says how the line
+//! changes from the previous entry's (starting at `co_firstlineno`) and how
+//! the columns that follow are encoded.
+
+use super::layout::LineTable;
+
+/// The line of the instruction at byte offset `offset` in the bytecode, or
+/// None when the table gives it none or ends before it.
+pub fn line_of(format: LineTable, table: &[u8], first_line: i32, offset: u64) -> Option<u32> {
+    match format {
+        LineTable::Lnotab => u32::try_from(lnotab_line(table, first_line, offset)).ok(),
+        LineTable::Pep626 => pep626_line(table, first_line, offset),
+        LineTable::Locations => locations_line(table, first_line, offset / 2),
+    }
+}
+
+/// `co_lnotab` (3.6 to 3.9, `Objects/lnotab_notes.txt`): (bytecode delta,
+/// line delta) byte pairs, the line delta signed; as `PyCode_Addr2Line`, the
+/// line of the last pair starting at or before `offset`.
+fn lnotab_line(table: &[u8], first_line: i32, offset: u64) -> i64 {
+    let mut line = i64::from(first_line);
+    let mut start = 0;
+    for pair in table.chunks_exact(2) {
+        start += u64::from(pair[0]);
+        if start > offset {
+            break;
+        }
+        line += i64::from(pair[1] as i8);
+    }
+    line
+}
+
+/// No line, as a line delta of [`pep626_line`]'s table.
+const PEP626_NO_LINE: i8 = -128;
+
+/// `co_linetable` of 3.10 (PEP 626, `Objects/lnotab_notes.txt`): pairs of
+/// (bytes covered, signed line delta or -128 for none), each a range that
+/// starts where the previous ends; as `_PyLineTable_NextAddressRange`.
+fn pep626_line(table: &[u8], first_line: i32, offset: u64) -> Option<u32> {
+    let mut line = i64::from(first_line);
+    let mut end = 0;
+    for pair in table.chunks_exact(2) {
+        let delta = pair[1] as i8;
+        if delta != PEP626_NO_LINE {
+            line += i64::from(delta);
+        }
+        end += u64::from(pair[0]);
+        if offset < end {
+            return if delta == PEP626_NO_LINE { None } else { u32::try_from(line).ok() };
+        }
+    }
+    None
+}
 
 /// No location: the instructions belong to no line.
 const CODE_NONE: u8 = 15;
@@ -18,8 +69,8 @@ const CODE_ONE_LINE0: u8 = 10;
 const CODE_ONE_LINE2: u8 = 12;
 
 /// The line of the code unit at index `unit` (byte offset / 2) in the
-/// bytecode, or None when the table gives it none or ends before it.
-pub fn line_of(table: &[u8], first_line: i32, unit: u64) -> Option<u32> {
+/// bytecode, as the location table of 3.11+ gives it.
+fn locations_line(table: &[u8], first_line: i32, unit: u64) -> Option<u32> {
     let mut line = i64::from(first_line);
     let mut start = 0u64;
     let mut pos = 0;
@@ -70,7 +121,8 @@ fn signed_varint(bytes: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use crate::cpython::layout::{layout, pyenv_build};
+    use std::{path::Path, process::Command};
 
     #[test]
     fn varints() {
@@ -82,14 +134,30 @@ mod tests {
     }
 
     #[test]
-    fn hand_made_table() {
+    fn hand_made_location_table() {
         // Entry 1: short form (code 0), 2 units, same line.
         // Entry 2: one-line form, delta 2, 1 unit, two column bytes.
         // Entry 3: no location, 1 unit.
         // Entry 4: no-column form, delta -1 (signed varint 3), 3 units.
         let table = [0x80 | 1, 0x00, 0x80 | 12 << 3, 4, 9, 0x80 | 15 << 3, 0x80 | 13 << 3 | 2, 3];
-        let lines: Vec<_> = (0..8).map(|unit| line_of(&table, 10, unit)).collect();
+        let lines: Vec<_> = (0..8).map(|unit| line_of(LineTable::Locations, &table, 10, unit * 2)).collect();
         assert_eq!(lines, [Some(10), Some(10), Some(12), None, Some(11), Some(11), Some(11), None]);
+    }
+
+    #[test]
+    fn hand_made_lnotab() {
+        // Line 10 from 0; at 4, +2 then -1 (a zero-length step): 11; at 6, +2: 13; no end.
+        let table = [4, 2, 0, 0xff, 2, 2];
+        let lines: Vec<_> = (0..5).map(|unit| line_of(LineTable::Lnotab, &table, 10, unit * 2)).collect();
+        assert_eq!(lines, [Some(10), Some(10), Some(11), Some(13), Some(13)]);
+    }
+
+    #[test]
+    fn hand_made_pep626_table() {
+        // 4 bytes on line 10, 2 on no line, 2 on line 9 (-1 from 10), then the end.
+        let table = [4, 0, 2, 0x80, 2, 0xff];
+        let lines: Vec<_> = (0..5).map(|unit| line_of(LineTable::Pep626, &table, 10, unit * 2)).collect();
+        assert_eq!(lines, [Some(10), Some(10), None, Some(9), None]);
     }
 
     /// Functions of varied shapes: multi-line expressions (negative deltas,
@@ -134,31 +202,54 @@ def far_away(f=lambda x: x + 1):
         return fh.read(), y, inner()
 "##;
 
-    /// Asks a real CPython 3.11 for its line tables and, per code unit, the
-    /// line from `co_positions()`, and checks the decoder agrees everywhere.
+    /// Asks each of pyenv's CPythons for its line tables and, per code unit,
+    /// the line that CPython's own tools give (`co_positions()` from 3.11,
+    /// `co_lines()` in 3.10, `dis.findlinestarts` before), and checks the
+    /// decoder agrees everywhere.
     #[test]
-    fn agrees_with_cpython_311() {
-        let python = "/root/.pyenv/versions/3.11.7/bin/python3.11";
-        if !std::path::Path::new(python).exists() {
-            eprintln!("skipped: {python} not installed");
-            return;
+    fn agrees_with_every_cpython() {
+        for minor in 7..=12 {
+            let Some(build) = pyenv_build(minor) else {
+                eprintln!("skipped: pyenv's CPython 3.{minor} not installed");
+                continue;
+            };
+            let format = layout(3, minor).unwrap().line_table;
+            check_line_tables(&build.python, format);
         }
+    }
+
+    fn check_line_tables(python: &Path, format: LineTable) {
         // One line per code object: first line, table in hex, line per unit.
         let dump = r##"
-import sys, types, inspect
+import dis, sys, types, inspect
 def walk(co):
     yield co
     for c in co.co_consts:
         if isinstance(c, types.CodeType):
             yield from walk(c)
+def lines_per_unit(co):
+    if hasattr(co, "co_positions"):
+        return [p[0] for p in co.co_positions()]
+    units = len(co.co_code) // 2
+    if hasattr(co, "co_lines"):
+        ranges = co.co_lines()
+    else:
+        starts = list(dis.findlinestarts(co)) + [(units * 2, None)]
+        ranges = [(start, end, line) for (start, line), (end, _) in zip(starts, starts[1:])]
+    lines = [None] * units
+    for start, end, line in ranges:
+        for unit in range(start // 2, end // 2):
+            lines[unit] = line
+    return lines
 sources = [(sys.argv[1].replace("#GAP", "\n" * 300), "<shapes>"), (open(inspect.__file__).read(), inspect.__file__)]
 for src, name in sources:
     for co in walk(compile(src, name, "exec")):
-        lines = ",".join("-" if p[0] is None else str(p[0]) for p in co.co_positions())
-        print(co.co_firstlineno, co.co_linetable.hex() or "-", lines)
+        table = co.co_linetable if sys.version_info >= (3, 10) else co.co_lnotab
+        lines = ",".join("-" if line is None else str(line) for line in lines_per_unit(co))
+        print(co.co_firstlineno, table.hex() or "-", lines)
 "##;
         let out = Command::new(python).args(["-c", dump, SHAPES]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{}: {}", python.display(), String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
         let mut codes = 0;
         for row in text.lines() {
@@ -167,11 +258,12 @@ for src, name in sources:
             let table = hex(fields[1]);
             for (unit, expected) in fields[2].split(',').enumerate() {
                 let expected = expected.parse::<u32>().ok();
-                assert_eq!(line_of(&table, first_line, unit as u64), expected, "unit {unit} of {row}");
+                let line = line_of(format, &table, first_line, unit as u64 * 2);
+                assert_eq!(line, expected, "{}: unit {unit} of {row}", python.display());
             }
             codes += 1;
         }
-        assert!(codes > 100, "only {codes} code objects");
+        assert!(codes > 100, "{}: only {codes} code objects", python.display());
     }
 
     fn hex(text: &str) -> Vec<u8> {

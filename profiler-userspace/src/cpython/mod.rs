@@ -1,11 +1,15 @@
 //! CPython knowledge: versions, struct layouts and reading code objects.
 
 mod code;
-mod linetable;
+mod debug_offsets;
 mod layout;
+mod linetable;
 
 pub use code::FrameSymbolizer;
+#[cfg(test)]
+pub use layout::pyenv_build;
 
+use crate::procmem::ProcessMemory;
 use layout::Layout;
 use profiler_common::PyProcess;
 use std::{fmt, sync::Arc};
@@ -66,6 +70,8 @@ pub struct Interpreter {
     /// as the process maps it.
     pub path: Arc<str>,
     layout: Layout,
+    /// A build without the GIL (`python3.13t`).
+    free_threaded: bool,
 }
 
 /// Why a CPython interpreter cannot be profiled.
@@ -88,14 +94,52 @@ impl Interpreter {
         let Some(layout) = layout::layout(version.major, version.minor) else {
             return Err(UnsupportedVersion { version, path });
         };
-        let kernel =
-            PyProcess { runtime, code_type, offsets: layout.kernel, owner_cstack: layout.owner_cstack, _pad: [0; 7] };
-        Ok(Interpreter { version, kernel, path, layout })
+        Ok(Interpreter::with_layout(version, path, runtime, code_type, layout, false))
     }
 
-    /// E.g. `CPython 3.11.7 (/usr/lib/libpython3.11.so.1.0)`.
+    /// The interpreter of a process whose `_PyRuntime` starts with
+    /// `_Py_DebugOffsets` (3.13+), which describe its structs; Ok(None) when
+    /// it does not, Err why it cannot be profiled. `version` is
+    /// `Py_Version`'s, which the table must repeat.
+    pub fn from_debug_offsets(
+        mem: &ProcessMemory,
+        version: Version,
+        path: Arc<str>,
+        runtime: u64,
+        code_type: u64,
+    ) -> Result<Option<Interpreter>, String> {
+        let described = match debug_offsets::read(mem, runtime, code_type) {
+            Ok(described) => described,
+            Err(debug_offsets::Error::NoCookie) => return Ok(None),
+            Err(e) => return Err(format!("{e} ({path})")),
+        };
+        if Version::from_hex(described.version_hex) != version {
+            return Err(format!(
+                "CPython {version} ({path}): its debug offsets are those of {:#x}",
+                described.version_hex
+            ));
+        }
+        Ok(Some(Interpreter::with_layout(version, path, runtime, code_type, described.layout, described.free_threaded)))
+    }
+
+    fn with_layout(
+        version: Version,
+        path: Arc<str>,
+        runtime: u64,
+        code_type: u64,
+        layout: Layout,
+        free_threaded: bool,
+    ) -> Interpreter {
+        let kernel =
+            PyProcess { runtime, code_type, offsets: layout.kernel, owner_cstack: layout.owner_cstack, _pad: [0; 7] };
+        Interpreter { version, kernel, path, layout, free_threaded }
+    }
+
+    /// E.g. `CPython 3.11.7 (/usr/lib/libpython3.11.so.1.0)`, `CPython
+    /// 3.13.1 free-threaded (/usr/bin/python3.13t)`.
     pub fn describe(&self) -> String {
-        format!("CPython {} ({})", self.version, self.path)
+        let build = if self.free_threaded { " free-threaded" } else { "" };
+        format!("CPython {}{build} ({})", self.version, self.path)
     }
 }
 
@@ -122,10 +166,10 @@ mod tests {
 
     #[test]
     fn only_supported_versions_get_an_interpreter() {
-        let path: Arc<str> = "/usr/bin/python3.9".into();
-        let old = Version { major: 3, minor: 9, micro: 18 };
+        let path: Arc<str> = "/usr/bin/python3.6".into();
+        let old = Version { major: 3, minor: 6, micro: 15 };
         let err = Interpreter::new(old, path.clone(), 0x1000, 0x2000).unwrap_err();
-        assert_eq!(err.to_string(), "CPython 3.9.18 (/usr/bin/python3.9): version not supported yet");
+        assert_eq!(err.to_string(), "CPython 3.6.15 (/usr/bin/python3.6): version not supported yet");
 
         let v311 = Version { major: 3, minor: 11, micro: 2 };
         let interp = Interpreter::new(v311, "/usr/bin/python3.11".into(), 0x1000, 0x2000).unwrap();

@@ -128,7 +128,13 @@ mod tests {
             start_line: 3,
             line: 4,
         };
-        let thread = Thread { pid: 7, tid: 7, thread_name: "python3".into(), process_name: "python3".into() };
+        let thread = Thread {
+            pid: 7,
+            container_pid: None,
+            tid: 7,
+            thread_name: "python3".into(),
+            process_name: "python3".into(),
+        };
         profile.add(&[frame], &thread);
         profile
     }

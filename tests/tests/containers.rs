@@ -1,0 +1,36 @@
+//! A Python process in a container (its own PID and mount namespaces, chrooted in Debian
+//! unstable's root, with another glibc) is profiled: its samples carry the host's pid as
+//! `pid` and its own as `container_pid`, and its Python frames are named.
+
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use e2e::{installed, Agent, Workload, DEBIAN_ROOT};
+
+const PYTHON: &str = "/usr/bin/python3.13";
+
+#[test]
+fn container_samples_carry_both_pids() -> Result<()> {
+    if !installed(Some(DEBIAN_ROOT), PYTHON) {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let spin = Workload::start_in_container(DEBIAN_ROOT, PYTHON, "spin.py", &["2"])?;
+    let pid = spin.pid();
+    spin.wait()?;
+    // Let the last samples reach the agent.
+    thread::sleep(Duration::from_millis(200));
+    let run = agent.stop()?;
+
+    let profile = run.all_profiles()?;
+    let samples: Vec<_> = profile.samples_of_pid(pid).collect();
+    let spinning: i64 = samples.iter().filter(|s| s.has_function("spin")).map(|s| s.count()).sum();
+    // ~200 at 100 Hz.
+    ensure!(spinning >= 50, "only {spinning} samples of host pid {pid} in spin; agent output:\n{}", run.log);
+    for sample in samples {
+        // `unshare --fork` makes it its namespace's first process.
+        ensure!(sample.label("container_pid") == Some("1"), "pid {pid}: labels {:?}", sample.labels);
+    }
+    Ok(())
+}
