@@ -260,13 +260,21 @@ const CONTAINER_WORKLOADS: &str = "tmp/ferroscope-e2e";
 impl Workload {
     /// Starts `python SCRIPT ARGS` with `script` from `tests/workloads/`.
     pub fn start(python: &str, script: &str, args: &[&str]) -> Result<Workload> {
-        let child = Command::new(python)
-            .arg(workload(script))
+        let script = workload(script);
+        let args: Vec<&str> = [script.to_str().unwrap()].into_iter().chain(args.iter().copied()).collect();
+        Workload::start_program(Path::new(python), &args, &[])
+    }
+
+    /// Starts `PROGRAM ARGS` with the environment variables `env` added: a renamed
+    /// interpreter, or a program that embeds one.
+    pub fn start_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Workload> {
+        let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {python} {script}"))?;
+            .with_context(|| format!("starting {} {}", program.display(), args.join(" ")))?;
         Ok(Workload { pid: child.id(), child: KillOnDrop(child) })
     }
 
