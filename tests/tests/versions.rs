@@ -7,8 +7,13 @@ use anyhow::Result;
 use e2e::known_split::{check, Names};
 
 /// ~2,500 samples at 499 Hz (0.9 pp of binomial noise on the 50% share), so that the
-/// five versions add about 40 s.
+/// six versions add about 40 s.
 const CPU_SECONDS: f64 = 5.0;
+
+#[test]
+fn known_split_on_pyenv_python_3_6_15() -> Result<()> {
+    check("/root/.pyenv/versions/3.6.15/bin/python3.6", Names::Plain, CPU_SECONDS)
+}
 
 #[test]
 fn known_split_on_pyenv_python_3_7_16() -> Result<()> {

@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn generated_minor_versions() {
         let minors: Vec<u8> = (0..=20).filter(|&minor| layout(3, minor).is_some()).collect();
-        assert_eq!(minors, [7, 8, 9, 10, 11, 12]);
+        assert_eq!(minors, [6, 7, 8, 9, 10, 11, 12]);
         assert_eq!(layout(2, 7), None);
     }
 }

@@ -166,10 +166,10 @@ mod tests {
 
     #[test]
     fn only_supported_versions_get_an_interpreter() {
-        let path: Arc<str> = "/usr/bin/python3.6".into();
-        let old = Version { major: 3, minor: 6, micro: 15 };
+        let path: Arc<str> = "/usr/bin/python3.5".into();
+        let old = Version { major: 3, minor: 5, micro: 10 };
         let err = Interpreter::new(old, path.clone(), 0x1000, 0x2000).unwrap_err();
-        assert_eq!(err.to_string(), "CPython 3.6.15 (/usr/bin/python3.6): version not supported yet");
+        assert_eq!(err.to_string(), "CPython 3.5.10 (/usr/bin/python3.5): version not supported yet");
 
         let v311 = Version { major: 3, minor: 11, micro: 2 };
         let interp = Interpreter::new(v311, "/usr/bin/python3.11".into(), 0x1000, 0x2000).unwrap();
