@@ -106,6 +106,30 @@ pub mod kind {
     pub const NEW_PROCESS: u32 = 2;
     /// A [`super::ProcessEvent`]: the process exited.
     pub const EXIT: u32 = 3;
+    /// A [`super::Sample`] of a thread that was off the CPU for
+    /// `off_cpu_ns`, taken as it returned to user space (or, when it was
+    /// preempted, as it got the CPU back, without stacks).
+    pub const OFF_CPU: u32 = 4;
+    /// A [`super::ProcessEvent`]: a profiled process started a thread.
+    pub const THREAD_START: u32 = 5;
+    /// A [`super::ProcessEvent`]: a thread (not the leader) of a profiled
+    /// process exited.
+    pub const THREAD_EXIT: u32 = 6;
+}
+
+/// Why a thread was off the CPU, in [`Sample::wait`]: from the system call it
+/// returns from, else preempted.
+pub mod wait {
+    /// Still runnable: another task had the CPU.
+    pub const PREEMPTED: u32 = 0;
+    /// Sleeping for a time (`nanosleep`, `select` without descriptors, ...).
+    pub const SLEEP: u32 = 1;
+    /// Waiting for a file, socket or pipe.
+    pub const IO: u32 = 2;
+    /// A futex wait: a lock, condition or event (the GIL included, for now).
+    pub const LOCK: u32 = 3;
+    /// Any other system call.
+    pub const OTHER: u32 = 4;
 }
 
 /// One CPU sample of one thread.
@@ -118,6 +142,8 @@ pub struct Sample {
     pub pid: u32,
     /// `bpf_ktime_get_ns` at the sample.
     pub time_ns: u64,
+    /// [`kind::OFF_CPU`]: the off-CPU time this sample stands for.
+    pub off_cpu_ns: u64,
     /// Thread id as the host sees it.
     pub tid: u32,
     pub cpu: u32,
@@ -129,6 +155,9 @@ pub struct Sample {
     pub kernel_len: u32,
     /// Valid entries of `user_stack`, innermost first.
     pub user_len: u32,
+    /// [`kind::OFF_CPU`]: one of the [`wait`] constants.
+    pub wait: u32,
+    pub _pad: u32,
     /// The thread's name (`comm`).
     pub comm: [u8; 16],
     pub kernel_stack: [u64; MAX_KERNEL_FRAMES],
@@ -158,7 +187,9 @@ pub mod stat {
     pub const EVENTS_DROPPED: u32 = 2;
     /// Thread states found by walking the interpreter's thread list.
     pub const THREAD_SCANS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Off-CPU samples taken (kept waits, see `kind::OFF_CPU`).
+    pub const OFF_CPU_SAMPLES: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Global settings of the eBPF programs, set before load.
@@ -172,6 +203,13 @@ pub mod config {
     pub const TASK_GROUP_LEADER_OFFSET: &str = "TASK_GROUP_LEADER_OFFSET";
     /// Likewise for `task_struct.comm`.
     pub const TASK_COMM_OFFSET: &str = "TASK_COMM_OFFSET";
+    /// Likewise for `task_struct.pid` (the thread id).
+    pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+    /// Likewise for `task_struct.tgid` (the process id).
+    pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
+    /// Name of the global holding the CPU sampling period in nanoseconds:
+    /// shorter waits are kept with probability (wait / period).
+    pub const SAMPLE_PERIOD_NS: &str = "SAMPLE_PERIOD_NS";
 }
 
 #[cfg(feature = "user")]

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod offcpu;
 mod python;
 
 use aya_ebpf::{
@@ -30,6 +31,24 @@ static FILTER_PIDS: u8 = 0;
 static TASK_GROUP_LEADER_OFFSET: u64 = 0;
 #[no_mangle]
 static TASK_COMM_OFFSET: u64 = 0;
+#[no_mangle]
+static TASK_TGID_OFFSET: u64 = 0;
+
+fn global(value: &'static u64) -> u64 {
+    // SAFETY: globals that only the loader writes.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+/// A `u32` field of a task at a loader-set offset.
+fn task_u32(task: u64, offset: &'static u64) -> Option<u32> {
+    // SAFETY: kernel reads fault safely.
+    unsafe { bpf_probe_read_kernel((task + global(offset)) as *const u32) }.ok()
+}
+
+/// `SCRATCH` slots: a perf event may interrupt `sys_exit` on its CPU, so the
+/// two programs that fill a sample never share one.
+const CPU_SLOT: u32 = 0;
+const OFF_CPU_SLOT: u32 = 1;
 
 /// Samples and process events, in the order they happened on each CPU.
 #[map]
@@ -66,6 +85,17 @@ fn pid_tid() -> (u32, u32) {
     ((pid_tgid >> 32) as u32, pid_tgid as u32)
 }
 
+/// Whether the off-CPU time of `pid` is measured: the `--pid` targets, else
+/// the CPython processes.
+fn profiled(pid: u32) -> bool {
+    // SAFETY: a global that only the loader writes.
+    if unsafe { core::ptr::read_volatile(&FILTER_PIDS) } == 0 {
+        PY_PROCS.get_ptr(pid).is_some()
+    } else {
+        TARGETS.get_ptr(pid).is_some()
+    }
+}
+
 fn sampled(pid: u32) -> bool {
     // SAFETY: a global that only the loader writes.
     let filter = unsafe { core::ptr::read_volatile(&FILTER_PIDS) };
@@ -92,9 +122,9 @@ fn process_comm() -> [u8; 16] {
 }
 
 /// Where a sample is assembled before it is copied to the ring buffer; too
-/// big for the 512-byte stack.
+/// big for the 512-byte stack. One slot per program, see `CPU_SLOT`.
 #[map]
-static SCRATCH: PerCpuArray<Sample> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<Sample> = PerCpuArray::with_max_entries(2, 0);
 
 #[perf_event]
 pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
@@ -108,20 +138,31 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     if KNOWN.get_ptr(pid).is_none() && KNOWN.insert(pid, 0, BPF_NOEXIST as u64).is_ok() {
         send_process_event(kind::NEW_PROCESS, pid);
     }
-    let Some(sample) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: `sample` is this CPU's scratch slot; programs on one CPU don't
-    // nest for perf events.
+    if let Some(sample) = capture(&ctx, CPU_SLOT, kind::SAMPLE, pid, tid) {
+        send_sample(sample, wakeup());
+    }
+    0
+}
+
+/// The current thread's stacks in this CPU's scratch `slot`, as a sample of
+/// `kind` with no off-CPU time. Off-CPU samples have no kernel stack: theirs
+/// would be the system call exit path, the same for every wait.
+fn capture(ctx: &impl EbpfContext, slot: u32, kind: u32, pid: u32, tid: u32) -> Option<*mut Sample> {
+    let sample = SCRATCH.get_ptr_mut(slot)?;
+    // SAFETY: `sample` is this CPU's slot of the calling program, which does
+    // not nest with itself on one CPU.
     unsafe {
-        (*sample).kind = kind::SAMPLE;
+        (*sample).kind = kind;
         (*sample).pid = pid;
         (*sample).tid = tid;
         (*sample).time_ns = bpf_ktime_get_ns();
+        (*sample).off_cpu_ns = 0;
+        (*sample).wait = 0;
         (*sample).cpu = bpf_get_smp_processor_id();
         (*sample).comm = bpf_get_current_comm().unwrap_or_default();
-        (*sample).kernel_len = stack(&ctx, (*sample).kernel_stack.as_mut_ptr(), MAX_KERNEL_FRAMES, 0);
-        (*sample).user_len = stack(&ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64);
+        (*sample).kernel_len =
+            if kind == kind::SAMPLE { stack(ctx, (*sample).kernel_stack.as_mut_ptr(), MAX_KERNEL_FRAMES, 0) } else { 0 };
+        (*sample).user_len = stack(ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64);
         match PY_PROCS.get(pid) {
             Some(process) => python::walk(process, tid, sample),
             None => {
@@ -129,13 +170,22 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
                 (*sample).py_status = PY_NOT_PYTHON;
             }
         }
-        let wakeup =
-            if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-        if EVENTS.output::<Sample>(&*sample, wakeup as u64).is_err() {
-            count(stat::SAMPLES_DROPPED);
-        }
     }
-    0
+    Some(sample)
+}
+
+/// The ring buffer flag of a sample: wake the agent only past `WAKEUP_BYTES`.
+fn wakeup() -> u64 {
+    (if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }) as u64
+}
+
+/// Copies a captured sample to the ring buffer with the wakeup `flags`,
+/// counting it if it is full.
+fn send_sample(sample: *const Sample, flags: u64) {
+    // SAFETY: `sample` comes from `capture`.
+    if EVENTS.output::<Sample>(unsafe { &*sample }, flags).is_err() {
+        count(stat::SAMPLES_DROPPED);
+    }
 }
 
 /// Fills `buf` with up to `max` return addresses, innermost first; returns
@@ -143,7 +193,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
 ///
 /// # Safety
 /// `buf` must be valid for `max` writes.
-unsafe fn stack(ctx: &PerfEventContext, buf: *mut u64, max: usize, flags: u64) -> u32 {
+unsafe fn stack(ctx: &impl EbpfContext, buf: *mut u64, max: usize, flags: u64) -> u32 {
     let bytes = aya_ebpf::helpers::generated::bpf_get_stack(ctx.as_ptr(), buf.cast(), (max * 8) as u32, flags);
     if bytes > 0 {
         (bytes / 8) as u32
@@ -165,10 +215,27 @@ pub fn process_exec(_ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn process_exit(_ctx: BtfTracePointContext) -> i32 {
     let (pid, tid) = pid_tid();
+    offcpu::forget(tid);
     // Every thread exits through here; the process ends with its leader.
-    if pid == tid && KNOWN.remove(pid).is_ok() {
-        let _ = PY_PROCS.remove(pid);
-        send_process_event(kind::EXIT, pid);
+    if pid == tid {
+        if KNOWN.remove(pid).is_ok() {
+            let _ = PY_PROCS.remove(pid);
+            send_process_event(kind::EXIT, pid);
+        }
+    } else if profiled(pid) {
+        send_process_event(kind::THREAD_EXIT, pid);
+    }
+    0
+}
+
+/// Runs in the parent: a child with the parent's tgid is a new thread.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn process_fork(ctx: BtfTracePointContext) -> i32 {
+    let (pid, _) = pid_tid();
+    // Argument 1 of sched_process_fork is the child task.
+    let child: u64 = ctx.arg(1);
+    if task_u32(child, &TASK_TGID_OFFSET) == Some(pid) && profiled(pid) {
+        send_process_event(kind::THREAD_START, pid);
     }
     0
 }

@@ -17,13 +17,13 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Aggregator, Frame, Thread},
+    aggregate::{Aggregator, Frame, Thread, Wait},
     config::Settings,
     cpython::FrameSymbolizer,
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, Sampler},
     sinks::LocalDir,
-    summary::PeriodSummary,
+    summary::{PeriodSummary, ThreadCounts},
     symbolize::NativeSymbolizer,
 };
 
@@ -40,6 +40,7 @@ struct Process {
     /// address falls outside it (a library loaded since, or garbage).
     code_read: Instant,
     exited: bool,
+    threads: ThreadCounts,
 }
 
 /// How often the agent reads samples from the ring buffer.
@@ -77,12 +78,12 @@ impl Process {
 }
 
 pub async fn run(settings: Settings) -> Result<()> {
-    let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids)?;
+    let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall)?;
     let sink = LocalDir::new(&settings.output_dir);
     let mut agent = Agent::new(&settings);
     agent.native.load_kernel_symbols();
     eprintln!(
-        "ferroscope: sampling {} at {} Hz on {} CPUs; a profile every {} to {}",
+        "ferroscope: sampling {} at {} Hz on {} CPUs{}; a profile every {} to {}",
         if settings.pids.is_empty() {
             "every process".to_owned()
         } else {
@@ -90,6 +91,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         },
         settings.frequency,
         sampler.cpus,
+        if settings.wall { ", with wall time" } else { "" },
         humantime::format_duration(settings.period),
         settings.output_dir.display(),
     );
@@ -153,7 +155,12 @@ impl<'a> Agent<'a> {
             settings,
             processes: HashMap::new(),
             native: NativeSymbolizer::new(),
-            aggregator: Aggregator::new(settings.labels.clone(), settings.sample_period_ns(), SystemTime::now()),
+            aggregator: Aggregator::new(
+                settings.labels.clone(),
+                settings.sample_period_ns(),
+                settings.wall,
+                SystemTime::now(),
+            ),
             summary: PeriodSummary::default(),
             stack: Vec::with_capacity(256),
         }
@@ -165,18 +172,24 @@ impl<'a> Agent<'a> {
                 continue;
             };
             match kind {
-                kind::SAMPLE if record.len() >= size_of::<Sample>() => {
+                kind::SAMPLE | kind::OFF_CPU if record.len() >= size_of::<Sample>() => {
                     // SAFETY: the kernel wrote a whole `Sample`; any bytes are valid for it.
                     let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
                     self.on_sample(&sample, sampler);
                 }
-                kind::NEW_PROCESS | kind::EXIT if record.len() >= size_of::<ProcessEvent>() => {
+                kind::NEW_PROCESS | kind::EXIT | kind::THREAD_START | kind::THREAD_EXIT
+                    if record.len() >= size_of::<ProcessEvent>() =>
+                {
                     // SAFETY: as above, for a `ProcessEvent`.
                     let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
                     if event.kind == kind::NEW_PROCESS {
                         self.inspect(event.pid, &event.comm, sampler);
                     } else if let Some(process) = self.processes.get_mut(&event.pid) {
-                        process.exited = true;
+                        match event.kind {
+                            kind::EXIT => process.exited = true,
+                            kind::THREAD_START => process.threads.started(),
+                            _ => process.threads.ended(),
+                        }
                     }
                 }
                 _ => log::warn!("unexpected record of kind {kind} and {} bytes from the kernel", record.len()),
@@ -204,6 +217,7 @@ impl<'a> Agent<'a> {
                     code: Vec::new(),
                     code_read: Instant::now(),
                     exited: true,
+                    threads: ThreadCounts::default(),
                 };
                 self.processes.insert(pid, process);
                 return;
@@ -236,6 +250,7 @@ impl<'a> Agent<'a> {
             code: info.code,
             code_read: Instant::now(),
             exited: false,
+            threads: ThreadCounts::new(info.threads),
         };
         self.processes.insert(pid, process);
     }
@@ -247,7 +262,6 @@ impl<'a> Agent<'a> {
             self.inspect(pid, &sample.comm, sampler);
         }
         let Some(process) = self.processes.get_mut(&pid) else { return };
-        self.summary.samples += 1;
         let stack = &mut self.stack;
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
@@ -268,6 +282,11 @@ impl<'a> Agent<'a> {
                 _ => {}
             }
         }
+        let wait = (sample.kind == kind::OFF_CPU).then(|| Wait::from_kernel(sample.wait));
+        if wait == Some(Wait::Preempted) {
+            // Sampled as it got the CPU back: its stacks are not known.
+            stack.push(Frame::marker("[preempted]"));
+        }
         let application = self.settings.application_name.as_deref().unwrap_or(&process.application);
         let thread = Thread {
             pid,
@@ -276,7 +295,13 @@ impl<'a> Agent<'a> {
             thread_name: comm_text(&sample.comm),
             process_name: process.process_name.clone(),
         };
-        self.aggregator.add(application, stack, &thread);
+        match wait {
+            Some(wait) => self.aggregator.add_off_cpu(application, stack, &thread, wait, sample.off_cpu_ns),
+            None => {
+                self.summary.samples += 1;
+                self.aggregator.add(application, stack, &thread);
+            }
+        }
     }
 
     fn finish_period(&mut self, sink: &LocalDir, stats: KernelStats, before: KernelStats) {
@@ -285,6 +310,15 @@ impl<'a> Agent<'a> {
         let mut summary = std::mem::take(&mut self.summary);
         summary.samples_dropped = stats.samples_dropped - before.samples_dropped;
         summary.events_dropped = stats.events_dropped - before.events_dropped;
+        summary.off_cpu_samples = stats.off_cpu_samples - before.off_cpu_samples;
+        let mut threads: Vec<_> = self
+            .processes
+            .iter_mut()
+            .filter(|(pid, process)| process.python.is_some() || self.settings.pids.contains(pid))
+            .map(|(&pid, process)| (pid, process.process_name.clone(), process.threads.finish_period()))
+            .collect();
+        threads.sort_by_key(|(pid, _, _)| *pid);
+        summary.threads = threads;
         for profile in &profiles {
             match sink.write(profile) {
                 Ok(written) => {
@@ -326,6 +360,7 @@ mod tests {
             code,
             code_read: Instant::now(),
             exited: false,
+            threads: ThreadCounts::default(),
         }
     }
 

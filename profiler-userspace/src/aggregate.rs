@@ -51,23 +51,65 @@ pub struct Thread {
     pub process_name: Arc<str>,
 }
 
+/// What a thread off the CPU waited for: the `wait` label of off-CPU time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Wait {
+    /// A futex: a lock, condition or event, and for now the GIL.
+    Lock,
+    Sleep,
+    Io,
+    /// Runnable, but another task had the CPU.
+    Preempted,
+    Other,
+}
+
+impl Wait {
+    /// From one of the kernel's `profiler_common::wait` constants.
+    pub fn from_kernel(code: u32) -> Self {
+        use profiler_common::wait;
+        match code {
+            wait::LOCK => Wait::Lock,
+            wait::SLEEP => Wait::Sleep,
+            wait::IO => Wait::Io,
+            wait::PREEMPTED => Wait::Preempted,
+            _ => Wait::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Wait::Lock => "lock",
+            Wait::Sleep => "sleep",
+            Wait::Io => "io",
+            Wait::Preempted => "preempted",
+            Wait::Other => "other",
+        }
+    }
+}
+
 /// Index of a frame in [`PeriodProfile::frames`].
 pub type FrameId = u32;
 
-/// A stack, innermost frame first, with the thread it ran on.
+/// A stack, innermost frame first, with the thread it ran on and, off the
+/// CPU, what it waited for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub frames: Box<[FrameId]>,
     pub thread: Thread,
+    pub wait: Option<Wait>,
 }
 
 /// Counts of one stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackValue {
-    /// Samples taken.
+    /// CPU samples taken.
     pub samples: u64,
     /// CPU time they stand for, in nanoseconds.
     pub cpu_ns: u64,
+    /// CPU plus off-CPU time, in nanoseconds: per thread, its wall-clock time.
+    pub wall_ns: u64,
+    /// Time off the CPU, in nanoseconds.
+    pub off_cpu_ns: u64,
 }
 
 /// Everything sampled for one application over one period.
@@ -80,6 +122,8 @@ pub struct PeriodProfile {
     pub end: SystemTime,
     /// CPU time between two samples of one CPU, in nanoseconds.
     pub sample_period_ns: u64,
+    /// Whether off-CPU time was measured, so that wall time is meaningful.
+    pub wall: bool,
     /// Interned frames; [`StackKey::frames`] index into it.
     pub frames: Vec<Frame>,
     frame_ids: HashMap<Frame, FrameId>,
@@ -99,6 +143,7 @@ impl PeriodProfile {
             start,
             end: start,
             sample_period_ns,
+            wall: false,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             stacks: HashMap::new(),
@@ -115,12 +160,25 @@ impl PeriodProfile {
         id
     }
 
-    /// Adds one sample of `stack` (innermost first) taken on `thread`.
-    pub fn add(&mut self, stack: &[Frame], thread: &Thread) {
+    fn value(&mut self, stack: &[Frame], thread: &Thread, wait: Option<Wait>) -> &mut StackValue {
         let frames = stack.iter().map(|frame| self.intern(frame)).collect();
-        let value = self.stacks.entry(StackKey { frames, thread: thread.clone() }).or_default();
+        self.stacks.entry(StackKey { frames, thread: thread.clone(), wait }).or_default()
+    }
+
+    /// Adds one CPU sample of `stack` (innermost first) taken on `thread`.
+    pub fn add(&mut self, stack: &[Frame], thread: &Thread) {
+        let period = self.sample_period_ns;
+        let value = self.value(stack, thread, None);
         value.samples += 1;
-        value.cpu_ns += self.sample_period_ns;
+        value.cpu_ns += period;
+        value.wall_ns += period;
+    }
+
+    /// Adds `ns` of off-CPU time of `thread`, waiting for `wait` in `stack`.
+    pub fn add_off_cpu(&mut self, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
+        let value = self.value(stack, thread, Some(wait));
+        value.off_cpu_ns += ns;
+        value.wall_ns += ns;
     }
 
     pub fn total_samples(&self) -> u64 {
@@ -132,22 +190,33 @@ impl PeriodProfile {
 pub struct Aggregator {
     labels: BTreeMap<String, String>,
     sample_period_ns: u64,
+    wall: bool,
     start: SystemTime,
     profiles: HashMap<String, PeriodProfile>,
 }
 
 impl Aggregator {
-    pub fn new(labels: BTreeMap<String, String>, sample_period_ns: u64, start: SystemTime) -> Self {
-        Aggregator { labels, sample_period_ns, start, profiles: HashMap::new() }
+    /// `wall`: off-CPU time is measured.
+    pub fn new(labels: BTreeMap<String, String>, sample_period_ns: u64, wall: bool, start: SystemTime) -> Self {
+        Aggregator { labels, sample_period_ns, wall, start, profiles: HashMap::new() }
+    }
+
+    fn profile(&mut self, application: &str) -> &mut PeriodProfile {
+        if !self.profiles.contains_key(application) {
+            let mut profile =
+                PeriodProfile::new(application.to_owned(), self.labels.clone(), self.start, self.sample_period_ns);
+            profile.wall = self.wall;
+            self.profiles.insert(application.to_owned(), profile);
+        }
+        self.profiles.get_mut(application).expect("inserted above")
     }
 
     pub fn add(&mut self, application: &str, stack: &[Frame], thread: &Thread) {
-        if !self.profiles.contains_key(application) {
-            let profile =
-                PeriodProfile::new(application.to_owned(), self.labels.clone(), self.start, self.sample_period_ns);
-            self.profiles.insert(application.to_owned(), profile);
-        }
-        self.profiles.get_mut(application).expect("inserted above").add(stack, thread);
+        self.profile(application).add(stack, thread);
+    }
+
+    pub fn add_off_cpu(&mut self, application: &str, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
+        self.profile(application).add_off_cpu(stack, thread, wait, ns);
     }
 
     /// Ends the period at `end`: returns its profiles, sorted by application,
@@ -178,11 +247,13 @@ mod tests {
     #[test]
     fn same_stack_on_same_thread_is_counted_once_with_its_weight() {
         let start = SystemTime::UNIX_EPOCH;
-        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, start);
+        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, true, start);
         let stack = [python("crunch", 5), python("<module>", 9)];
         aggregator.add("app.py", &stack, &thread(10));
         aggregator.add("app.py", &stack, &thread(10));
         aggregator.add("app.py", &stack, &thread(11));
+        aggregator.add_off_cpu("app.py", &stack, &thread(10), Wait::Sleep, 5_000_000_000);
+        aggregator.add_off_cpu("app.py", &stack, &thread(10), Wait::Sleep, 1_000_000_000);
         aggregator.add("other", &stack[1..], &thread(11));
         let end = start + std::time::Duration::from_secs(45);
         let profiles = aggregator.finish_period(end);
@@ -191,10 +262,13 @@ mod tests {
         assert_eq!(app.application, "app.py");
         assert_eq!(app.end, end);
         assert_eq!(app.frames.len(), 2, "frames are interned");
-        assert_eq!(app.stacks.len(), 2, "one stack per thread");
+        assert!(app.wall);
+        assert_eq!(app.stacks.len(), 3, "one stack per thread and wait");
         assert_eq!(app.total_samples(), 3);
-        let on_10 = app.stacks.iter().find(|(key, _)| key.thread.tid == 10).unwrap().1;
-        assert_eq!(*on_10, StackValue { samples: 2, cpu_ns: 20_000_000 });
+        let on_10 = |wait| app.stacks.iter().find(|(key, _)| key.thread.tid == 10 && key.wait == wait).unwrap().1;
+        assert_eq!(*on_10(None), StackValue { samples: 2, cpu_ns: 20_000_000, wall_ns: 20_000_000, off_cpu_ns: 0 });
+        let sleeping = StackValue { samples: 0, cpu_ns: 0, wall_ns: 6_000_000_000, off_cpu_ns: 6_000_000_000 };
+        assert_eq!(*on_10(Some(Wait::Sleep)), sleeping);
         assert!(aggregator.finish_period(end).is_empty(), "a period starts empty");
     }
 }

@@ -29,6 +29,13 @@ pub struct AgentArgs {
     #[arg(long, value_name = "HZ")]
     pub frequency: Option<u64>,
 
+    /// Do not measure wall and off-CPU time. By default every thread of a
+    /// CPython process (or of a `--pid` target) adds up to its wall-clock
+    /// time: CPU samples plus the time it spends off the CPU, with what it
+    /// waits for (the `wait` label: lock, sleep, io, preempted, other)
+    #[arg(long)]
+    pub no_wall: bool,
+
     /// Length of a profile: samples are aggregated and written once per
     /// period, e.g. `45s`, `500ms`, `2m` [default: 45s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -55,8 +62,8 @@ pub struct AgentArgs {
     pub labels: Vec<(String, String)>,
 
     /// Read settings from this TOML file; flags given on the command line win.
-    /// Keys: pids, frequency, period, duration, output_dir, application_name,
-    /// and a [labels] table.
+    /// Keys: pids, frequency, wall, period, duration, output_dir,
+    /// application_name, and a [labels] table.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -68,6 +75,7 @@ struct FileConfig {
     #[serde(default)]
     pids: Vec<u32>,
     frequency: Option<u64>,
+    wall: Option<bool>,
     period: Option<String>,
     duration: Option<String>,
     output_dir: Option<PathBuf>,
@@ -81,6 +89,8 @@ struct FileConfig {
 pub struct Settings {
     pub pids: Vec<u32>,
     pub frequency: u64,
+    /// Wall and off-CPU time of profiled threads.
+    pub wall: bool,
     pub period: Duration,
     pub duration: Option<Duration>,
     pub output_dir: PathBuf,
@@ -168,6 +178,7 @@ impl AgentArgs {
         Ok(Settings {
             pids: if self.pids.is_empty() { file.pids } else { self.pids.clone() },
             frequency,
+            wall: !self.no_wall && file.wall.unwrap_or(true),
             period: match self.period {
                 Some(period) => period,
                 None => file_duration("period", &file.period)?.unwrap_or(DEFAULT_PERIOD),
@@ -208,6 +219,7 @@ mod tests {
         assert_eq!(settings.output_dir, PathBuf::from("./profiles"));
         assert_eq!(settings.sample_period_ns(), 10_000_000);
         assert_eq!(settings.duration, None);
+        assert!(settings.wall);
     }
 
     #[test]
@@ -230,6 +242,11 @@ mod tests {
         };
         let settings = args.settings().unwrap();
         assert_eq!(settings.frequency, 200);
+        assert!(settings.wall);
+        let no_wall = AgentArgs { no_wall: true, ..Default::default() };
+        assert!(!no_wall.settings().unwrap().wall);
+        let file_off = AgentArgs { config: Some(config_file("wall = false\n")), ..Default::default() };
+        assert!(!file_off.settings().unwrap().wall);
         assert_eq!(settings.period, Duration::from_secs(10));
         assert_eq!(settings.labels.get("env").map(String::as_str), Some("prod"));
         assert_eq!(settings.labels.get("team").map(String::as_str), Some("b"));

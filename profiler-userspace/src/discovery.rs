@@ -34,6 +34,8 @@ pub struct ProcessInfo {
     /// The process's id in its own PID namespace (a container's), when it
     /// differs from the host's.
     pub namespace_pid: Option<u32>,
+    /// Threads alive when it was looked at (`/proc/PID/task`).
+    pub threads: u32,
 }
 
 #[derive(Debug)]
@@ -59,6 +61,7 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         python,
         code: executable_ranges(&maps),
         namespace_pid: namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status"))?),
+        threads: fs::read_dir(format!("/proc/{pid}/task"))?.count() as u32,
     })
 }
 

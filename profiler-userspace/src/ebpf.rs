@@ -30,13 +30,15 @@ pub struct KernelStats {
     pub samples_dropped: u64,
     pub events_dropped: u64,
     pub thread_scans: u64,
+    pub off_cpu_samples: u64,
 }
 
 impl Sampler {
     /// Loads the programs, samples every CPU at `frequency` Hz (only `pids`
-    /// when not empty) and follows process exec and exit. Returns the ring
-    /// buffer of samples and process events with the sampler.
-    pub fn start(frequency: u64, pids: &[u32]) -> Result<(Self, RingBuf<MapData>)> {
+    /// when not empty), follows process exec and exit and, with `wall`, the
+    /// off-CPU time of profiled threads. Returns the ring buffer of samples
+    /// and process events with the sampler.
+    pub fn start(frequency: u64, pids: &[u32], wall: bool) -> Result<(Self, RingBuf<MapData>)> {
         check_privileges()?;
         for &pid in pids {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -48,12 +50,16 @@ impl Sampler {
         let task = TaskOffsets::from_kernel_btf()?;
         let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         let filter_pids = u8::from(!pids.is_empty());
+        let sample_period_ns = 1_000_000_000 / frequency;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(config::FILTER_PIDS, &filter_pids, true)
             .override_global(config::TASK_FSBASE_OFFSET, &task.fsbase, true)
             .override_global(config::TASK_GROUP_LEADER_OFFSET, &task.group_leader, true)
             .override_global(config::TASK_COMM_OFFSET, &task.comm, true)
+            .override_global(config::TASK_PID_OFFSET, &task.pid, true)
+            .override_global(config::TASK_TGID_OFFSET, &task.tgid, true)
+            .override_global(config::SAMPLE_PERIOD_NS, &sample_period_ns, true)
             .load(OBJECT)
             .map_err(explain_load_error)?;
 
@@ -62,7 +68,15 @@ impl Sampler {
             targets.insert(pid, 1, 0).with_context(|| format!("cannot add pid {pid} to the targets"))?;
         }
 
-        for (name, tracepoint) in [("process_exec", "sched_process_exec"), ("process_exit", "sched_process_exit")] {
+        let mut tracepoints = vec![
+            ("process_exec", "sched_process_exec"),
+            ("process_exit", "sched_process_exit"),
+            ("process_fork", "sched_process_fork"),
+        ];
+        if wall {
+            tracepoints.extend([("sched_switch", "sched_switch"), ("sys_exit", "sys_exit")]);
+        }
+        for (name, tracepoint) in tracepoints {
             let program: &mut BtfTracePoint = ebpf.program_mut(name).context(name)?.try_into()?;
             program.load(tracepoint, &btf).with_context(|| format!("cannot load the {tracepoint} program"))?;
             program.attach().with_context(|| format!("cannot attach to the {tracepoint} tracepoint"))?;
@@ -81,7 +95,7 @@ impl Sampler {
                     PerfEventConfig::Software(SoftwareEvent::CpuClock),
                     PerfEventScope::AllProcessesOneCpu { cpu },
                     // A fixed period of CPU time makes every sample worth the same.
-                    SamplePolicy::Period(1_000_000_000 / frequency),
+                    SamplePolicy::Period(sample_period_ns),
                     false,
                 )
                 .with_context(|| format!("cannot open the cpu-clock perf event on CPU {cpu}"))?;
@@ -109,6 +123,7 @@ impl Sampler {
             samples_dropped: sum(stat::SAMPLES_DROPPED)?,
             events_dropped: sum(stat::EVENTS_DROPPED)?,
             thread_scans: sum(stat::THREAD_SCANS)?,
+            off_cpu_samples: sum(stat::OFF_CPU_SAMPLES)?,
         })
     }
 }
@@ -120,6 +135,10 @@ struct TaskOffsets {
     fsbase: u64,
     group_leader: u64,
     comm: u64,
+    /// The thread id.
+    pid: u64,
+    /// The process id.
+    tgid: u64,
 }
 
 impl TaskOffsets {
@@ -141,6 +160,8 @@ impl TaskOffsets {
             fsbase: offset("task_struct", "thread")? + offset("thread_struct", "fsbase")?,
             group_leader: offset("task_struct", "group_leader")?,
             comm: offset("task_struct", "comm")?,
+            pid: offset("task_struct", "pid")?,
+            tgid: offset("task_struct", "tgid")?,
         })
     }
 }
@@ -202,7 +223,7 @@ mod tests {
     #[test]
     fn samples_a_busy_thread_of_this_process() {
         let me = std::process::id();
-        let (sampler, mut events) = Sampler::start(1000, &[me]).expect("load and attach (run as root)");
+        let (sampler, mut events) = Sampler::start(1000, &[me], false).expect("load and attach (run as root)");
         let until = Instant::now() + Duration::from_millis(300);
         let mut spin = 0u64;
         while Instant::now() < until {
@@ -317,7 +338,7 @@ mod tests {
     /// samples: status and frames.
     fn walks(python: &SyntheticPython) -> Vec<(u32, Vec<PyFrame>)> {
         let me = std::process::id();
-        let (mut sampler, mut events) = Sampler::start(1000, &[me]).expect("load and attach (run as root)");
+        let (mut sampler, mut events) = Sampler::start(1000, &[me], false).expect("load and attach (run as root)");
         sampler.add_python(me, &python.process()).unwrap();
         // SAFETY: no preconditions.
         let tid = unsafe { libc::gettid() } as u32;
@@ -403,7 +424,7 @@ mod tests {
     #[test]
     fn finds_task_offsets_in_the_kernel_btf() {
         let task = TaskOffsets::from_kernel_btf().unwrap();
-        for offset in [task.fsbase, task.group_leader, task.comm] {
+        for offset in [task.fsbase, task.group_leader, task.comm, task.pid, task.tgid] {
             assert!(offset > 0 && offset < 16384, "{offset}");
         }
     }

@@ -10,7 +10,7 @@ use std::{
 
 use prost::Message;
 
-use crate::aggregate::{Frame, FrameId, FrameKind, PeriodProfile, StackKey};
+use crate::aggregate::{Frame, FrameId, FrameKind, PeriodProfile, StackKey, Wait};
 
 /// The serialized `Profile` message, not compressed: files and most receivers
 /// want it gzipped, some compress it their own way.
@@ -23,6 +23,11 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
     let samples = tables.value_type("samples", "count");
     let cpu = tables.value_type("cpu", "nanoseconds");
     let default_sample_type = cpu.r#type;
+    let mut sample_type = vec![samples, cpu.clone()];
+    if profile.wall {
+        sample_type.push(tables.value_type("wall", "nanoseconds"));
+        sample_type.push(tables.value_type("off_cpu", "nanoseconds"));
+    }
 
     // Frames are interned already: one location each, shared by every stack.
     let locations: Vec<u64> = profile.frames.iter().map(|frame| tables.location(frame)).collect();
@@ -44,17 +49,24 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
             if let Some(container_pid) = thread.container_pid {
                 label.push(tables.label("container_pid", &container_pid.to_string()));
             }
+            if let Some(wait) = key.wait {
+                label.push(tables.label("wait", wait.label()));
+            }
             label.extend_from_slice(&common_labels);
+            let mut values = vec![int(value.samples), int(value.cpu_ns)];
+            if profile.wall {
+                values.extend([int(value.wall_ns), int(value.off_cpu_ns)]);
+            }
             proto::Sample {
                 location_id: key.frames.iter().map(|&frame| locations[frame as usize]).collect(),
-                value: vec![int(value.samples), int(value.cpu_ns)],
+                value: values,
                 label,
             }
         })
         .collect();
 
     proto::Profile {
-        sample_type: vec![samples, cpu.clone()],
+        sample_type,
         sample,
         location: tables.locations,
         function: tables.functions,
@@ -69,9 +81,9 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
 }
 
 /// How samples are sorted.
-fn order(key: &StackKey) -> (u32, u32, &str, &str, &[FrameId]) {
+fn order(key: &StackKey) -> (u32, u32, &str, &str, Option<Wait>, &[FrameId]) {
     let thread = &key.thread;
-    (thread.pid, thread.tid, &thread.thread_name, &thread.process_name, &key.frames)
+    (thread.pid, thread.tid, &thread.thread_name, &thread.process_name, key.wait, &key.frames)
 }
 
 /// The file pprof shows for a frame. Kernel symbols have none: name the
@@ -362,6 +374,45 @@ mod tests {
         {
             assert!(tags.contains(expected), "`go tool pprof -tags` lacks {expected:?}:\n{tags}");
         }
+    }
+
+    /// With wall time, every sample has four values and off-CPU time a `wait`
+    /// label, which `go tool pprof` can filter on.
+    #[test]
+    fn wall_and_off_cpu_time_with_wait_labels() {
+        let mut profile = profile();
+        profile.wall = true;
+        let sleep = frame(FrameKind::Python, "Worker.nap", "/srv/app.py", 20, 21);
+        profile.add_off_cpu(std::slice::from_ref(&sleep), &thread(43, "worker-1"), Wait::Sleep, 2_000_000_000);
+        profile.add_off_cpu(&[sleep], &thread(43, "worker-1"), Wait::Io, 500_000_000);
+        let decoded = proto::Profile::decode(&encode(&profile)[..]).unwrap();
+        let string = |id: i64| decoded.string_table[id as usize].as_str();
+        let types: Vec<_> = decoded.sample_type.iter().map(|t| (string(t.r#type), string(t.unit))).collect();
+        assert_eq!(
+            types,
+            [("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds"), ("off_cpu", "nanoseconds")]
+        );
+        assert_eq!(string(decoded.default_sample_type), "cpu");
+        let resolved = resolve(&decoded);
+        let nap = |wait: &str| {
+            resolved
+                .iter()
+                .find(|(frames, _, labels)| frames[0].starts_with("Worker.nap") && labels["wait"] == wait)
+                .map(|(_, values, _)| values.clone())
+        };
+        assert_eq!(nap("sleep"), Some(vec![0, 0, 2_000_000_000, 2_000_000_000]));
+        assert_eq!(nap("io"), Some(vec![0, 0, 500_000_000, 500_000_000]));
+        let cpu_only = resolved.iter().find(|(_, _, labels)| labels["tid"] == "42").unwrap();
+        assert_eq!(cpu_only.1, [2, 20_000_000, 20_000_000, 0], "CPU time is wall time too");
+        assert!(!cpu_only.2.contains_key("wait"), "CPU samples have no wait label");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("profile.pb.gz");
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&encode(&profile)).unwrap();
+        std::fs::write(&file, gzip.finish().unwrap()).unwrap();
+        let top = go_pprof(&["-top", "-sample_index=off_cpu", "-tagfocus=wait=sleep"], &file);
+        assert_eq!(top_row(&top, "Worker.nap"), ("2s", "2s"), "{top}");
     }
 
     /// The flat and cumulative columns of `function` in `go tool pprof -top`.

@@ -1,11 +1,48 @@
 //! The short report printed on the terminal at the end of every period.
 
-use std::{collections::HashMap, path::Path, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
-use crate::aggregate::{Frame, FrameKind, PeriodProfile};
+use crate::aggregate::{Frame, FrameKind, PeriodProfile, Wait};
 
 /// Functions listed per period.
 const TOP_FUNCTIONS: usize = 5;
+/// Processes whose threads are listed per period.
+const THREAD_LINES: usize = 10;
+
+/// The threads of one process over a period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCounts {
+    pub live: u32,
+    pub started: u32,
+    pub ended: u32,
+}
+
+impl ThreadCounts {
+    pub fn new(live: u32) -> Self {
+        ThreadCounts { live, ..Default::default() }
+    }
+
+    pub fn started(&mut self) {
+        self.live += 1;
+        self.started += 1;
+    }
+
+    pub fn ended(&mut self) {
+        self.live = self.live.saturating_sub(1);
+        self.ended += 1;
+    }
+
+    /// The counts of the period that ends; the next one starts with the
+    /// same live threads.
+    pub fn finish_period(&mut self) -> ThreadCounts {
+        std::mem::replace(self, ThreadCounts::new(self.live))
+    }
+}
 
 /// Counts of one period, filled while it runs.
 #[derive(Debug, Default)]
@@ -19,6 +56,10 @@ pub struct PeriodSummary {
     pub unnamed_python_frames: u64,
     pub broken_python_stacks: u64,
     pub profiles_written: u64,
+    /// Off-CPU samples (kept waits).
+    pub off_cpu_samples: u64,
+    /// Per profiled process: pid, name, threads.
+    pub threads: Vec<(u32, Arc<str>, ThreadCounts)>,
 }
 
 impl PeriodSummary {
@@ -55,6 +96,18 @@ impl PeriodSummary {
                 _ => String::new(),
             };
             text += &format!("  {share:5.1}%  {}{place}\n", frame.function);
+        }
+        if profiles.iter().any(|profile| profile.wall) {
+            text += &off_cpu_line(profiles, self.off_cpu_samples);
+        }
+        for (pid, name, threads) in self.threads.iter().take(THREAD_LINES) {
+            text += &format!(
+                "  threads of pid {pid} ({name}): {} live, {} started, {} ended\n",
+                threads.live, threads.started, threads.ended
+            );
+        }
+        if self.threads.len() > THREAD_LINES {
+            text += &format!("  threads of {} more processes not shown\n", self.threads.len() - THREAD_LINES);
         }
         let problems = [
             (self.unnamed_python_frames, "Python frames could not be named"),
@@ -96,6 +149,27 @@ fn top_functions(profiles: &[PeriodProfile], count: usize) -> Vec<(Frame, u64)> 
     top
 }
 
+/// Off-CPU time of the period by what threads waited for.
+fn off_cpu_line(profiles: &[PeriodProfile], samples: u64) -> String {
+    let mut by_wait: BTreeMap<Wait, u64> = BTreeMap::new();
+    let mut wall = 0;
+    for (key, value) in profiles.iter().flat_map(|profile| &profile.stacks) {
+        wall += value.wall_ns;
+        if let Some(wait) = key.wait {
+            *by_wait.entry(wait).or_default() += value.off_cpu_ns;
+        }
+    }
+    let seconds = |ns: u64| format!("{:.1}s", Duration::from_nanos(ns).as_secs_f64());
+    let off_cpu: u64 = by_wait.values().sum();
+    let waits: Vec<String> = by_wait.iter().map(|(wait, &ns)| format!("{} {}", wait.label(), seconds(ns))).collect();
+    format!(
+        "  wall {}, off-CPU {} ({}) from {samples} off-CPU samples\n",
+        seconds(wall),
+        seconds(off_cpu),
+        if waits.is_empty() { "none".to_owned() } else { waits.join(", ") }
+    )
+}
+
 /// `HH:MM:SS` in UTC.
 fn clock(time: SystemTime) -> String {
     let rfc3339 = humantime::format_rfc3339_seconds(time).to_string();
@@ -134,7 +208,21 @@ mod tests {
             profile.add(&[native.clone(), crunch.clone()], &thread);
         }
         profile.add(std::slice::from_ref(&native), &thread);
-        let summary = PeriodSummary { samples: 4, profiles_written: 1, ..Default::default() };
+        profile.wall = true;
+        profile.add_off_cpu(std::slice::from_ref(&crunch), &thread, Wait::Sleep, 2_000_000_000);
+        profile.add_off_cpu(std::slice::from_ref(&crunch), &thread, Wait::Io, 500_000_000);
+        let mut threads = ThreadCounts::new(2);
+        threads.started();
+        threads.started();
+        threads.ended();
+        let summary = PeriodSummary {
+            samples: 4,
+            profiles_written: 1,
+            off_cpu_samples: 3,
+            threads: vec![(1, "python".into(), threads.finish_period())],
+            ..Default::default()
+        };
+        assert_eq!(threads, ThreadCounts::new(3), "a period starts with the live threads only");
         let text = summary.render(&[profile], Path::new("./profiles"));
         assert!(
             text.starts_with("ferroscope: 01:00:00 to 01:00:45: 1 processes in 1 applications, 4 samples, 0 dropped\n"),
@@ -142,6 +230,8 @@ mod tests {
         );
         assert!(text.contains(" 75.0%  Cruncher.crunch_a  split.py:7\n"), "{text}");
         assert!(text.contains(" 25.0%  _PyEval_EvalFrameDefault  libpython3.11.so\n"), "{text}");
+        assert!(text.contains("  wall 2.5s, off-CPU 2.5s (sleep 2.0s, io 0.5s) from 3 off-CPU samples\n"), "{text}");
+        assert!(text.contains("  threads of pid 1 (python): 3 live, 2 started, 1 ended\n"), "{text}");
         assert!(text.ends_with("  wrote 1 profiles to ./profiles\n"), "{text}");
     }
 }
