@@ -212,8 +212,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use profiler_common::{
-        kind, PyFrame, PyOffsets, Sample, MAX_PY_FRAMES, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_NOT_PYTHON, PY_OK,
-        PY_TRUNCATED,
+        kind, wait, PyFrame, PyOffsets, Sample, MAX_PY_FRAMES, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_NOT_PYTHON,
+        PY_OK, PY_TRUNCATED,
     };
 
     use super::*;
@@ -242,6 +242,33 @@ mod tests {
         assert!(ours >= 100, "300 ms of CPU at 1000 Hz gives ~300 samples, got {ours}");
         assert_eq!(stats.samples_dropped, 0);
         assert!(stats.samples >= ours);
+    }
+
+    /// With wall time, a thread of this process that sleeps yields an off-CPU
+    /// sample of the time it slept, with its user stack and reason.
+    #[test]
+    fn a_sleeping_thread_yields_an_off_cpu_sample_of_its_sleep() {
+        let me = std::process::id();
+        let (sampler, mut events) = Sampler::start(100, &[me], true).expect("load and attach (run as root)");
+        // SAFETY: no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let slept = Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+        let slept = slept.elapsed().as_nanos() as u64;
+        let mut sleeps = Vec::new();
+        while let Some(record) = events.next() {
+            if record.len() >= size_of::<Sample>() && record[..4] == kind::OFF_CPU.to_ne_bytes() {
+                // SAFETY: a whole `Sample`, as the kind says.
+                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+                if sample.tid == tid && sample.wait == wait::SLEEP {
+                    assert!(sample.user_len > 0, "the user stack of the wait is recorded");
+                    sleeps.push(sample.off_cpu_ns);
+                }
+            }
+        }
+        assert_eq!(sleeps.len(), 1, "one sleep, one sample: {sleeps:?}");
+        assert!(sleeps[0] <= slept && sleeps[0] >= slept * 9 / 10, "slept {slept} ns, sampled {sleeps:?} ns");
+        assert!(sampler.stats().unwrap().off_cpu_samples >= 1);
     }
 
     /// A Python stack laid out in this process's memory, as an interpreter

@@ -64,7 +64,11 @@ pub fn check_in(container_root: Option<&str>, python: &str, names: Names, cpu_se
         ensure!(Path::new(&svg).is_file(), "no flame graph {svg} beside {}", file.display());
     }
     let profile = Profile::load(&files)?;
-    ensure!(profile.sample_types == ["samples/count", "cpu/nanoseconds"], "sample types {:?}", profile.sample_types);
+    ensure!(
+        profile.sample_types == ["samples/count", "cpu/nanoseconds", "wall/nanoseconds", "off_cpu/nanoseconds"],
+        "sample types {:?}",
+        profile.sample_types
+    );
 
     let samples: Vec<_> = profile.samples_of_pid(pid).collect();
     ensure!(

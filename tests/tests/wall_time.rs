@@ -1,0 +1,81 @@
+//! Wall and off-CPU time: threads whose waits are known must add up to their wall-clock
+//! time, with each wait attributed to its Python function and reason.
+
+use std::collections::HashMap;
+
+use anyhow::{ensure, Context, Result};
+use e2e::{profile_files, Agent, Profile, Sample, Workload, PYENV_PYTHON_3_11};
+
+const SECONDS: f64 = 4.0;
+const CPU: usize = 1;
+const WALL: usize = 2;
+const OFF_CPU: usize = 3;
+const NS: f64 = 1e9;
+
+fn of_thread<'a>(profile: &'a Profile, tid: &'a str) -> impl Iterator<Item = &'a Sample> {
+    profile.samples.iter().filter(move |sample| sample.label("tid") == Some(tid))
+}
+
+fn seconds<'a>(samples: impl Iterator<Item = &'a Sample>, value: usize) -> f64 {
+    samples.map(|sample| sample.values[value] as f64).sum::<f64>() / NS
+}
+
+/// `waits.py`: main burns CPU while three threads sleep, wait on an Event and block on a
+/// pipe read, all along.
+#[test]
+fn waiting_threads_add_up_to_their_wall_time_with_their_reasons() -> Result<()> {
+    let agent = Agent::start(&["--period", "60s"])?;
+    let workload = Workload::start(PYENV_PYTHON_3_11, "waits.py", &["--seconds", &SECONDS.to_string()])?;
+    let pid = workload.pid();
+    let output = workload.wait()?;
+    let run = agent.stop()?;
+    let profile = Profile::load(&profile_files(run.output_dir.path(), "waits.py")?)?;
+    ensure!(
+        profile.sample_types == ["samples/count", "cpu/nanoseconds", "wall/nanoseconds", "off_cpu/nanoseconds"],
+        "sample types {:?}",
+        profile.sample_types
+    );
+    ensure!(profile.samples_of_pid(pid).count() > 0, "no sample of pid {pid}; agent output:\n{}", run.log);
+    // `role native_thread_id` lines, then `elapsed SECONDS`.
+    let mut ids = HashMap::new();
+    for line in output.lines() {
+        let (key, value) = line.split_once(' ').context("workload output")?;
+        ids.insert(key.to_owned(), value.to_owned());
+    }
+    let elapsed: f64 = ids["elapsed"].parse()?;
+
+    for (role, function, wait) in [
+        ("sleeper", "sleeper", "sleep"),
+        ("event_waiter", "event_waiter", "lock"),
+        ("pipe_reader", "pipe_reader", "io"),
+    ] {
+        let tid = &ids[role];
+        let wall = seconds(of_thread(&profile, tid), WALL);
+        let off_cpu = seconds(of_thread(&profile, tid), OFF_CPU);
+        let waiting = seconds(
+            of_thread(&profile, tid)
+                .filter(|sample| sample.has_function(function) && sample.label("wait") == Some(wait)),
+            OFF_CPU,
+        );
+        eprintln!(
+            "{role} (tid {tid}): wall {wall:.3} s, {waiting:.3} s of {off_cpu:.3} s off-CPU in {function}/{wait}"
+        );
+        ensure!((wall - elapsed).abs() <= 0.1 * elapsed, "{role}: wall {wall:.3} s, expected {elapsed:.3} s ± 10%");
+        ensure!(waiting >= 0.9 * off_cpu, "{role}: only {waiting:.3} s of {off_cpu:.3} s off-CPU is {function}/{wait}");
+    }
+
+    // The main thread also burned CPU for 0.5 s before the others started.
+    let main = &ids["main"];
+    let main_wall = seconds(of_thread(&profile, main), WALL);
+    let expected = elapsed + 0.5;
+    eprintln!("main (tid {main}): wall {main_wall:.3} s, expected {expected:.3} s");
+    ensure!(
+        (main_wall - expected).abs() <= 0.1 * expected,
+        "main: wall {main_wall:.3} s, expected {expected:.3} s ± 10%"
+    );
+    let pid_cpu = seconds(profile.samples_of_pid(pid), CPU);
+    let burn_cpu = seconds(profile.samples_of_pid(pid).filter(|sample| sample.has_function("burn")), CPU);
+    eprintln!("burn: {burn_cpu:.3} s of {pid_cpu:.3} s of CPU");
+    ensure!(burn_cpu >= 0.9 * pid_cpu, "burn has {burn_cpu:.3} s of the process's {pid_cpu:.3} s of CPU");
+    Ok(())
+}
