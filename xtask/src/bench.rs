@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: the known-split workload run bare, under Ferroscope and under py-spy,
-//! alternating, to measure slowdown, the agent's own cost, and attribution error.
+//! alternating, to measure slowdown, the agent's own cost, and attribution error; then a
+//! switch-heavy workload bare and under Ferroscope, for the cost of measuring off-CPU time.
 
 use std::collections::HashMap;
 use std::fs;
@@ -20,6 +21,9 @@ pub struct Options {
     /// Rounds of work per run (~90 rounds per second with CPython 3.11).
     #[arg(long, default_value_t = 450)]
     rounds: u32,
+    /// Round trips of the switch-heavy workload per run.
+    #[arg(long, default_value_t = 300_000)]
+    switches: u32,
 }
 
 /// The sampling rate of both profilers.
@@ -76,7 +80,111 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let table = table(&results);
     println!("{table}");
-    write_report(options, &load_average, &table)
+    let switches = switch_table(options, &agent)?;
+    println!("{switches}");
+    write_report(options, &load_average, &table, &switches)
+}
+
+/// `pingpong.py`: two threads passing a byte through pipes, each blocking once per round
+/// trip, bare and under Ferroscope; with the kernel's BPF statistics on, the run time and
+/// run count of each of the agent's programs over the runs under it.
+fn switch_table(options: &Options, agent_bin: &Path) -> Result<String> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let stats_before = fs::read_to_string(STATS)?;
+    fs::write(STATS, "1")?;
+    let rounds = options.switches.to_string();
+    let pingpong = || -> Result<f64> {
+        Ok(workload_times(&Workload::start(PYENV_PYTHON_3_11, "pingpong.py", &["--rounds", &rounds])?.wait()?)?.0)
+    };
+    let (mut bare, mut under) = (Vec::new(), Vec::new());
+    let mut programs: Vec<(String, u64, u64)> = Vec::new();
+    let result = (|| -> Result<()> {
+        for _ in 0..options.runs {
+            let elapsed_bare = pingpong()?;
+            let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
+            let before = program_stats(agent.pid())?;
+            let elapsed = pingpong()?;
+            let after = program_stats(agent.pid())?;
+            agent.stop()?;
+            for ((name, time, count), (_, time_before, count_before)) in after.into_iter().zip(before) {
+                match programs.iter_mut().find(|(known, _, _)| *known == name) {
+                    Some((_, total_time, total_count)) => {
+                        *total_time += time - time_before;
+                        *total_count += count - count_before;
+                    }
+                    None => programs.push((name, time - time_before, count - count_before)),
+                }
+            }
+            bare.push(elapsed_bare);
+            under.push(elapsed);
+            step(format!("bench: switches: bare {elapsed_bare:.3} s, under Ferroscope {elapsed:.3} s"));
+        }
+        Ok(())
+    })();
+    fs::write(STATS, stats_before)?;
+    result?;
+    let mut table = format!(
+        "Elapsed: bare median {:.3} s, under Ferroscope median {:.3} s (how the two threads hand the GIL over \
+         varies far more than the agent's cost).\n\n\
+         | program | runs per second | ns per run | % of a core |\n|---|---|---|---|\n",
+        median(&bare),
+        median(&under),
+    );
+    let seconds: f64 = under.iter().sum();
+    for (name, time, count) in programs.iter().filter(|(_, _, count)| *count > 0) {
+        table.push_str(&format!(
+            "| `{name}` | {:.0} | {:.0} | {:.2}% |\n",
+            *count as f64 / seconds,
+            *time as f64 / *count as f64,
+            100.0 * *time as f64 / 1e9 / seconds
+        ));
+    }
+    Ok(table)
+}
+
+/// Name, run time (ns) and run count of each BPF program the process `pid` holds, sorted by
+/// name, from `/proc/PID/fdinfo` (with `kernel.bpf_stats_enabled`) and the program's info.
+fn program_stats(pid: u32) -> Result<Vec<(String, u64, u64)>> {
+    let mut programs = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let entry = entry?;
+        let Ok(info) = fs::read_to_string(entry.path()) else { continue };
+        let field = |key: &str| info.lines().find_map(|line| line.strip_prefix(key)?.trim().parse::<u64>().ok());
+        let (Some(time), Some(count)) = (field("run_time_ns:"), field("run_cnt:")) else { continue };
+        let fd: i32 = entry.file_name().to_string_lossy().parse()?;
+        programs.push((program_name(pid, fd)?, time, count));
+    }
+    programs.sort();
+    // A perf event program is attached once per CPU: one fd each, one program.
+    programs.dedup();
+    Ok(programs)
+}
+
+/// The name of the BPF program behind file descriptor `fd` of process `pid`.
+fn program_name(pid: u32, fd: i32) -> Result<String> {
+    // SAFETY: plain system calls on buffers owned here; the fds are closed below.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        ensure!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        ensure!(ours >= 0, "pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
+        // `struct bpf_prog_info`: the name is 16 bytes at offset 64.
+        let mut info = [0u8; 256];
+        #[repr(C)]
+        struct GetInfo {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut attr = GetInfo { bpf_fd: ours as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+        const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+        let result = libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr, size_of::<GetInfo>());
+        libc::close(ours);
+        ensure!(result == 0, "BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
+        let name = &info[64..80];
+        Ok(String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)]).into_owned())
+    }
 }
 
 /// Starts the workload for a fixed amount of work.
@@ -258,7 +366,7 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
 }
 
 /// Writes docs/benchmarks.md with the table and what it was measured on.
-fn write_report(options: &Options, load_average: &str, table: &str) -> Result<()> {
+fn write_report(options: &Options, load_average: &str, table: &str, switches: &str) -> Result<()> {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo")?;
@@ -284,7 +392,16 @@ fn write_report(options: &Options, load_average: &str, table: &str) -> Result<()
          - Attribution error: the largest absolute difference, in percentage points, between 50/30/20 and the shares of samples \
          containing each function, from the profiler's own output (Ferroscope's pprof read with `go tool pprof`, py-spy's \
          collapsed stacks). Pooled over all runs it shows bias; per run it also includes sampling noise (~2 pp at 100 Hz for ~5 s).\n\n\
-         {table}",
+         {table}\n\
+         Off-CPU time costs two programs run on every context switch and system call return of the host \
+         (`sched_switch`, `sys_exit`), and a sample per kept wait. They are measured on \
+         `tests/workloads/pingpong.py --rounds {switches}`: two Python threads passing a byte through pipes, each \
+         blocking once per round trip, bare and under \
+         `ferroscope agent --frequency {RATE}`, {runs} times. Kernel cost per program from `kernel.bpf_stats_enabled` \
+         (`run_time_ns`, `run_cnt` in `/proc/AGENT/fdinfo`), over the runs under the agent, for the whole host.\n\n\
+         {switches_table}",
+        switches = options.switches,
+        switches_table = switches,
         runs = options.runs,
         rounds = options.rounds,
         date = String::from_utf8_lossy(&date).trim(),
