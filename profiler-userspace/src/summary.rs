@@ -152,9 +152,7 @@ fn top_functions(profiles: &[PeriodProfile], count: usize) -> Vec<(Frame, u64)> 
 /// Off-CPU time of the period by what threads waited for.
 fn off_cpu_line(profiles: &[PeriodProfile], samples: u64) -> String {
     let mut by_wait: BTreeMap<Wait, u64> = BTreeMap::new();
-    let mut wall = 0;
     for (key, value) in profiles.iter().flat_map(|profile| &profile.stacks) {
-        wall += value.wall_ns;
         if let Some(wait) = key.wait {
             *by_wait.entry(wait).or_default() += value.off_cpu_ns;
         }
@@ -163,8 +161,7 @@ fn off_cpu_line(profiles: &[PeriodProfile], samples: u64) -> String {
     let off_cpu: u64 = by_wait.values().sum();
     let waits: Vec<String> = by_wait.iter().map(|(wait, &ns)| format!("{} {}", wait.label(), seconds(ns))).collect();
     format!(
-        "  wall {}, off-CPU {} ({}) from {samples} off-CPU samples\n",
-        seconds(wall),
+        "  off-CPU {} ({}) from {samples} off-CPU samples\n",
         seconds(off_cpu),
         if waits.is_empty() { "none".to_owned() } else { waits.join(", ") }
     )
@@ -230,7 +227,7 @@ mod tests {
         );
         assert!(text.contains(" 75.0%  Cruncher.crunch_a  split.py:7\n"), "{text}");
         assert!(text.contains(" 25.0%  _PyEval_EvalFrameDefault  libpython3.11.so\n"), "{text}");
-        assert!(text.contains("  wall 2.5s, off-CPU 2.5s (sleep 2.0s, io 0.5s) from 3 off-CPU samples\n"), "{text}");
+        assert!(text.contains("  off-CPU 2.5s (sleep 2.0s, io 0.5s) from 3 off-CPU samples\n"), "{text}");
         assert!(text.contains("  threads of pid 1 (python): 3 live, 2 started, 1 ended\n"), "{text}");
         assert!(text.ends_with("  wrote 1 profiles to ./profiles\n"), "{text}");
     }

@@ -124,8 +124,8 @@ fn switch_table(options: &Options, agent_bin: &Path) -> Result<String> {
     fs::write(STATS, stats_before)?;
     result?;
     let mut table = format!(
-        "Elapsed: bare median {:.3} s, under Ferroscope median {:.3} s (how the two threads hand the GIL over \
-         varies far more than the agent's cost).\n\n\
+        "Elapsed: bare median {:.3} s, under Ferroscope median {:.3} s (set by how the two threads hand the GIL \
+         over, not a measure of the agent's cost: the table is).\n\n\
          | program | runs per second | ns per run | % of a core |\n|---|---|---|---|\n",
         median(&bare),
         median(&under),
