@@ -271,6 +271,36 @@ mod tests {
         assert!(sampler.stats().unwrap().off_cpu_samples >= 1);
     }
 
+    /// Sleeps far shorter than the sampling period are kept with probability
+    /// (sleep / period), each as one period: their total is unbiased.
+    #[test]
+    fn short_sleeps_add_up_to_their_total_in_expectation() {
+        let me = std::process::id();
+        let period_ns = 10_000_000;
+        let (_sampler, mut events) = Sampler::start(100, &[me], true).expect("load and attach (run as root)");
+        // SAFETY: no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let started = Instant::now();
+        for _ in 0..1000 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let slept = started.elapsed().as_nanos() as f64;
+        let mut kept = Vec::new();
+        while let Some(record) = events.next() {
+            if record.len() >= size_of::<Sample>() && record[..4] == kind::OFF_CPU.to_ne_bytes() {
+                // SAFETY: a whole `Sample`, as the kind says.
+                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+                if sample.tid == tid && sample.wait == wait::SLEEP {
+                    kept.push(sample.off_cpu_ns);
+                }
+            }
+        }
+        assert!(kept.iter().all(|&ns| ns == period_ns), "each short sleep kept counts one period: {kept:?}");
+        // ~110 kept of ~1000: 30% is about 3 standard deviations.
+        let total = kept.iter().sum::<u64>() as f64;
+        assert!((total - slept).abs() <= 0.3 * slept, "slept {slept} ns in all, {} kept, {total} ns", kept.len());
+    }
+
     /// A Python stack laid out in this process's memory, as an interpreter
     /// with the offsets of [`SYNTHETIC`] would: it lets every path of the
     /// kernel's frame walker be checked without a real CPython.
