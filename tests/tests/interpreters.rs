@@ -1,6 +1,7 @@
 //! CPython is found from the binary itself wherever it lives: a renamed interpreter, a
 //! program that embeds libpython (running Python in its main thread, and in a thread C
-//! created), and a worker forked without exec.
+//! created), a program that loads libpython late with `dlopen`, and a worker forked without
+//! exec.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,34 @@ fn thread_created_by_c_in_embedded_pyenv_libpython_3_11_7() -> Result<()> {
         threads.len() == 1 && !threads.contains(&pid.to_string()),
         "spin ran on threads {threads:?}, not on the one thread C created"
     );
+    Ok(())
+}
+
+#[test]
+fn libpython_loaded_late_with_dlopen_pyenv_3_11_7() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dlopener = dir.path().join("dlopener");
+    let output = Command::new("gcc")
+        .arg(workload("dlopener.c"))
+        .args(["-ldl", "-o"])
+        .arg(&dlopener)
+        .output()
+        .context("running gcc")?;
+    ensure!(output.status.success(), "gcc failed: {}", String::from_utf8_lossy(&output.stderr));
+    let agent = Agent::start(&[])?;
+    let libpython = format!("{PYENV_3_11}/lib/libpython3.11.so.1.0");
+    let workloads = workload("");
+    let program = Workload::start_program(
+        &dlopener,
+        &[&libpython, workloads.to_str().unwrap(), "2"],
+        &[("PYTHONHOME", PYENV_3_11)],
+    )?;
+    let pid = program.pid();
+    program.wait()?;
+    let run = agent.stop()?;
+    // Seen first as a native process, then again once it mapped libpython.
+    ensure!(run.log.contains(&format!("pid {pid}: CPython 3.11.7")), "agent output:\n{}", run.log);
+    spin_threads(&run, pid)?;
     Ok(())
 }
 
