@@ -316,6 +316,9 @@ impl<'a> Agent<'a> {
             self.processes.remove(&pid);
             self.native.forget_process(pid);
         }
+        for python in self.processes.values_mut().filter_map(|process| process.python.as_mut()) {
+            python.forget_code();
+        }
     }
 }
 
