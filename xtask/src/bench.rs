@@ -48,6 +48,10 @@ struct Measurements {
     profiler_cpu_percent: Vec<f64>,
     /// Ferroscope only: the agent's peak RSS in bytes.
     agent_peak_rss: u64,
+    /// Ferroscope only, per run: the CPU sampler's mean run time in the kernel (ns), and
+    /// its total as % of the workload's CPU time, from the kernel's BPF statistics.
+    kernel_ns_per_run: Vec<f64>,
+    kernel_percent_of_workload: Vec<f64>,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -55,6 +59,8 @@ pub fn run(options: &Options) -> Result<()> {
     setup::test_tools()?;
     let agent = build(true)?;
     let load_average = fs::read_to_string("/proc/loadavg")?;
+    // The kernel accounts the run time of BPF programs only while this is on.
+    let bpf_stats = BpfStats::enable()?;
     let mut results: HashMap<Mode, Measurements> = HashMap::new();
     for run in 0..options.runs {
         // Rotate the order so that no mode always follows the same one.
@@ -74,6 +80,7 @@ pub fn run(options: &Options) -> Result<()> {
             ));
         }
     }
+    drop(bpf_stats);
     let table = table(&results);
     println!("{table}");
     write_report(options, &load_average, &table)
@@ -107,9 +114,17 @@ fn run_ferroscope(options: &Options, agent_bin: &Path, measurements: &mut Measur
     // Measure the agent from when it samples, leaving out its start-up.
     let cpu_before = cpu_seconds(agent.pid())?;
     let started = Instant::now();
+    let kernel_before = sampler_run_time(agent.pid())?;
     let split = start_workload(options)?;
     let pid = split.pid();
-    measurements.elapsed.push(workload_times(&split.wait()?)?.0);
+    let (elapsed, workload_cpu) = workload_times(&split.wait()?)?;
+    measurements.elapsed.push(elapsed);
+    let kernel = sampler_run_time(agent.pid())?;
+    // A counter read short (a file descriptor that went unread) leaves the run out.
+    if let (Some(run_ns), Some(runs)) = (kernel.0.checked_sub(kernel_before.0), kernel.1.checked_sub(kernel_before.1)) {
+        measurements.kernel_ns_per_run.push(run_ns as f64 / runs.max(1) as f64);
+        measurements.kernel_percent_of_workload.push(100.0 * run_ns as f64 / (workload_cpu * 1e9));
+    }
     let cpu = cpu_seconds(agent.pid())? - cpu_before;
     measurements.profiler_cpu_percent.push(100.0 * cpu / started.elapsed().as_secs_f64());
     measurements.agent_peak_rss = measurements.agent_peak_rss.max(peak_rss(agent.pid())?);
@@ -179,6 +194,41 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
     Ok(())
 }
 
+/// Turns the kernel's BPF run-time statistics on, and back off when dropped.
+struct BpfStats;
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        fs::write(BPF_STATS_SYSCTL, "1").with_context(|| format!("writing {BPF_STATS_SYSCTL}"))?;
+        Ok(BpfStats)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS_SYSCTL, "0");
+    }
+}
+
+/// `run_time_ns` and `run_cnt` of the agent's perf-event program (the CPU sampler), from
+/// the fdinfo of its program file descriptors.
+fn sampler_run_time(agent: u32) -> Result<(u64, u64)> {
+    const PERF_EVENT_PROGRAM: u64 = 7;
+    let mut total = (0, 0);
+    for entry in fs::read_dir(format!("/proc/{agent}/fdinfo"))? {
+        let Ok(info) = fs::read_to_string(entry?.path()) else { continue };
+        let field = |name: &str| info.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok());
+        if field("prog_type:") == Some(PERF_EVENT_PROGRAM) {
+            if let (Some(run_time), Some(runs)) = (field("run_time_ns:"), field("run_cnt:")) {
+                total = (total.0 + run_time, total.1 + runs);
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -217,7 +267,9 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let middle = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
+    if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len().is_multiple_of(2) {
         (sorted[middle - 1] + sorted[middle]) / 2.0
     } else {
         sorted[middle]
@@ -254,6 +306,13 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
         ));
     }
     table.push_str("| target for Ferroscope | ≤ x1.010 (≤ +1%) | < 1% | < 64 MiB | ≤ 2 pp | |\n");
+    let ferroscope = &results[&Mode::Ferroscope];
+    table.push_str(&format!(
+        "\nIn the kernel, Ferroscope's CPU sampler ran {:.0} ns per run (idle CPUs' samples, which it leaves at once, \
+         included), {:.3}% of the workload's CPU time (medians over runs; `bpf_stats`).\n",
+        median(&ferroscope.kernel_ns_per_run),
+        median(&ferroscope.kernel_percent_of_workload),
+    ));
     table
 }
 
