@@ -34,6 +34,10 @@ struct Process {
     /// Its pid in its own PID namespace, when that differs.
     container_pid: Option<u32>,
     python: Option<FrameSymbolizer>,
+    /// No CPython was found in it (rather than one that cannot be profiled):
+    /// it is looked at again when it maps new code, which may be a libpython
+    /// it loads with `dlopen` (uwsgi's Python plugin, say).
+    not_python: bool,
     /// Executable address ranges, sorted; empty when unknown.
     code: Vec<Range<u64>>,
     /// When `code` was read: it is read again, at most this often, when an
@@ -63,17 +67,21 @@ impl Process {
         &addrs[..len]
     }
 
-    /// [`Self::user_stack`], reading the process's mappings again first if
-    /// the stack ends early and they may have changed.
-    fn refreshed_user_stack<'s>(&mut self, pid: u32, addrs: &'s [u64]) -> &'s [u64] {
-        if self.user_stack(addrs).len() < addrs.len() && !self.exited && self.code_read.elapsed() > CODE_RANGES_REFRESH
+    /// Reads the process's executable mappings again if `addrs` leaves them
+    /// (at most once per [`CODE_RANGES_REFRESH`]); true when they changed.
+    fn refresh_code(&mut self, pid: u32, addrs: &[u64]) -> bool {
+        if self.user_stack(addrs).len() == addrs.len() || self.exited || self.code_read.elapsed() <= CODE_RANGES_REFRESH
         {
-            self.code_read = Instant::now();
-            if let Ok(code) = discovery::code_ranges(pid) {
-                self.code = code;
-            }
+            return false;
         }
-        self.user_stack(addrs)
+        self.code_read = Instant::now();
+        match discovery::code_ranges(pid) {
+            Ok(code) if code != self.code => {
+                self.code = code;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -214,6 +222,7 @@ impl<'a> Agent<'a> {
                     process_name: name,
                     container_pid: None,
                     python: None,
+                    not_python: false,
                     code: Vec::new(),
                     code_read: Instant::now(),
                     exited: true,
@@ -223,6 +232,7 @@ impl<'a> Agent<'a> {
                 return;
             }
         };
+        let not_python = matches!(info.python, PythonStatus::NotPython);
         let python = match info.python {
             PythonStatus::NotPython => None,
             PythonStatus::Supported(interpreter) => match sampler.add_python(pid, &interpreter.kernel) {
@@ -247,6 +257,7 @@ impl<'a> Agent<'a> {
             process_name: info.process_name,
             container_pid: info.namespace_pid,
             python,
+            not_python,
             code: info.code,
             code_read: Instant::now(),
             exited: false,
@@ -261,11 +272,16 @@ impl<'a> Agent<'a> {
             // Its NEW_PROCESS event was lost: the thread's name will do.
             self.inspect(pid, &sample.comm, sampler);
         }
+        let user = valid(&sample.user_stack, sample.user_len);
+        let Some(process) = self.processes.get_mut(&pid) else { return };
+        if process.refresh_code(pid, user) && process.not_python {
+            self.inspect(pid, &sample.comm, sampler);
+        }
         let Some(process) = self.processes.get_mut(&pid) else { return };
         let stack = &mut self.stack;
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
-        self.native.user(pid, process.refreshed_user_stack(pid, valid(&sample.user_stack, sample.user_len)), stack);
+        self.native.user(pid, process.user_stack(user), stack);
         if let Some(python) = process.python.as_mut() {
             for frame in valid(&sample.py_frames, sample.py_len) {
                 stack.push(python.symbolize(frame).unwrap_or_else(|| {
@@ -334,6 +350,9 @@ impl<'a> Agent<'a> {
             self.processes.remove(&pid);
             self.native.forget_process(pid);
         }
+        for python in self.processes.values_mut().filter_map(|process| process.python.as_mut()) {
+            python.forget_code();
+        }
     }
 }
 
@@ -357,6 +376,7 @@ mod tests {
             process_name: "app".into(),
             container_pid: None,
             python: None,
+            not_python: true,
             code,
             code_read: Instant::now(),
             exited: false,

@@ -13,7 +13,7 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 use std::{
     collections::HashMap,
     fs::{self, File},
-    io::{self, Read},
+    io,
     ops::Range,
     os::unix::fs::MetadataExt,
     sync::{Arc, LazyLock, Mutex},
@@ -257,7 +257,7 @@ fn elf_facts(pid: u32, mapping: &Mapping) -> Option<Arc<ElfFacts>> {
     // whose maps show paths from our root, not its own.
     let by_root = format!("/proc/{pid}/root{}", mapping.path);
     let by_mapping = format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end);
-    let (path, mut file) = [by_root, by_mapping]
+    let (path, file) = [by_root, by_mapping]
         .into_iter()
         .filter(|path| !mapping.path.ends_with(" (deleted)") || path.contains("/map_files/"))
         .find_map(|path| match File::open(&path) {
@@ -274,7 +274,7 @@ fn elf_facts(pid: u32, mapping: &Mapping) -> Option<Arc<ElfFacts>> {
     if let Some(facts) = cache.get(&key) {
         return facts.clone();
     }
-    let facts = match parse_elf(&mut file) {
+    let facts = match parse_elf(&file) {
         Ok(facts) => facts.map(Arc::new),
         Err(e) => {
             log::debug!("reading {path} as ELF: {e:#}");
@@ -293,14 +293,16 @@ fn mtime_ns(meta: &fs::Metadata) -> i64 {
 }
 
 /// The facts of an ELF file defining `_PyRuntime`, Ok(None) for other files.
-fn parse_elf(file: &mut File) -> anyhow::Result<Option<ElfFacts>> {
-    let mut magic = [0; 4];
-    if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
+fn parse_elf(file: &File) -> anyhow::Result<Option<ElfFacts>> {
+    // Mapped, not read: only the pages of the headers and symbol tables are
+    // touched, and reading thousands of symbol names costs no system call.
+    // SAFETY: the mapping is private and read-only; a file truncated under us
+    // could fault, which the files processes run from are not.
+    let data = unsafe { memmap2::Mmap::map(file) }.context("mapping the file")?;
+    if !data.starts_with(b"\x7fELF") {
         return Ok(None);
     }
-    // Reads only the parts parsed, not a whole (maybe huge) library.
-    let data = object::ReadCache::new(&*file);
-    let elf = object::File::parse(&data).context("parsing ELF headers")?;
+    let elf = object::File::parse(&*data).context("parsing ELF headers")?;
     let (mut runtime, mut code_type, mut version_hex, mut interp_head) = (None, None, None, None);
     // Dynamic symbols survive stripping; `.symtab` has them otherwise.
     for symbol in elf.dynamic_symbols().chain(elf.symbols()) {

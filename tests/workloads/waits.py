@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=4.0)
     options = parser.parse_args()
     # Time for the profiler to find this process before the threads start.
-    burn(0.5)
+    burn(1.0)
     ids = {"main": threading.get_native_id()}
     started = time.monotonic()
     event = threading.Event()

@@ -52,6 +52,10 @@ struct Measurements {
     profiler_cpu_percent: Vec<f64>,
     /// Ferroscope only: the agent's peak RSS in bytes.
     agent_peak_rss: u64,
+    /// Ferroscope only, per run: the CPU sampler's mean run time in the kernel (ns), and
+    /// its total as % of the workload's CPU time, from the kernel's BPF statistics.
+    kernel_ns_per_run: Vec<f64>,
+    kernel_percent_of_workload: Vec<f64>,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -59,6 +63,8 @@ pub fn run(options: &Options) -> Result<()> {
     setup::test_tools()?;
     let agent = build(true)?;
     let load_average = fs::read_to_string("/proc/loadavg")?;
+    // The kernel accounts the run time of BPF programs only while this is on.
+    let bpf_stats = BpfStats::enable()?;
     let mut results: HashMap<Mode, Measurements> = HashMap::new();
     for run in 0..options.runs {
         // Rotate the order so that no mode always follows the same one.
@@ -81,48 +87,41 @@ pub fn run(options: &Options) -> Result<()> {
     let table = table(&results);
     println!("{table}");
     let switches = switch_table(options, &agent)?;
+    drop(bpf_stats);
     println!("{switches}");
     write_report(options, &load_average, &table, &switches)
 }
 
 /// `pingpong.py`: two threads passing a byte through pipes, each blocking once per round
-/// trip, bare and under Ferroscope; with the kernel's BPF statistics on, the run time and
-/// run count of each of the agent's programs over the runs under it.
+/// trip, bare and under Ferroscope; the run time and run count of each of the agent's
+/// programs over the runs under it (with the kernel's BPF statistics on).
 fn switch_table(options: &Options, agent_bin: &Path) -> Result<String> {
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let stats_before = fs::read_to_string(STATS)?;
-    fs::write(STATS, "1")?;
     let rounds = options.switches.to_string();
     let pingpong = || -> Result<f64> {
         Ok(workload_times(&Workload::start(PYENV_PYTHON_3_11, "pingpong.py", &["--rounds", &rounds])?.wait()?)?.0)
     };
     let (mut bare, mut under) = (Vec::new(), Vec::new());
     let mut programs: Vec<(String, u64, u64)> = Vec::new();
-    let result = (|| -> Result<()> {
-        for _ in 0..options.runs {
-            let elapsed_bare = pingpong()?;
-            let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
-            let before = program_stats(agent.pid())?;
-            let elapsed = pingpong()?;
-            let after = program_stats(agent.pid())?;
-            agent.stop()?;
-            for ((name, time, count), (_, time_before, count_before)) in after.into_iter().zip(before) {
-                match programs.iter_mut().find(|(known, _, _)| *known == name) {
-                    Some((_, total_time, total_count)) => {
-                        *total_time += time - time_before;
-                        *total_count += count - count_before;
-                    }
-                    None => programs.push((name, time - time_before, count - count_before)),
+    for _ in 0..options.runs {
+        let elapsed_bare = pingpong()?;
+        let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
+        let before = program_stats(agent.pid())?;
+        let elapsed = pingpong()?;
+        let after = program_stats(agent.pid())?;
+        agent.stop()?;
+        for ((name, time, count), (_, time_before, count_before)) in after.into_iter().zip(before) {
+            match programs.iter_mut().find(|(known, _, _)| *known == name) {
+                Some((_, total_time, total_count)) => {
+                    *total_time += time - time_before;
+                    *total_count += count - count_before;
                 }
+                None => programs.push((name, time - time_before, count - count_before)),
             }
-            bare.push(elapsed_bare);
-            under.push(elapsed);
-            step(format!("bench: switches: bare {elapsed_bare:.3} s, under Ferroscope {elapsed:.3} s"));
         }
-        Ok(())
-    })();
-    fs::write(STATS, stats_before)?;
-    result?;
+        bare.push(elapsed_bare);
+        under.push(elapsed);
+        step(format!("bench: switches: bare {elapsed_bare:.3} s, under Ferroscope {elapsed:.3} s"));
+    }
     let mut table = format!(
         "Elapsed: bare median {:.3} s, under Ferroscope median {:.3} s (set by how the two threads hand the GIL \
          over, not a measure of the agent's cost: the table is).\n\n\
@@ -215,9 +214,17 @@ fn run_ferroscope(options: &Options, agent_bin: &Path, measurements: &mut Measur
     // Measure the agent from when it samples, leaving out its start-up.
     let cpu_before = cpu_seconds(agent.pid())?;
     let started = Instant::now();
+    let kernel_before = sampler_run_time(agent.pid())?;
     let split = start_workload(options)?;
     let pid = split.pid();
-    measurements.elapsed.push(workload_times(&split.wait()?)?.0);
+    let (elapsed, workload_cpu) = workload_times(&split.wait()?)?;
+    measurements.elapsed.push(elapsed);
+    let kernel = sampler_run_time(agent.pid())?;
+    // A counter read short (a file descriptor that went unread) leaves the run out.
+    if let (Some(run_ns), Some(runs)) = (kernel.0.checked_sub(kernel_before.0), kernel.1.checked_sub(kernel_before.1)) {
+        measurements.kernel_ns_per_run.push(run_ns as f64 / runs.max(1) as f64);
+        measurements.kernel_percent_of_workload.push(100.0 * run_ns as f64 / (workload_cpu * 1e9));
+    }
     let cpu = cpu_seconds(agent.pid())? - cpu_before;
     measurements.profiler_cpu_percent.push(100.0 * cpu / started.elapsed().as_secs_f64());
     measurements.agent_peak_rss = measurements.agent_peak_rss.max(peak_rss(agent.pid())?);
@@ -287,6 +294,32 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
     Ok(())
 }
 
+/// Turns the kernel's BPF run-time statistics on, and back off when dropped.
+struct BpfStats;
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        fs::write(BPF_STATS_SYSCTL, "1").with_context(|| format!("writing {BPF_STATS_SYSCTL}"))?;
+        Ok(BpfStats)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS_SYSCTL, "0");
+    }
+}
+
+/// `run_time_ns` and `run_cnt` of the agent's CPU sampler.
+fn sampler_run_time(agent: u32) -> Result<(u64, u64)> {
+    Ok(program_stats(agent)?
+        .into_iter()
+        .find(|(name, _, _)| name == "sample_cpu")
+        .map_or((0, 0), |(_, time, count)| (time, count)))
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -325,7 +358,9 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let middle = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
+    if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len().is_multiple_of(2) {
         (sorted[middle - 1] + sorted[middle]) / 2.0
     } else {
         sorted[middle]
@@ -362,6 +397,13 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
         ));
     }
     table.push_str("| target for Ferroscope | ≤ x1.010 (≤ +1%) | < 1% | < 64 MiB | ≤ 2 pp | |\n");
+    let ferroscope = &results[&Mode::Ferroscope];
+    table.push_str(&format!(
+        "\nIn the kernel, Ferroscope's CPU sampler ran {:.0} ns per run (idle CPUs' samples, which it leaves at once, \
+         included), {:.3}% of the workload's CPU time (medians over runs; `bpf_stats`).\n",
+        median(&ferroscope.kernel_ns_per_run),
+        median(&ferroscope.kernel_percent_of_workload),
+    ));
     table
 }
 

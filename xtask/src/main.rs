@@ -34,8 +34,9 @@ enum Task {
     },
     /// Build, then run `ferroscope agent ARGS` (by default, profile this host into ./profiles).
     Run {
+        /// Run an unoptimized agent (for debugging the agent itself; it costs the host more).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         /// Arguments for `ferroscope agent`.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -65,8 +66,8 @@ fn main() -> Result<()> {
         Task::Build { release } => {
             build(release)?;
         }
-        Task::Run { release, args } => {
-            let agent = build(release)?;
+        Task::Run { debug, args } => {
+            let agent = build(!debug)?;
             let error = Command::new(&agent).arg("agent").args(args).exec();
             bail!("running {}: {error}", agent.display());
         }

@@ -30,8 +30,10 @@ struct CodeInfo {
 /// Symbolizes the Python frames of one process.
 ///
 /// Code objects are cached by address. An address freed and reused by another
-/// code object while still cached gets the old names: the price of not
-/// reading every code object at every sample.
+/// code object while still cached would get the old names (the kernel rejects
+/// any other type of object): the agent empties the caches every period,
+/// which bounds that to one period, at the cost of reading each code object
+/// once per period rather than once per sample.
 pub struct FrameSymbolizer {
     mem: ProcessMemory,
     layout: Layout,
@@ -50,6 +52,12 @@ impl FrameSymbolizer {
             codes: HashMap::new(),
             lines: HashMap::new(),
         }
+    }
+
+    /// Forgets every code object read so far.
+    pub fn forget_code(&mut self) {
+        self.codes.clear();
+        self.lines.clear();
     }
 
     /// The frame running `frame.code` at `frame.instr`; None when the code
