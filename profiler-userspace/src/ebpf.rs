@@ -255,20 +255,27 @@ mod tests {
         let slept = Instant::now();
         std::thread::sleep(Duration::from_millis(300));
         let slept = slept.elapsed().as_nanos() as u64;
+        let sleeps = sleeps_of(&mut events, tid);
+        assert!(sleeps.iter().all(|sample| sample.user_len > 0), "the user stack of the wait is recorded");
+        let sleeps: Vec<u64> = sleeps.iter().map(|sample| sample.off_cpu_ns).collect();
+        assert_eq!(sleeps.len(), 1, "one sleep, one sample: {sleeps:?}");
+        assert!(sleeps[0] <= slept && sleeps[0] >= slept * 9 / 10, "slept {slept} ns, sampled {sleeps:?} ns");
+        assert!(sampler.stats().unwrap().off_cpu_samples >= 1);
+    }
+
+    /// The off-CPU samples of thread `tid` sleeping, from what `events` holds.
+    fn sleeps_of(events: &mut RingBuf<MapData>, tid: u32) -> Vec<Sample> {
         let mut sleeps = Vec::new();
         while let Some(record) = events.next() {
             if record.len() >= size_of::<Sample>() && record[..4] == kind::OFF_CPU.to_ne_bytes() {
                 // SAFETY: a whole `Sample`, as the kind says.
                 let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
                 if sample.tid == tid && sample.wait == wait::SLEEP {
-                    assert!(sample.user_len > 0, "the user stack of the wait is recorded");
-                    sleeps.push(sample.off_cpu_ns);
+                    sleeps.push(sample);
                 }
             }
         }
-        assert_eq!(sleeps.len(), 1, "one sleep, one sample: {sleeps:?}");
-        assert!(sleeps[0] <= slept && sleeps[0] >= slept * 9 / 10, "slept {slept} ns, sampled {sleeps:?} ns");
-        assert!(sampler.stats().unwrap().off_cpu_samples >= 1);
+        sleeps
     }
 
     /// Sleeps far shorter than the sampling period are kept with probability
@@ -285,16 +292,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         let slept = started.elapsed().as_nanos() as f64;
-        let mut kept = Vec::new();
-        while let Some(record) = events.next() {
-            if record.len() >= size_of::<Sample>() && record[..4] == kind::OFF_CPU.to_ne_bytes() {
-                // SAFETY: a whole `Sample`, as the kind says.
-                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
-                if sample.tid == tid && sample.wait == wait::SLEEP {
-                    kept.push(sample.off_cpu_ns);
-                }
-            }
-        }
+        let kept: Vec<u64> = sleeps_of(&mut events, tid).iter().map(|sample| sample.off_cpu_ns).collect();
         assert!(kept.iter().all(|&ns| ns == period_ns), "each short sleep kept counts one period: {kept:?}");
         // ~110 kept of ~1000: 30% is about 3 standard deviations.
         let total = kept.iter().sum::<u64>() as f64;
