@@ -34,10 +34,8 @@ struct Process {
     /// Its pid in its own PID namespace, when that differs.
     container_pid: Option<u32>,
     python: Option<FrameSymbolizer>,
-    /// No CPython was found in it (rather than one that cannot be profiled):
-    /// it is looked at again when it maps new code, which may be a libpython
-    /// it loads with `dlopen` (uwsgi's Python plugin, say).
-    not_python: bool,
+    /// Whether and when to look at it again.
+    recheck: Recheck,
     /// Executable address ranges, sorted; empty when unknown.
     code: Vec<Range<u64>>,
     /// When `code` was read: it is read again, at most this often, when an
@@ -46,6 +44,24 @@ struct Process {
     exited: bool,
     threads: ThreadCounts,
 }
+
+/// When to look at a process again.
+enum Recheck {
+    Never,
+    /// No CPython was found in it: again when it maps new code, which may be
+    /// a libpython it loads with `dlopen` (uwsgi's Python plugin, say).
+    OnNewCode,
+    /// CPython still starting up (its version not yet in memory): again at
+    /// `next`, until `give_up`.
+    At {
+        next: Instant,
+        give_up: Instant,
+    },
+}
+
+/// How often, and how long, a starting CPython is looked at again.
+const STARTING_RECHECK: Duration = Duration::from_millis(50);
+const STARTING_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How often the agent reads samples from the ring buffer.
 const READ_INTERVAL: Duration = Duration::from_millis(100);
@@ -222,7 +238,7 @@ impl<'a> Agent<'a> {
                     process_name: name,
                     container_pid: None,
                     python: None,
-                    not_python: false,
+                    recheck: Recheck::Never,
                     code: Vec::new(),
                     code_read: Instant::now(),
                     exited: true,
@@ -232,9 +248,26 @@ impl<'a> Agent<'a> {
                 return;
             }
         };
-        let not_python = matches!(info.python, PythonStatus::NotPython);
+        let mut recheck = Recheck::Never;
         let python = match info.python {
-            PythonStatus::NotPython => None,
+            PythonStatus::NotPython => {
+                recheck = Recheck::OnNewCode;
+                None
+            }
+            PythonStatus::Starting(reason) => {
+                let now = Instant::now();
+                let give_up = match self.processes.get(&pid).map(|process| &process.recheck) {
+                    Some(Recheck::At { give_up, .. }) => *give_up,
+                    _ => now + STARTING_PATIENCE,
+                };
+                if now < give_up {
+                    recheck = Recheck::At { next: now + STARTING_RECHECK, give_up };
+                } else {
+                    self.summary.unsupported_processes += 1;
+                    log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
+                }
+                None
+            }
             PythonStatus::Supported(interpreter) => match sampler.add_python(pid, &interpreter.kernel) {
                 Ok(()) => {
                     self.summary.python_processes += 1;
@@ -257,7 +290,7 @@ impl<'a> Agent<'a> {
             process_name: info.process_name,
             container_pid: info.namespace_pid,
             python,
-            not_python,
+            recheck,
             code: info.code,
             code_read: Instant::now(),
             exited: false,
@@ -274,7 +307,12 @@ impl<'a> Agent<'a> {
         }
         let user = valid(&sample.user_stack, sample.user_len);
         let Some(process) = self.processes.get_mut(&pid) else { return };
-        if process.refresh_code(pid, user) && process.not_python {
+        let recheck = match process.recheck {
+            Recheck::Never => false,
+            Recheck::OnNewCode => process.refresh_code(pid, user),
+            Recheck::At { next, .. } => Instant::now() >= next,
+        };
+        if recheck {
             self.inspect(pid, &sample.comm, sampler);
         }
         let Some(process) = self.processes.get_mut(&pid) else { return };
@@ -376,7 +414,7 @@ mod tests {
             process_name: "app".into(),
             container_pid: None,
             python: None,
-            not_python: true,
+            recheck: Recheck::OnNewCode,
             code,
             code_read: Instant::now(),
             exited: false,

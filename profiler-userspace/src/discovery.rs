@@ -44,6 +44,10 @@ pub enum PythonStatus {
     Supported(Interpreter),
     /// CPython that cannot be profiled, and why.
     Unsupported(String),
+    /// CPython that has not yet written down its version (before 3.11,
+    /// `sys.version` appears in memory during start-up): look again soon; the
+    /// reason holds if it never does.
+    Starting(String),
 }
 
 /// Looks at process `pid`; fails when the process is gone.
@@ -101,11 +105,15 @@ fn split_cmdline(cmdline: &[u8]) -> Vec<String> {
     cmdline.split(|&b| b == 0).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect()
 }
 
-/// The default application name of a process started with `args`.
+/// The default application name of a process started with `args`: the
+/// script or module a `python` command runs, else the executable's name (a
+/// program embedding CPython, such as uwsgi, names itself).
 fn application_name<'a>(args: &'a [String], comm: &'a str, is_python: bool) -> &'a str {
     let executable = args.first().map(|arg| basename(arg)).filter(|name| !name.is_empty()).unwrap_or(comm);
     match args.get(1..) {
-        Some(options) if is_python => python_entry(options).map(basename).unwrap_or(executable),
+        Some(options) if is_python && executable.starts_with("python") => {
+            python_entry(options).map(basename).unwrap_or(executable)
+        }
         _ => executable,
     }
 }
@@ -341,7 +349,7 @@ fn interpreter(pid: u32, path: &str, facts: &ElfFacts, mappings: &[&Mapping]) ->
     let version = match find_version(&mem, facts, bias) {
         Ok(Some(version)) => version,
         Ok(None) => {
-            return Ok(PythonStatus::Unsupported(format!(
+            return Ok(PythonStatus::Starting(format!(
                 "CPython in {path}: version not found (no Py_Version symbol, no sys.version in memory)"
             )))
         }
@@ -446,6 +454,9 @@ mod tests {
 
     #[test]
     fn other_application_names() {
+        // A program that embeds CPython is not a `python` command.
+        assert_eq!(application_name(&args("/usr/bin/uwsgi --ini app.ini"), "uwsgi", true), "uwsgi");
+        assert_eq!(application_name(&args("./dlopener /lib/libpython3.10.so 2"), "dlopener", true), "dlopener");
         assert_eq!(application_name(&args("/usr/sbin/nginx -g daemon off;"), "nginx", false), "nginx");
         assert_eq!(application_name(&args("./run.sh app.py"), "run.sh", false), "run.sh");
         // Kernel threads have no command line.
