@@ -67,6 +67,11 @@ pub struct PyProcess {
     /// `u8::MAX` when the version has none.
     pub owner_cstack: u8,
     pub _pad: [u8; 7],
+    /// Address and size of the GIL's state (`struct _gil_runtime_state`),
+    /// whose mutexes and condition variables are the futexes a thread waiting
+    /// for the GIL blocks on; size 0 when unknown.
+    pub gil: u64,
+    pub gil_size: u64,
 }
 
 /// One Python frame as the kernel sees it; userspace turns it into a
@@ -126,10 +131,12 @@ pub mod wait {
     pub const SLEEP: u32 = 1;
     /// Waiting for a file, socket or pipe.
     pub const IO: u32 = 2;
-    /// A futex wait: a lock, condition or event (the GIL included, for now).
+    /// A futex wait: a lock, condition or event other than the GIL.
     pub const LOCK: u32 = 3;
     /// Any other system call.
     pub const OTHER: u32 = 4;
+    /// Waiting for CPython's GIL.
+    pub const GIL: u32 = 5;
 }
 
 /// One CPU sample of one thread.

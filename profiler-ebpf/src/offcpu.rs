@@ -20,8 +20,8 @@ use aya_ebpf::{
 use profiler_common::{kind, stat, wait, Sample, PY_NOT_PYTHON};
 
 use crate::{
-    capture, count, global, pid_tid, profiled, send_sample, task_u32, wakeup, EVENTS, OFF_CPU_SLOT, TASK_COMM_OFFSET,
-    TASK_TGID_OFFSET,
+    capture, count, global, pid_tid, profiled, send_sample, task_u32, wakeup, EVENTS, OFF_CPU_SLOT, PY_PROCS,
+    TASK_COMM_OFFSET, TASK_TGID_OFFSET,
 };
 
 /// CPU sampling period in ns, set by the agent.
@@ -138,7 +138,7 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
         // SAFETY: this CPU's off-CPU scratch slot.
         unsafe {
             (*sample).off_cpu_ns = ns;
-            (*sample).wait = reason(regs);
+            (*sample).wait = reason(regs, pid);
         }
         count(stat::OFF_CPU_SAMPLES);
         // Long waits often end as their process shuts down (workers told to
@@ -157,8 +157,9 @@ const REGS_SI: u64 = 104;
 const REGS_DI: u64 = 112;
 const REGS_ORIG_AX: u64 = 120;
 
-/// What a thread that blocked in the system call of `regs` waited for.
-fn reason(regs: u64) -> u32 {
+/// What a thread of process `pid` that blocked in the system call of `regs`
+/// waited for.
+fn reason(regs: u64, pid: u32) -> u32 {
     // SAFETY: kernel reads fault safely.
     let reg = |offset: u64| unsafe { bpf_probe_read_kernel((regs + offset) as *const u64) }.unwrap_or(u64::MAX);
     // x86-64 system call numbers.
@@ -175,10 +176,18 @@ fn reason(regs: u64) -> u32 {
         // pwritev, recvmmsg, sendmmsg, preadv2, pwritev2, epoll_pwait2
         0 | 1 | 7 | 17..=20 | 23 | 40 | 42..=47 | 232 | 270 | 271 | 281 | 288 | 295 | 296 | 299 | 307 | 327
         | 328 | 441 => wait::IO,
+        // futex on the GIL's state
+        202 if is_gil(pid, reg(REGS_DI)) => wait::GIL,
         // futex, futex_waitv
         202 | 449 => wait::LOCK,
         _ => wait::OTHER,
     }
+}
+
+/// Whether `futex` lies in the GIL's state of CPython process `pid`.
+fn is_gil(pid: u32, futex: u64) -> bool {
+    // SAFETY: plain data, read once.
+    unsafe { PY_PROCS.get(pid) }.is_some_and(|process| futex.wrapping_sub(process.gil) < process.gil_size)
 }
 
 /// An exiting thread neither runs nor returns from a system call again.

@@ -54,7 +54,9 @@ pub struct Thread {
 /// What a thread off the CPU waited for: the `wait` label of off-CPU time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Wait {
-    /// A futex: a lock, condition or event, and for now the GIL.
+    /// CPython's GIL (3.7 to 3.12; on 3.13+ it shows as `Lock` for now).
+    Gil,
+    /// A futex: a lock, condition or event.
     Lock,
     Sleep,
     Io,
@@ -68,6 +70,7 @@ impl Wait {
     pub fn from_kernel(code: u32) -> Self {
         use profiler_common::wait;
         match code {
+            wait::GIL => Wait::Gil,
             wait::LOCK => Wait::Lock,
             wait::SLEEP => Wait::Sleep,
             wait::IO => Wait::Io,
@@ -78,6 +81,7 @@ impl Wait {
 
     pub fn label(self) -> &'static str {
         match self {
+            Wait::Gil => "gil",
             Wait::Lock => "lock",
             Wait::Sleep => "sleep",
             Wait::Io => "io",

@@ -381,6 +381,8 @@ mod tests {
                 offsets: SYNTHETIC,
                 owner_cstack: OWNER_CSTACK,
                 _pad: [0; 7],
+                gil: 0,
+                gil_size: 0,
             }
         }
 

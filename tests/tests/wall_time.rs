@@ -82,3 +82,31 @@ fn check(profile: &Profile, pid: u32, ids: &HashMap<String, String>, elapsed: f6
     ensure!(burn_cpu >= 0.9 * pid_cpu, "burn has {burn_cpu:.3} s of the process's {pid_cpu:.3} s of CPU");
     Ok(())
 }
+
+/// `gil_contention.py`: two threads run Python code at once; each waits for the GIL about
+/// half the run, and that wait is labelled `gil` in the function that waits.
+#[test]
+fn threads_contending_for_the_gil_wait_for_it_half_the_time() -> Result<()> {
+    let agent = Agent::start(&["--period", "60s"])?;
+    let workload = Workload::start(PYENV_PYTHON_3_11, "gil_contention.py", &[&SECONDS.to_string()])?;
+    let output = workload.wait()?;
+    let run = agent.stop()?;
+    let profile = Profile::load(&profile_files(run.output_dir.path(), "gil_contention.py")?)?;
+    let tids: Vec<&str> = output.lines().filter(|line| !line.starts_with("elapsed")).collect();
+    ensure!(tids.len() == 2, "workload output: {output}");
+    for tid in tids {
+        let wall = seconds(of_thread(&profile, tid), WALL);
+        let gil = seconds(
+            of_thread(&profile, tid)
+                .filter(|sample| sample.has_function("contend") && sample.label("wait") == Some("gil")),
+            OFF_CPU,
+        );
+        ensure!(
+            (0.3..=0.7).contains(&(gil / wall)),
+            "thread {tid} waited {gil:.2} s for the GIL in contend out of {wall:.2} s of wall time, not about half; \
+             agent output:\n{}",
+            run.log
+        );
+    }
+    Ok(())
+}

@@ -42,7 +42,7 @@ const HEADER: &str = "\
 //! a C program printing `offsetof`/`sizeof` against each version's headers. Do not edit:
 //! regenerate.
 
-use super::{BytesLayout, CodeLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
+use super::{BytesLayout, CodeLayout, GilLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
 use profiler_common::{PyOffsets, NO_OFFSET};
 
 /// ((major, minor), layout)
@@ -152,6 +152,7 @@ fn entry(facts: &[(String, String)]) -> Result<String> {
             "code" => format!("CodeLayout {{ {} }}", values.join(", ")),
             "bytes" => format!("BytesLayout {{ {} }}", values.join(", ")),
             "unicode" => format!("UnicodeLayout {{ {} }}", values.join(", ")),
+            "gil" => format!("GilLayout {{ {} }}", values.join(", ")),
             _ if values.len() == 1 => values[0].clone(),
             _ => bail!("{field} printed {} times", values.len()),
         };
@@ -303,6 +304,18 @@ int main(void) {
     /* Compact strings' characters follow the struct (3.12 removed `wstr`, shrinking both). */
     N("unicode.ascii_data", sizeof(PyASCIIObject));
     N("unicode.compact_data", sizeof(PyCompactUnicodeObject));
+    /* The GIL's state, whose futexes GIL waits block on: in the runtime up to 3.11, in
+       the main interpreter (itself in the runtime) in 3.12; 3.6 keeps it in a static. */
+#if PY_VERSION_HEX >= 0x030C0000
+    N("gil.offset", offsetof(_PyRuntimeState, _main_interpreter._gil));
+    N("gil.size", sizeof(struct _gil_runtime_state));
+#elif PY_VERSION_HEX >= 0x03070000
+    N("gil.offset", offsetof(_PyRuntimeState, ceval.gil));
+    N("gil.size", sizeof(struct _gil_runtime_state));
+#else
+    N("gil.offset", 0);
+    N("gil.size", 0);
+#endif
     return 0;
 }
 "#;

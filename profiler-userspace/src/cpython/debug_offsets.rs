@@ -9,7 +9,7 @@
 //! headers. A newer minor is read with the newest shape and used only if
 //! what it says holds together.
 
-use super::layout::{BytesLayout, CodeLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
+use super::layout::{BytesLayout, CodeLayout, GilLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
 use crate::procmem::ProcessMemory;
 use profiler_common::{PyOffsets, NO_OFFSET};
 
@@ -410,6 +410,8 @@ impl Table<'_> {
                 ascii_data: ascii_size,
                 compact_data: compact_size,
             },
+            // Not read from the table yet: GIL waits show as `lock`.
+            gil: GilLayout::default(),
         })
     }
 }

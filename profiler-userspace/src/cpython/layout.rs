@@ -94,6 +94,17 @@ pub struct Layout {
     pub code: CodeLayout,
     pub bytes: BytesLayout,
     pub unicode: UnicodeLayout,
+    /// Offset from `_PyRuntime` and size of the main interpreter's GIL state
+    /// (`_PyRuntime.ceval.gil` up to 3.11, `_PyRuntime._main_interpreter._gil`
+    /// in 3.12); size 0 when unknown.
+    pub gil: GilLayout,
+}
+
+/// Where the GIL's state lies, from `_PyRuntime`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GilLayout {
+    pub offset: u64,
+    pub size: u64,
 }
 
 /// The layout of CPython `major.minor`, None when not supported. One layout

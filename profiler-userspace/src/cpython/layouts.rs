@@ -5,7 +5,7 @@
 //! a C program printing `offsetof`/`sizeof` against each version's headers. Do not edit:
 //! regenerate.
 
-use super::{BytesLayout, CodeLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
+use super::{BytesLayout, CodeLayout, GilLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
 use profiler_common::{PyOffsets, NO_OFFSET};
 
 /// ((major, minor), layout)
@@ -20,6 +20,7 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 36, filename: 96, name: 104, linetable: 112, code_adaptive: 0 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
+        gil: GilLayout { offset: 0, size: 0 },
     }),
     // CPython 3.7.16
     ((3, 7), Layout {
@@ -30,6 +31,7 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 36, filename: 96, name: 104, linetable: 112, code_adaptive: 0 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
+        gil: GilLayout { offset: 1264, size: 208 },
     }),
     // CPython 3.8.18
     ((3, 8), Layout {
@@ -40,6 +42,7 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 40, filename: 104, name: 112, linetable: 120, code_adaptive: 0 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
+        gil: GilLayout { offset: 1152, size: 208 },
     }),
     // CPython 3.9.18
     ((3, 9), Layout {
@@ -50,6 +53,7 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 40, filename: 104, name: 112, linetable: 120, code_adaptive: 0 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
+        gil: GilLayout { offset: 352, size: 208 },
     }),
     // CPython 3.10.13
     ((3, 10), Layout {
@@ -60,6 +64,7 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 40, filename: 104, name: 112, linetable: 120, code_adaptive: 0 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
+        gil: GilLayout { offset: 352, size: 208 },
     }),
     // CPython 3.11.7
     ((3, 11), Layout {
@@ -70,6 +75,7 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 72, filename: 112, name: 128, linetable: 136, code_adaptive: 184 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 48, compact_data: 72 },
+        gil: GilLayout { offset: 360, size: 208 },
     }),
     // CPython 3.12.1
     ((3, 12), Layout {
@@ -80,5 +86,6 @@ pub(super) const LAYOUTS: &[((u8, u8), Layout)] = &[
         code: CodeLayout { firstlineno: 68, filename: 112, name: 128, linetable: 136, code_adaptive: 192 },
         bytes: BytesLayout { size: 16, data: 32 },
         unicode: UnicodeLayout { length: 16, state: 32, ascii_data: 40, compact_data: 56 },
+        gil: GilLayout { offset: 77432, size: 208 },
     }),
 ];

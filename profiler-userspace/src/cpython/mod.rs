@@ -130,8 +130,15 @@ impl Interpreter {
         layout: Layout,
         free_threaded: bool,
     ) -> Interpreter {
-        let kernel =
-            PyProcess { runtime, code_type, offsets: layout.kernel, owner_cstack: layout.owner_cstack, _pad: [0; 7] };
+        let kernel = PyProcess {
+            runtime,
+            code_type,
+            offsets: layout.kernel,
+            owner_cstack: layout.owner_cstack,
+            _pad: [0; 7],
+            gil: runtime + layout.gil.offset,
+            gil_size: layout.gil.size,
+        };
         Interpreter { version, kernel, path, layout, free_threaded }
     }
 
