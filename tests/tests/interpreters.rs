@@ -4,7 +4,7 @@
 //! exec.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
@@ -40,40 +40,41 @@ fn renamed_static_interpreter_debian_python_3_11_2() -> Result<()> {
     Ok(())
 }
 
-/// Builds [`embedder.c`](../workloads/embedder.c) against pyenv's libpython 3.11 into `dir`.
-fn build_embedder(dir: &Path) -> Result<PathBuf> {
-    let embedder = dir.join("embedder");
+/// Compiles `tests/workloads/SOURCE` with `gcc_args`, runs it with `args` (and pyenv's 3.11
+/// as its Python home) under the agent, and checks that the agent found CPython 3.11.7 in
+/// it; returns the threads its `spin` samples ran on, and its pid.
+fn run_c_program(source: &str, gcc_args: &[String], args: &[&str]) -> Result<(BTreeSet<String>, u32)> {
+    let dir = tempfile::tempdir()?;
+    let binary = dir.path().join(source.trim_end_matches(".c"));
     let output = Command::new("gcc")
-        .arg(workload("embedder.c"))
-        .arg(format!("-I{PYENV_3_11}/include/python3.11"))
-        .arg(format!("-L{PYENV_3_11}/lib"))
-        .arg(format!("-Wl,-rpath,{PYENV_3_11}/lib"))
-        .args(["-lpython3.11", "-lpthread", "-o"])
-        .arg(&embedder)
+        .arg(workload(source))
+        .args(gcc_args)
+        .arg("-o")
+        .arg(&binary)
         .output()
         .context("running gcc")?;
     ensure!(output.status.success(), "gcc failed: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(embedder)
-}
-
-/// Runs the embedding program with Python in `thread` (`main` or `thread`); returns the
-/// threads its `spin` samples ran on, and its pid.
-fn run_embedder(thread: &str) -> Result<(BTreeSet<String>, u32)> {
-    let dir = tempfile::tempdir()?;
-    let embedder = build_embedder(dir.path())?;
     let agent = Agent::start(&[])?;
-    let workloads = workload("");
-    let program = Workload::start_program(
-        &embedder,
-        &[workloads.to_str().unwrap(), "2", thread],
-        // Where the embedded interpreter finds its standard library.
-        &[("PYTHONHOME", PYENV_3_11)],
-    )?;
+    // PYTHONHOME: where the embedded interpreter finds its standard library.
+    let program = Workload::start_program(&binary, args, &[("PYTHONHOME", PYENV_3_11)])?;
     let pid = program.pid();
     program.wait()?;
     let run = agent.stop()?;
     ensure!(run.log.contains(&format!("pid {pid}: CPython 3.11.7")), "agent output:\n{}", run.log);
     Ok((spin_threads(&run, pid)?, pid))
+}
+
+/// Runs [`embedder.c`](../workloads/embedder.c), linked with pyenv's libpython 3.11, with
+/// Python in its `main` thread or in a `thread` C creates.
+fn run_embedder(thread: &str) -> Result<(BTreeSet<String>, u32)> {
+    let gcc_args = [
+        format!("-I{PYENV_3_11}/include/python3.11"),
+        format!("-L{PYENV_3_11}/lib"),
+        format!("-Wl,-rpath,{PYENV_3_11}/lib"),
+        "-lpython3.11".to_owned(),
+        "-lpthread".to_owned(),
+    ];
+    run_c_program("embedder.c", &gcc_args, &[workload("").to_str().unwrap(), "2", thread])
 }
 
 #[test]
@@ -95,29 +96,9 @@ fn thread_created_by_c_in_embedded_pyenv_libpython_3_11_7() -> Result<()> {
 
 #[test]
 fn libpython_loaded_late_with_dlopen_pyenv_3_11_7() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let dlopener = dir.path().join("dlopener");
-    let output = Command::new("gcc")
-        .arg(workload("dlopener.c"))
-        .args(["-ldl", "-o"])
-        .arg(&dlopener)
-        .output()
-        .context("running gcc")?;
-    ensure!(output.status.success(), "gcc failed: {}", String::from_utf8_lossy(&output.stderr));
-    let agent = Agent::start(&[])?;
-    let libpython = format!("{PYENV_3_11}/lib/libpython3.11.so.1.0");
-    let workloads = workload("");
-    let program = Workload::start_program(
-        &dlopener,
-        &[&libpython, workloads.to_str().unwrap(), "2"],
-        &[("PYTHONHOME", PYENV_3_11)],
-    )?;
-    let pid = program.pid();
-    program.wait()?;
-    let run = agent.stop()?;
     // Seen first as a native process, then again once it mapped libpython.
-    ensure!(run.log.contains(&format!("pid {pid}: CPython 3.11.7")), "agent output:\n{}", run.log);
-    spin_threads(&run, pid)?;
+    let libpython = format!("{PYENV_3_11}/lib/libpython3.11.so.1.0");
+    run_c_program("dlopener.c", &["-ldl".to_owned()], &[&libpython, workload("").to_str().unwrap(), "2"])?;
     Ok(())
 }
 
