@@ -263,8 +263,7 @@ impl<'a> Agent<'a> {
                 if now < give_up {
                     recheck = Recheck::At { next: now + STARTING_RECHECK, give_up };
                 } else {
-                    self.summary.unsupported_processes += 1;
-                    log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
+                    self.skip_unsupported(pid, &reason);
                 }
                 None
             }
@@ -280,8 +279,7 @@ impl<'a> Agent<'a> {
                 }
             },
             PythonStatus::Unsupported(reason) => {
-                self.summary.unsupported_processes += 1;
-                log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
+                self.skip_unsupported(pid, &reason);
                 None
             }
         };
@@ -297,6 +295,12 @@ impl<'a> Agent<'a> {
             threads: ThreadCounts::new(info.threads),
         };
         self.processes.insert(pid, process);
+    }
+
+    /// Reports, once per process, a CPython that cannot be profiled.
+    fn skip_unsupported(&mut self, pid: u32, reason: &str) {
+        self.summary.unsupported_processes += 1;
+        log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
     }
 
     fn on_sample(&mut self, sample: &Sample, sampler: &mut Sampler) {
