@@ -54,7 +54,7 @@ pub struct Thread {
 /// What a thread off the CPU waited for: the `wait` label of off-CPU time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Wait {
-    /// CPython's GIL (3.7 to 3.12; on 3.13+ it shows as `Lock` for now).
+    /// CPython's GIL (3.7 and later; on 3.6 it shows as `Lock`).
     Gil,
     /// A futex: a lock, condition or event.
     Lock,

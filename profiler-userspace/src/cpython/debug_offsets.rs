@@ -17,6 +17,9 @@ use profiler_common::{PyOffsets, NO_OFFSET};
 pub const COOKIE: &[u8; 8] = b"xdebugpy";
 /// `cookie`, `version` and `free_threaded`, before the sections.
 const HEADER_LEN: usize = 24;
+/// `sizeof(struct _gil_runtime_state)` on x86-64 glibc, unchanged since 3.9
+/// (the generated 3.9-3.12 layouts measure it).
+const GIL_STATE_SIZE: u64 = 208;
 /// Largest struct size believed; a larger one means a misread table.
 const MAX_STRUCT_SIZE: u64 = 16 << 20;
 
@@ -303,7 +306,11 @@ pub fn parse(table: &[u8]) -> Result<Described, Error> {
         1 => true,
         other => return Err(fail(format!("free_threaded is {other}"))),
     };
-    let layout = Table { shape, bytes: table }.layout().map_err(fail)?;
+    let mut layout = Table { shape, bytes: table }.layout().map_err(fail)?;
+    if free_threaded {
+        // Runs without a GIL unless an extension asks for one.
+        layout.gil = GilLayout::default();
+    }
     if free_threaded && shape.offset("code_object", "co_tlbc").is_some() {
         return Err(Error::FreeThreaded(version_hex));
     }
@@ -410,9 +417,21 @@ impl Table<'_> {
                 ascii_data: ascii_size,
                 compact_data: compact_size,
             },
-            // Not read from the table yet: GIL waits show as `lock`.
-            gil: GilLayout::default(),
+            gil: self.gil()?,
         })
+    }
+
+    /// The main interpreter's GIL state: `_PyRuntime` ends with the main
+    /// interpreter (CPython keeps `_main_interpreter` its last field on
+    /// purpose), whose `_gil` the table locates.
+    fn gil(&self) -> Result<GilLayout, String> {
+        let runtime_size = self.value("runtime_state", "size")?;
+        let interp_size = self.value("interpreter_state", "size")?;
+        let main_interpreter = runtime_size.checked_sub(interp_size).ok_or_else(|| {
+            format!("the interpreter ({interp_size} bytes) is larger than the runtime ({runtime_size})")
+        })?;
+        let gil = self.offset("interpreter_state", "gil_runtime_state", GIL_STATE_SIZE)?;
+        Ok(GilLayout { offset: main_interpreter + gil, size: GIL_STATE_SIZE })
     }
 }
 
@@ -464,17 +483,19 @@ mod tests {
 
     #[test]
     fn real_tables() {
-        // (release, PY_VERSION_HEX, interpreters.head, thread_id, owner, co_code_adaptive)
+        // (release, PY_VERSION_HEX, interpreters.head, thread_id, owner, co_code_adaptive,
+        // the GIL's offset in `_PyRuntime`)
         let cases = [
-            ("3.13.0", 0x030d00f0, 632, 152, 70, 200),
-            ("3.13.18", 0x030d12f0, 632, 152, 70, 200),
-            ("3.14.10", 0x030e0af0, 808, 152, 74, 208),
-            ("3.15.2", 0x030f02f0, 936, 176, 74, 208),
+            ("3.13.0", 0x030d00f0, 632, 152, 70, 200, 96104),
+            ("3.13.18", 0x030d12f0, 632, 152, 70, 200, 96176),
+            ("3.14.10", 0x030e0af0, 808, 152, 74, 208, 98536),
+            ("3.15.2", 0x030f02f0, 936, 176, 74, 208, 128064),
         ];
-        for (release, version_hex, interpreters_head, thread_id, owner, code_adaptive) in cases {
+        for (release, version_hex, interpreters_head, thread_id, owner, code_adaptive, gil) in cases {
             let described = parse(&fixture(release)).unwrap();
             assert_eq!((described.version_hex, described.free_threaded), (version_hex, false), "{release}");
             let layout = described.layout;
+            assert_eq!(layout.gil, GilLayout { offset: gil, size: GIL_STATE_SIZE }, "{release}");
             let kernel = layout.kernel;
             assert_eq!(
                 (kernel.runtime_interpreters_head, kernel.tstate_thread_id, kernel.frame_owner),
@@ -515,6 +536,7 @@ mod tests {
     fn free_threaded_builds() {
         let free_threaded_313 = parse(&patched(fixture("3.13.0"), 16, 1)).unwrap();
         assert!(free_threaded_313.free_threaded);
+        assert_eq!(free_threaded_313.layout.gil, GilLayout::default());
         let error = parse(&patched(fixture("3.14.10"), 16, 1)).unwrap_err();
         assert_eq!(error, Error::FreeThreaded(0x030e0af0));
         assert!(error.to_string().starts_with("CPython 3.14.10 free-threaded: "), "{error}");

@@ -96,7 +96,7 @@ pub struct Layout {
     pub unicode: UnicodeLayout,
     /// Offset from `_PyRuntime` and size of the main interpreter's GIL state
     /// (`_PyRuntime.ceval.gil` up to 3.11, `_PyRuntime._main_interpreter._gil`
-    /// in 3.12); size 0 when unknown.
+    /// from 3.12); size 0 when unknown (3.6, free-threaded builds).
     pub gil: GilLayout,
 }
 
