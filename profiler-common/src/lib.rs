@@ -115,11 +115,6 @@ pub mod kind {
     /// `off_cpu_ns`, taken as it returned to user space (or, when it was
     /// preempted, as it got the CPU back, without stacks).
     pub const OFF_CPU: u32 = 4;
-    /// A [`super::ProcessEvent`]: a profiled process started a thread.
-    pub const THREAD_START: u32 = 5;
-    /// A [`super::ProcessEvent`]: a thread (not the leader) of a profiled
-    /// process exited.
-    pub const THREAD_EXIT: u32 = 6;
 }
 
 /// Why a thread was off the CPU, in [`Sample::wait`]: from the system call it
@@ -184,6 +179,17 @@ pub struct ProcessEvent {
     pub comm: [u8; 16],
 }
 
+/// Threads a process started and ended (its leader aside), counted per CPU
+/// by the kernel in `THREAD_TALLY` from its exec or from when the agent
+/// started, whichever is later: userspace sums the CPUs and takes the
+/// difference per period.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadTally {
+    pub started: u32,
+    pub ended: u32,
+}
+
 /// Counters in the per-CPU `STATS` array, summed by userspace.
 pub mod stat {
     /// Samples taken (idle CPUs excluded).
@@ -223,4 +229,6 @@ pub mod config {
 mod pod {
     // SAFETY: plain `repr(C)` data with explicit padding, valid for any bytes.
     unsafe impl aya::Pod for super::PyProcess {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ThreadTally {}
 }

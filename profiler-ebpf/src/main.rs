@@ -17,11 +17,13 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, perf_event},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, PerfEventContext},
     EbpfContext,
 };
-use profiler_common::{kind, stat, ProcessEvent, PyProcess, Sample, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON};
+use profiler_common::{
+    kind, stat, ProcessEvent, PyProcess, Sample, ThreadTally, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON,
+};
 
 /// Set by the agent before load: 1 limits sampling to the pids in `TARGETS`.
 #[no_mangle]
@@ -69,6 +71,16 @@ static PY_PROCS: HashMap<u32, PyProcess> = HashMap::with_max_entries(8192, 0);
 /// With `FILTER_PIDS`, the processes to sample.
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Threads started and ended per process, for every process on the host:
+/// counting from the start (not from when the agent first looks at a
+/// process) makes the counts exact, and threads start rarely enough that
+/// the cost does not show. Per CPU, as threads of one process start and end
+/// on several CPUs at once (this target has no atomic add). The agent
+/// removes the entry of a process it knew once it has read it after the
+/// exit; the LRU drops the others.
+#[map]
+static THREAD_TALLY: LruPerCpuHashMap<u32, ThreadTally> = LruPerCpuHashMap::with_max_entries(16384, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -209,6 +221,9 @@ pub fn process_exec(_ctx: BtfTracePointContext) -> i32 {
     let (pid, _) = pid_tid();
     let _ = KNOWN.remove(pid);
     let _ = PY_PROCS.remove(pid);
+    // The other threads are gone (counted as ended): a new program starts
+    // with its own count.
+    let _ = THREAD_TALLY.remove(pid);
     0
 }
 
@@ -217,27 +232,45 @@ pub fn process_exit(_ctx: BtfTracePointContext) -> i32 {
     let (pid, tid) = pid_tid();
     offcpu::forget(tid);
     // Every thread exits through here; the process ends with its leader.
-    if pid == tid {
-        if KNOWN.remove(pid).is_ok() {
-            let _ = PY_PROCS.remove(pid);
-            send_process_event(kind::EXIT, pid);
-        }
-    } else if profiled(pid) {
-        send_process_event(kind::THREAD_EXIT, pid);
+    if pid != tid {
+        tally(pid, |tally| &mut tally.ended);
+    } else if KNOWN.remove(pid).is_ok() {
+        let _ = PY_PROCS.remove(pid);
+        // Its `THREAD_TALLY` stays for the agent to read.
+        send_process_event(kind::EXIT, pid);
+    } else {
+        let _ = THREAD_TALLY.remove(pid);
     }
     0
 }
 
-/// Runs in the parent: a child with the parent's tgid is a new thread.
+/// Runs in the parent: a child with the parent's tgid is a new thread, any
+/// other child a new process, whose pid may have served another before.
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn process_fork(ctx: BtfTracePointContext) -> i32 {
     let (pid, _) = pid_tid();
     // Argument 1 of sched_process_fork is the child task.
     let child: u64 = ctx.arg(1);
-    if task_u32(child, &TASK_TGID_OFFSET) == Some(pid) && profiled(pid) {
-        send_process_event(kind::THREAD_START, pid);
+    match task_u32(child, &TASK_TGID_OFFSET) {
+        Some(tgid) if tgid == pid => tally(pid, |tally| &mut tally.started),
+        Some(tgid) => {
+            let _ = THREAD_TALLY.remove(tgid);
+        }
+        None => {}
     }
     0
+}
+
+/// Adds one to a counter of this CPU's `THREAD_TALLY` of `pid`.
+fn tally(pid: u32, counter: fn(&mut ThreadTally) -> &mut u32) {
+    if THREAD_TALLY.get_ptr_mut(pid).is_none() {
+        let _ = THREAD_TALLY.insert(pid, ThreadTally::default(), BPF_NOEXIST as u64);
+    }
+    if let Some(tally) = THREAD_TALLY.get_ptr_mut(pid) {
+        // SAFETY: this CPU's slot of a map value; the program runs with
+        // preemption off.
+        unsafe { *counter(&mut *tally) += 1 };
+    }
 }
 
 #[cfg(not(test))]

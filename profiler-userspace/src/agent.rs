@@ -10,20 +10,20 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{kind, ProcessEvent, Sample, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED};
+use profiler_common::{kind, ProcessEvent, Sample, ThreadTally, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
 
 use crate::{
-    aggregate::{Aggregator, Frame, Thread, Wait},
+    aggregate::{Aggregator, Frame, ProcessThreads, Thread, ThreadCounts, Wait},
     config::Settings,
     cpython::FrameSymbolizer,
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, Sampler},
     sinks::LocalDir,
-    summary::{PeriodSummary, ThreadCounts},
+    summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
 
@@ -42,7 +42,8 @@ struct Process {
     /// address falls outside it (a library loaded since, or garbage).
     code_read: Instant,
     exited: bool,
-    threads: ThreadCounts,
+    /// The kernel's thread tally at the end of the last period.
+    threads_seen: ThreadTally,
 }
 
 /// When to look at a process again.
@@ -154,7 +155,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         // Samples already in the ring belong to the period that ends now.
         agent.drain(events.get_mut(), &mut sampler);
         let stats = sampler.stats()?;
-        agent.finish_period(&sink, stats, stats_before);
+        agent.finish_period(&sink, &mut sampler, stats, stats_before);
         stats_before = stats;
         if stop {
             return Ok(());
@@ -201,19 +202,13 @@ impl<'a> Agent<'a> {
                     let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
                     self.on_sample(&sample, sampler);
                 }
-                kind::NEW_PROCESS | kind::EXIT | kind::THREAD_START | kind::THREAD_EXIT
-                    if record.len() >= size_of::<ProcessEvent>() =>
-                {
+                kind::NEW_PROCESS | kind::EXIT if record.len() >= size_of::<ProcessEvent>() => {
                     // SAFETY: as above, for a `ProcessEvent`.
                     let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
                     if event.kind == kind::NEW_PROCESS {
                         self.inspect(event.pid, &event.comm, sampler);
                     } else if let Some(process) = self.processes.get_mut(&event.pid) {
-                        match event.kind {
-                            kind::EXIT => process.exited = true,
-                            kind::THREAD_START => process.threads.started(),
-                            _ => process.threads.ended(),
-                        }
+                        process.exited = true;
                     }
                 }
                 _ => log::warn!("unexpected record of kind {kind} and {} bytes from the kernel", record.len()),
@@ -242,7 +237,7 @@ impl<'a> Agent<'a> {
                     code: Vec::new(),
                     code_read: Instant::now(),
                     exited: true,
-                    threads: ThreadCounts::default(),
+                    threads_seen: ThreadTally::default(),
                 };
                 self.processes.insert(pid, process);
                 return;
@@ -283,6 +278,9 @@ impl<'a> Agent<'a> {
                 None
             }
         };
+        // Looked at again (still starting, or new code): its threads were
+        // counted up to the last period end all the same.
+        let threads_seen = self.processes.get(&pid).map_or_else(ThreadTally::default, |known| known.threads_seen);
         let process = Process {
             application: info.application,
             process_name: info.process_name,
@@ -292,7 +290,7 @@ impl<'a> Agent<'a> {
             code: info.code,
             code_read: Instant::now(),
             exited: false,
-            threads: ThreadCounts::new(info.threads),
+            threads_seen,
         };
         self.processes.insert(pid, process);
     }
@@ -362,9 +360,9 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn finish_period(&mut self, sink: &LocalDir, stats: KernelStats, before: KernelStats) {
+    fn finish_period(&mut self, sink: &LocalDir, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
         let end = SystemTime::now();
-        let profiles = self.aggregator.finish_period(end);
+        let mut profiles = self.aggregator.finish_period(end);
         let mut summary = std::mem::take(&mut self.summary);
         summary.samples_dropped = stats.samples_dropped - before.samples_dropped;
         summary.events_dropped = stats.events_dropped - before.events_dropped;
@@ -373,10 +371,26 @@ impl<'a> Agent<'a> {
             .processes
             .iter_mut()
             .filter(|(pid, process)| process.python.is_some() || self.settings.pids.contains(pid))
-            .map(|(&pid, process)| (pid, process.process_name.clone(), process.threads.finish_period()))
+            .map(|(&pid, process)| {
+                let tally = sampler.thread_tally(pid);
+                let live = if process.exited { 0 } else { discovery::live_threads(pid).unwrap_or(0) };
+                let counts = ThreadCounts::between(process.threads_seen, tally, live);
+                process.threads_seen = tally;
+                (
+                    process.application.clone(),
+                    ProcessThreads { pid, process_name: process.process_name.clone(), counts },
+                )
+            })
             .collect();
-        threads.sort_by_key(|(pid, _, _)| *pid);
-        summary.threads = threads;
+        threads.sort_by_key(|(_, threads)| threads.pid);
+        for profile in &mut profiles {
+            profile.threads = threads
+                .iter()
+                .filter(|(application, _)| **application == *profile.application)
+                .map(|(_, threads)| threads.clone())
+                .collect();
+        }
+        summary.threads = threads.into_iter().map(|(_, threads)| threads).collect();
         for profile in &profiles {
             match sink.write(profile) {
                 Ok(written) => {
@@ -390,6 +404,7 @@ impl<'a> Agent<'a> {
         let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
         for pid in exited {
             self.processes.remove(&pid);
+            sampler.forget_threads(pid);
             self.native.forget_process(pid);
         }
         for python in self.processes.values_mut().filter_map(|process| process.python.as_mut()) {
@@ -422,7 +437,7 @@ mod tests {
             code,
             code_read: Instant::now(),
             exited: false,
-            threads: ThreadCounts::default(),
+            threads_seen: ThreadTally::default(),
         }
     }
 

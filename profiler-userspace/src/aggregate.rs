@@ -6,6 +6,8 @@ use std::{
     time::SystemTime,
 };
 
+use profiler_common::ThreadTally;
+
 /// Where a frame comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrameKind {
@@ -116,6 +118,33 @@ pub struct StackValue {
     pub off_cpu_ns: u64,
 }
 
+/// The threads of one process over a period: a thread leak shows as a
+/// `live` count that grows period after period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCounts {
+    pub live: u32,
+    pub started: u32,
+    pub ended: u32,
+}
+
+impl ThreadCounts {
+    /// The counts of a period from the kernel's tallies at its start and end
+    /// and the threads live at its end. A tally smaller than the one before
+    /// belongs to a new program (an exec), counted from zero.
+    pub fn between(start: ThreadTally, end: ThreadTally, live: u32) -> Self {
+        let since = |end: u32, start: u32| end.checked_sub(start).unwrap_or(end);
+        ThreadCounts { live, started: since(end.started, start.started), ended: since(end.ended, start.ended) }
+    }
+}
+
+/// The threads of one process of an application, over a period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessThreads {
+    pub pid: u32,
+    pub process_name: Arc<str>,
+    pub counts: ThreadCounts,
+}
+
 /// Everything sampled for one application over one period.
 #[derive(Debug)]
 pub struct PeriodProfile {
@@ -132,6 +161,8 @@ pub struct PeriodProfile {
     pub frames: Vec<Frame>,
     frame_ids: HashMap<Frame, FrameId>,
     pub stacks: HashMap<StackKey, StackValue>,
+    /// Threads of the application's processes, by pid.
+    pub threads: Vec<ProcessThreads>,
 }
 
 impl PeriodProfile {
@@ -151,6 +182,7 @@ impl PeriodProfile {
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             stacks: HashMap::new(),
+            threads: Vec::new(),
         }
     }
 
@@ -239,6 +271,16 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_counts_are_the_difference_of_two_tallies() {
+        let tally = |started, ended| ThreadTally { started, ended };
+        let counts = ThreadCounts::between(tally(5, 2), tally(9, 3), 8);
+        assert_eq!(counts, ThreadCounts { live: 8, started: 4, ended: 1 });
+        // After an exec the kernel counts again from zero.
+        let counts = ThreadCounts::between(tally(5, 2), tally(1, 0), 2);
+        assert_eq!(counts, ThreadCounts { live: 2, started: 1, ended: 0 });
+    }
 
     fn python(name: &str, line: u32) -> Frame {
         Frame { kind: FrameKind::Python, function: name.into(), file: "app.py".into(), start_line: 1, line }

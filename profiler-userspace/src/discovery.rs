@@ -34,8 +34,6 @@ pub struct ProcessInfo {
     /// The process's id in its own PID namespace (a container's), when it
     /// differs from the host's.
     pub namespace_pid: Option<u32>,
-    /// Threads alive when it was looked at (`/proc/PID/task`).
-    pub threads: u32,
 }
 
 #[derive(Debug)]
@@ -48,6 +46,11 @@ pub enum PythonStatus {
     /// `sys.version` appears in memory during start-up): look again soon; the
     /// reason holds if it never does.
     Starting(String),
+}
+
+/// Threads alive in process `pid` (`/proc/PID/task`); None when it is gone.
+pub fn live_threads(pid: u32) -> Option<u32> {
+    Some(fs::read_dir(format!("/proc/{pid}/task")).ok()?.count() as u32)
 }
 
 /// Looks at process `pid`; fails when the process is gone.
@@ -65,7 +68,6 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         python,
         code: executable_ranges(&maps),
         namespace_pid: namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status"))?),
-        threads: fs::read_dir(format!("/proc/{pid}/task"))?.count() as u32,
     })
 }
 

@@ -3,14 +3,14 @@
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         BtfTracePoint, PerfEvent,
     },
     Btf, Ebpf, EbpfLoader,
 };
-use profiler_common::{config, stat, PyProcess};
+use profiler_common::{config, stat, PyProcess, ThreadTally};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
 
@@ -19,6 +19,7 @@ pub struct Sampler {
     /// Keeps programs and links alive; dropping it detaches everything.
     _ebpf: Ebpf,
     py_procs: HashMap<MapData, u32, PyProcess>,
+    thread_tally: PerCpuHashMap<MapData, u32, ThreadTally>,
     stats: PerCpuArray<MapData, u64>,
     pub cpus: usize,
 }
@@ -104,6 +105,7 @@ impl Sampler {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let sampler = Sampler {
             py_procs: HashMap::try_from(ebpf.take_map("PY_PROCS").context("map PY_PROCS")?)?,
+            thread_tally: PerCpuHashMap::try_from(ebpf.take_map("THREAD_TALLY").context("map THREAD_TALLY")?)?,
             stats: PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS")?)?,
             _ebpf: ebpf,
             cpus: cpus.len(),
@@ -114,6 +116,22 @@ impl Sampler {
     /// Lets the kernel walk the Python stacks of `pid`.
     pub fn add_python(&mut self, pid: u32, process: &PyProcess) -> Result<()> {
         self.py_procs.insert(pid, process, 0).with_context(|| format!("cannot register CPython process {pid}"))
+    }
+
+    /// The threads `pid` started and ended since its exec or since the
+    /// agent started; none if it started none.
+    pub fn thread_tally(&self, pid: u32) -> ThreadTally {
+        let per_cpu = self.thread_tally.get(&pid, 0);
+        per_cpu.iter().flat_map(|values| values.iter()).fold(ThreadTally::default(), |sum, cpu| ThreadTally {
+            started: sum.started + cpu.started,
+            ended: sum.ended + cpu.ended,
+        })
+    }
+
+    /// Drops the thread tally of a process that exited, once read.
+    pub fn forget_threads(&mut self, pid: u32) {
+        // Absent when it started no thread.
+        let _ = self.thread_tally.remove(&pid);
     }
 
     pub fn stats(&self) -> Result<KernelStats> {

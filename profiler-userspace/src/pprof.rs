@@ -10,7 +10,7 @@ use std::{
 
 use prost::Message;
 
-use crate::aggregate::{Frame, FrameId, FrameKind, PeriodProfile, StackKey, Wait};
+use crate::aggregate::{Frame, FrameId, FrameKind, PeriodProfile, ProcessThreads, StackKey, Wait};
 
 /// The serialized `Profile` message, not compressed: files and most receivers
 /// want it gzipped, some compress it their own way.
@@ -64,6 +64,18 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
             }
         })
         .collect();
+    // Thread counts are per process, not per stack: pprof's comments carry
+    // them (`go tool pprof -comments`), in a form a script can split.
+    let comment = profile
+        .threads
+        .iter()
+        .map(|ProcessThreads { pid, process_name, counts }| {
+            tables.string(&format!(
+                "threads pid={pid} process_name={process_name} live={} started={} ended={}",
+                counts.live, counts.started, counts.ended
+            ))
+        })
+        .collect();
 
     proto::Profile {
         sample_type,
@@ -76,6 +88,7 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
         period_type: Some(cpu),
         period: int(profile.sample_period_ns),
         default_sample_type,
+        comment,
         ..Default::default()
     }
 }
@@ -182,7 +195,7 @@ mod tests {
     use std::{collections::BTreeMap, io::Write, path::Path, process::Command, time::Duration};
 
     use super::*;
-    use crate::aggregate::Thread;
+    use crate::aggregate::{Thread, ThreadCounts};
 
     fn frame(kind: FrameKind, function: &str, file: &str, start_line: u32, line: u32) -> Frame {
         Frame { kind, function: function.into(), file: file.into(), start_line, line }
@@ -213,6 +226,8 @@ mod tests {
         profile.add(&[crunch(14), main.clone()], &main_thread);
         profile.add(&[syscall, write, crunch(14), main], &worker);
         profile.add(&[crunch(12), truncated], &worker);
+        let counts = ThreadCounts { live: 2, started: 1, ended: 0 };
+        profile.threads = vec![ProcessThreads { pid: 42, process_name: "python3.12".into(), counts }];
         profile
     }
 
@@ -283,7 +298,8 @@ mod tests {
         assert_eq!(decoded.duration_nanos, 10_000_000_000);
         assert!(decoded.mapping.is_empty());
         assert_eq!((decoded.drop_frames, decoded.keep_frames), (0, 0));
-        assert!(decoded.comment.is_empty());
+        let comments: Vec<_> = decoded.comment.iter().map(|&id| string(id)).collect();
+        assert_eq!(comments, ["threads pid=42 process_name=python3.12 live=2 started=1 ended=0"]);
 
         assert_eq!(decoded.function.len(), 5, "one function per name, file and start line");
         assert_eq!(decoded.location.len(), 6, "one location per function and line");

@@ -3,46 +3,15 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use crate::aggregate::{Frame, FrameKind, PeriodProfile, Wait};
+use crate::aggregate::{Frame, FrameKind, PeriodProfile, ProcessThreads, Wait};
 
 /// Functions listed per period.
 const TOP_FUNCTIONS: usize = 5;
 /// Processes whose threads are listed per period.
 const THREAD_LINES: usize = 10;
-
-/// The threads of one process over a period.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ThreadCounts {
-    pub live: u32,
-    pub started: u32,
-    pub ended: u32,
-}
-
-impl ThreadCounts {
-    pub fn new(live: u32) -> Self {
-        ThreadCounts { live, ..Default::default() }
-    }
-
-    pub fn started(&mut self) {
-        self.live += 1;
-        self.started += 1;
-    }
-
-    pub fn ended(&mut self) {
-        self.live = self.live.saturating_sub(1);
-        self.ended += 1;
-    }
-
-    /// The counts of the period that ends; the next one starts with the
-    /// same live threads.
-    pub fn finish_period(&mut self) -> ThreadCounts {
-        std::mem::replace(self, ThreadCounts::new(self.live))
-    }
-}
 
 /// Counts of one period, filled while it runs.
 #[derive(Debug, Default)]
@@ -58,8 +27,8 @@ pub struct PeriodSummary {
     pub profiles_written: u64,
     /// Off-CPU samples (kept waits).
     pub off_cpu_samples: u64,
-    /// Per profiled process: pid, name, threads.
-    pub threads: Vec<(u32, Arc<str>, ThreadCounts)>,
+    /// Per profiled process, by pid.
+    pub threads: Vec<ProcessThreads>,
 }
 
 impl PeriodSummary {
@@ -100,10 +69,10 @@ impl PeriodSummary {
         if profiles.iter().any(|profile| profile.wall) {
             text += &off_cpu_line(profiles, self.off_cpu_samples);
         }
-        for (pid, name, threads) in self.threads.iter().take(THREAD_LINES) {
+        for ProcessThreads { pid, process_name, counts } in self.threads.iter().take(THREAD_LINES) {
             text += &format!(
-                "  threads of pid {pid} ({name}): {} live, {} started, {} ended\n",
-                threads.live, threads.started, threads.ended
+                "  threads of pid {pid} ({process_name}): {} live, {} started, {} ended\n",
+                counts.live, counts.started, counts.ended
             );
         }
         if self.threads.len() > THREAD_LINES {
@@ -178,7 +147,7 @@ mod tests {
     use std::{collections::BTreeMap, time::Duration};
 
     use super::*;
-    use crate::aggregate::Thread;
+    use crate::aggregate::{Thread, ThreadCounts};
 
     #[test]
     fn names_python_functions_before_native_leaves() {
@@ -208,18 +177,14 @@ mod tests {
         profile.wall = true;
         profile.add_off_cpu(std::slice::from_ref(&crunch), &thread, Wait::Sleep, 2_000_000_000);
         profile.add_off_cpu(std::slice::from_ref(&crunch), &thread, Wait::Io, 500_000_000);
-        let mut threads = ThreadCounts::new(2);
-        threads.started();
-        threads.started();
-        threads.ended();
+        let counts = ThreadCounts { live: 3, started: 2, ended: 1 };
         let summary = PeriodSummary {
             samples: 4,
             profiles_written: 1,
             off_cpu_samples: 3,
-            threads: vec![(1, "python".into(), threads.finish_period())],
+            threads: vec![ProcessThreads { pid: 1, process_name: "python".into(), counts }],
             ..Default::default()
         };
-        assert_eq!(threads, ThreadCounts::new(3), "a period starts with the live threads only");
         let text = summary.render(&[profile], Path::new("./profiles"));
         assert!(
             text.starts_with("ferroscope: 01:00:00 to 01:00:45: 1 processes in 1 applications, 4 samples, 0 dropped\n"),

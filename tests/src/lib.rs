@@ -348,6 +348,18 @@ pub fn profile_files(output_dir: &Path, application: &str) -> Result<Vec<PathBuf
     Ok(files)
 }
 
+/// The comments of a pprof file, as `go tool pprof -comments` prints them.
+pub fn comments(file: &Path) -> Result<Vec<String>> {
+    let output = Command::new("go").args(["tool", "pprof", "-comments"]).arg(file).output()?;
+    ensure!(
+        output.status.success(),
+        "go tool pprof -comments {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.lines().map(str::to_owned).collect())
+}
+
 /// Every file under `dir`.
 fn list_tree(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();

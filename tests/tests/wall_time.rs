@@ -5,7 +5,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{ensure, Context, Result};
 use e2e::{
-    installed, profile_files, Agent, Profile, Sample, Workload, DEBIAN_ROOT, PYENV_PYTHON_3_11, PYENV_PYTHON_3_13,
+    comments, installed, profile_files, Agent, Profile, Sample, Workload, DEBIAN_ROOT, PYENV_PYTHON_3_11,
+    PYENV_PYTHON_3_13,
 };
 
 const SECONDS: f64 = 4.0;
@@ -141,5 +142,46 @@ fn check_gil_contention(container_root: Option<&str>, python: &str) -> Result<()
             run.log
         );
     }
+    Ok(())
+}
+
+/// `thread_leak.py` starts two threads every 0.25 s and leaves one running: the threads
+/// started, ended and live per period, in each pprof's comments, show the leak.
+#[test]
+fn thread_counts_per_period_show_a_thread_leak() -> Result<()> {
+    let agent = Agent::start(&["--period", "1s"])?;
+    let workload = Workload::start(PYENV_PYTHON_3_11, "thread_leak.py", &["4"])?;
+    let pid = workload.pid().to_string();
+    let output = workload.wait()?;
+    let run = agent.stop()?;
+    let expected_started: u32 = output.trim().strip_prefix("started ").context("workload output")?.parse()?;
+    let mut periods = Vec::new();
+    for file in profile_files(run.output_dir.path(), "thread_leak.py")? {
+        for comment in comments(&file)? {
+            let fields: HashMap<&str, &str> = comment
+                .strip_prefix("threads ")
+                .into_iter()
+                .flat_map(|rest| rest.split(' '))
+                .filter_map(|field| field.split_once('='))
+                .collect();
+            if fields.get("pid") == Some(&pid.as_str()) {
+                let count = |key: &str| -> Result<u32> { Ok(fields.get(key).context("comment {comment:?}")?.parse()?) };
+                periods.push((count("live")?, count("started")?, count("ended")?));
+            }
+        }
+    }
+    eprintln!("(live, started, ended) per period: {periods:?}");
+    let started: u32 = periods.iter().map(|(_, started, _)| started).sum();
+    ensure!(
+        started == expected_started,
+        "{started} threads started, not {expected_started}; agent output:\n{}",
+        run.log
+    );
+    // The short-lived threads ended while the others stayed: the live count grows
+    // period after period up to the main thread and the 16 leaked ones.
+    let live: Vec<u32> = periods.iter().map(|(live, _, _)| *live).collect();
+    let peak = live.iter().copied().max().unwrap_or(0);
+    ensure!(peak > expected_started / 2, "at most {peak} live threads; agent output:\n{}", run.log);
+    ensure!(live.windows(2).filter(|pair| pair[1] > pair[0]).count() >= 2, "no growing thread count in {live:?}");
     Ok(())
 }

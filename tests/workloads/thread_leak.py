@@ -1,0 +1,27 @@
+"""A thread leak: every 0.25 s for SECONDS, starts two threads; one ends at
+once, the other waits until the end. Live threads grow by one per 0.25 s.
+
+Prints `started N` when all are started."""
+import sys
+import threading
+import time
+
+
+def leaked(release):
+    release.wait()
+
+
+def short_lived():
+    pass
+
+
+if __name__ == "__main__":
+    seconds = float(sys.argv[1])
+    release = threading.Event()
+    rounds = int(seconds / 0.25)
+    for _ in range(rounds):
+        threading.Thread(target=leaked, args=(release,)).start()
+        threading.Thread(target=short_lived).start()
+        time.sleep(0.25)
+    print("started", 2 * rounds, flush=True)
+    release.set()
