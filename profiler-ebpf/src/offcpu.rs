@@ -42,12 +42,15 @@ struct OffCpu {
     preempted: u64,
 }
 
-/// Thread id → when it left the CPU. LRU: an entry of a thread that never
-/// runs again is not kept forever.
+/// Thread id → when it left the CPU; `since_ns` 0 while it runs. Entries
+/// are updated in place and removed only when the thread exits: an insert or
+/// a removal in an LRU map costs several times a lookup. LRU: an entry of a
+/// thread that never runs again is not kept forever.
 #[map]
 static OFF_CPU_START: LruHashMap<u32, OffCpu> = LruHashMap::with_max_entries(65536, 0);
 
-/// Thread id → off-CPU ns kept, to sample at its next `sys_exit`.
+/// Thread id → off-CPU ns kept, to sample at its next `sys_exit`; 0 when
+/// none. In place, as above.
 #[map]
 static PENDING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -62,19 +65,27 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let prev_state: u64 = ctx.arg(3);
     let prev_state = prev_state & 0xffff_ffff;
     if tid != 0 && prev_state & TASK_DEAD == 0 && profiled(pid) {
-        let preempted = u64::from(preempt & 1 != 0 || prev_state == 0);
-        let _ = OFF_CPU_START.insert(tid, OffCpu { since_ns: now, preempted }, 0);
+        let off_cpu = OffCpu { since_ns: now, preempted: u64::from(preempt & 1 != 0 || prev_state == 0) };
+        match OFF_CPU_START.get_ptr_mut(tid) {
+            // SAFETY: a valid map value.
+            Some(entry) => unsafe { *entry = off_cpu },
+            None => {
+                let _ = OFF_CPU_START.insert(tid, off_cpu, 0);
+            }
+        }
     }
     let Some(next_tid) = task_u32(next, &TASK_PID_OFFSET) else { return 0 };
-    let Some(off_cpu) = OFF_CPU_START.get_ptr(next_tid) else { return 0 };
-    // SAFETY: a valid map value; copied before the entry is removed.
-    let off_cpu = unsafe { *off_cpu };
-    let _ = OFF_CPU_START.remove(next_tid);
+    let Some(entry) = OFF_CPU_START.get_ptr_mut(next_tid) else { return 0 };
+    // SAFETY: a valid map value, copied, then marked as running.
+    let off_cpu = unsafe { core::mem::replace(&mut *entry, OffCpu { since_ns: 0, preempted: 0 }) };
+    if off_cpu.since_ns == 0 {
+        return 0;
+    }
     let Some(ns) = kept(now.saturating_sub(off_cpu.since_ns)) else { return 0 };
     if off_cpu.preempted != 0 {
         send_preempted(next, next_tid, ns, now);
     } else if let Some(pending) = PENDING.get_ptr_mut(next_tid) {
-        // Woken within one system call several times (a futex retried).
+        // Added: woken within one system call several times (a futex retried).
         // SAFETY: a valid map value.
         unsafe { *pending += ns };
     } else {
@@ -129,10 +140,12 @@ fn send_preempted(task: u64, tid: u32, ns: u64, now: u64) {
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let (pid, tid) = pid_tid();
-    let Some(pending) = PENDING.get_ptr(tid) else { return 0 };
-    // SAFETY: a valid map value; copied before the entry is removed.
-    let ns = unsafe { *pending };
-    let _ = PENDING.remove(tid);
+    let Some(pending) = PENDING.get_ptr_mut(tid) else { return 0 };
+    // SAFETY: a valid map value, taken.
+    let ns = unsafe { core::mem::take(&mut *pending) };
+    if ns == 0 {
+        return 0;
+    }
     let regs: u64 = ctx.arg(0);
     if let Some(sample) = capture(&ctx, OFF_CPU_SLOT, kind::OFF_CPU, pid, tid) {
         // SAFETY: this CPU's off-CPU scratch slot.

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the known-split workload run bare, under Ferroscope and under py-spy,
 //! alternating, to measure slowdown, the agent's own cost, and attribution error; then a
-//! switch-heavy workload bare and under Ferroscope, for the cost of measuring off-CPU time.
+//! switch-heavy and a sleep-heavy workload, bare, under Ferroscope and under py-spy --idle,
+//! for the cost of measuring off-CPU time.
 
 use std::collections::HashMap;
 use std::fs;
@@ -21,9 +22,12 @@ pub struct Options {
     /// Rounds of work per run (~90 rounds per second with CPython 3.11).
     #[arg(long, default_value_t = 450)]
     rounds: u32,
-    /// Round trips of the switch-heavy workload per run.
-    #[arg(long, default_value_t = 300_000)]
+    /// Round trips of the switch-heavy workload (`pingpong.py`) per run.
+    #[arg(long, default_value_t = 100_000)]
     switches: u32,
+    /// Sleeps of the sleep-heavy workload (`sleepy.py`) per run.
+    #[arg(long, default_value_t = 8_000)]
+    sleeps: u32,
 }
 
 /// The sampling rate of both profilers.
@@ -86,59 +90,100 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let table = table(&results);
     println!("{table}");
-    let switches = switch_table(options, &agent)?;
+    let wall = wall_table(options, &agent)?;
     drop(bpf_stats);
-    println!("{switches}");
-    write_report(options, &load_average, &table, &switches)
+    println!("{wall}");
+    write_report(options, &load_average, &table, &wall)
 }
 
-/// `pingpong.py`: two threads passing a byte through pipes, each blocking once per round
-/// trip, bare and under Ferroscope; the run time and run count of each of the agent's
-/// programs over the runs under it (with the kernel's BPF statistics on).
-fn switch_table(options: &Options, agent_bin: &Path) -> Result<String> {
-    let rounds = options.switches.to_string();
-    let pingpong = || -> Result<f64> {
-        Ok(workload_times(&Workload::start(PYENV_PYTHON_3_11, "pingpong.py", &["--rounds", &rounds])?.wait()?)?.0)
-    };
-    let (mut bare, mut under) = (Vec::new(), Vec::new());
+/// The workloads of the wall-time benchmark: script and its argument.
+fn wall_workloads(options: &Options) -> [(&'static str, String); 2] {
+    [("pingpong.py", options.switches.to_string()), ("sleepy.py", options.sleeps.to_string())]
+}
+
+/// Off-CPU time on workloads that leave the CPU often (`pingpong.py`, two processes passing
+/// a byte through pipes; `sleepy.py`, short work and 0.5 ms sleeps), bare, under Ferroscope
+/// (wall time on, as by default) and under py-spy `--idle`, in rotating order: the slowdown
+/// of each, and the run time and run count of each of the agent's programs over the runs
+/// under it (with the kernel's BPF statistics on).
+fn wall_table(options: &Options, agent_bin: &Path) -> Result<String> {
+    let mut table = String::from(
+        "| workload | bare (median) | Ferroscope, wall time on | py-spy 0.4.3 --idle --nonblocking |\n|---|---|---|---|\n",
+    );
     let mut programs: Vec<(String, u64, u64)> = Vec::new();
-    for _ in 0..options.runs {
-        let elapsed_bare = pingpong()?;
-        let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
-        let before = program_stats(agent.pid())?;
-        let elapsed = pingpong()?;
-        let after = program_stats(agent.pid())?;
-        agent.stop()?;
-        for ((name, time, count), (_, time_before, count_before)) in after.into_iter().zip(before) {
-            match programs.iter_mut().find(|(known, _, _)| *known == name) {
-                Some((_, total_time, total_count)) => {
-                    *total_time += time - time_before;
-                    *total_count += count - count_before;
-                }
-                None => programs.push((name, time - time_before, count - count_before)),
+    let mut seconds_under_agent = 0.0;
+    for (script, rounds) in wall_workloads(options) {
+        let args = ["--rounds", rounds.as_str()];
+        let mut elapsed: HashMap<Mode, Vec<f64>> = HashMap::new();
+        for run in 0..options.runs {
+            for offset in 0..MODES.len() {
+                let mode = MODES[(run + offset) % MODES.len()];
+                let seconds = match mode {
+                    Mode::Bare => workload_times(&Workload::start(PYENV_PYTHON_3_11, script, &args)?.wait()?)?.0,
+                    Mode::Ferroscope => {
+                        let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
+                        let before = program_stats(agent.pid())?;
+                        let seconds = workload_times(&Workload::start(PYENV_PYTHON_3_11, script, &args)?.wait()?)?.0;
+                        add_program_stats(&mut programs, before, program_stats(agent.pid())?);
+                        agent.stop()?;
+                        seconds_under_agent += seconds;
+                        seconds
+                    }
+                    Mode::PySpy => {
+                        let dir = tempfile::tempdir()?;
+                        let output = py_spy_record(&["--idle"], &dir.path().join("py-spy.txt"), script, &args)?;
+                        workload_times(&output)?.0
+                    }
+                };
+                step(format!("bench: {script} run {}/{}: {mode:?} {seconds:.3} s", run + 1, options.runs));
+                elapsed.entry(mode).or_default().push(seconds);
             }
         }
-        bare.push(elapsed_bare);
-        under.push(elapsed);
-        step(format!("bench: switches: bare {elapsed_bare:.3} s, under Ferroscope {elapsed:.3} s"));
+        let bare = &elapsed[&Mode::Bare];
+        let slowdown = |mode: Mode| {
+            let ratios: Vec<f64> = elapsed[&mode].iter().zip(bare).map(|(under, bare)| under / bare).collect();
+            let ratio = median(&ratios);
+            format!("x{ratio:.3} ({:+.1}%)", (ratio - 1.0) * 100.0)
+        };
+        table.push_str(&format!(
+            "| `{script} --rounds {rounds}` | {:.3} s | {} | {} |\n",
+            median(bare),
+            slowdown(Mode::Ferroscope),
+            slowdown(Mode::PySpy)
+        ));
     }
-    let mut table = format!(
-        "Elapsed: bare median {:.3} s, under Ferroscope median {:.3} s (set by how the two threads hand the GIL \
-         over, not a measure of the agent's cost: the table is).\n\n\
+    table.push_str("| target for Ferroscope | | ≤ x1.020 on pingpong, ≤ x1.010 on sleepy | |\n\n");
+    table.push_str(
+        "Kernel cost per program over the runs under the agent, for the whole host:\n\n\
          | program | runs per second | ns per run | % of a core |\n|---|---|---|---|\n",
-        median(&bare),
-        median(&under),
     );
-    let seconds: f64 = under.iter().sum();
     for (name, time, count) in programs.iter().filter(|(_, _, count)| *count > 0) {
         table.push_str(&format!(
             "| `{name}` | {:.0} | {:.0} | {:.2}% |\n",
-            *count as f64 / seconds,
+            *count as f64 / seconds_under_agent,
             *time as f64 / *count as f64,
-            100.0 * *time as f64 / 1e9 / seconds
+            100.0 * *time as f64 / 1e9 / seconds_under_agent
         ));
     }
     Ok(table)
+}
+
+/// Adds what each program ran between two readings of [`program_stats`] to `totals`.
+fn add_program_stats(
+    totals: &mut Vec<(String, u64, u64)>,
+    before: Vec<(String, u64, u64)>,
+    after: Vec<(String, u64, u64)>,
+) {
+    for ((name, time, count), (_, time_before, count_before)) in after.into_iter().zip(before) {
+        let (time, count) = (time.saturating_sub(time_before), count.saturating_sub(count_before));
+        match totals.iter_mut().find(|(known, _, _)| *known == name) {
+            Some((_, total_time, total_count)) => {
+                *total_time += time;
+                *total_count += count;
+            }
+            None => totals.push((name, time, count)),
+        }
+    }
 }
 
 /// Name, run time (ns) and run count of each BPF program the process `pid` holds, sorted by
@@ -248,16 +293,8 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
     let dir = tempfile::tempdir()?;
     let raw = dir.path().join("py-spy.txt");
     let children_cpu_before = children_cpu_seconds();
-    let output = Command::new(setup::py_spy())
-        .args(["record", "--rate", RATE, "--nonblocking", "--format", "raw", "-o"])
-        .arg(&raw)
-        .args(["--", PYENV_PYTHON_3_11])
-        .arg(workload("split.py"))
-        .args(["--rounds", &options.rounds.to_string()])
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(output.status.success(), "py-spy failed: {}", String::from_utf8_lossy(&output.stderr));
-    let (elapsed, workload_cpu) = workload_times(&String::from_utf8(output.stdout)?)?;
+    let output = py_spy_record(&[], &raw, "split.py", &["--rounds", &options.rounds.to_string()])?;
+    let (elapsed, workload_cpu) = workload_times(&output)?;
     measurements.elapsed.push(elapsed);
     // py-spy reaped the workload, so our children's CPU time holds both: take the workload's out.
     let py_spy_cpu = children_cpu_seconds() - children_cpu_before - workload_cpu;
@@ -292,6 +329,23 @@ fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> 
         *sum += count;
     }
     Ok(())
+}
+
+/// Runs `py-spy record` (at RATE, `--nonblocking`, collapsed stacks into `raw`, with `flags`
+/// added) on `script ARGS` under CPython 3.11; returns what the workload printed.
+fn py_spy_record(flags: &[&str], raw: &Path, script: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(setup::py_spy())
+        .args(["record", "--rate", RATE, "--nonblocking", "--format", "raw"])
+        .args(flags)
+        .arg("-o")
+        .arg(raw)
+        .args(["--", PYENV_PYTHON_3_11])
+        .arg(workload(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(output.status.success(), "py-spy failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8(output.stdout)?)
 }
 
 /// Turns the kernel's BPF run-time statistics on, and back off when dropped.
@@ -408,7 +462,7 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
 }
 
 /// Writes docs/benchmarks.md with the table and what it was measured on.
-fn write_report(options: &Options, load_average: &str, table: &str, switches: &str) -> Result<()> {
+fn write_report(options: &Options, load_average: &str, table: &str, wall: &str) -> Result<()> {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo")?;
@@ -435,15 +489,17 @@ fn write_report(options: &Options, load_average: &str, table: &str, switches: &s
          containing each function, from the profiler's own output (Ferroscope's pprof read with `go tool pprof`, py-spy's \
          collapsed stacks). Pooled over all runs it shows bias; per run it also includes sampling noise (~2 pp at 100 Hz for ~5 s).\n\n\
          {table}\n\
+         ## Wall time\n\n\
          Off-CPU time costs two programs run on every context switch and system call return of the host \
-         (`sched_switch`, `sys_exit`), and a sample per kept wait. They are measured on \
-         `tests/workloads/pingpong.py --rounds {switches}`: two Python threads passing a byte through pipes, each \
-         blocking once per round trip, bare and under \
-         `ferroscope agent --frequency {RATE}`, {runs} times. Kernel cost per program from `kernel.bpf_stats_enabled` \
-         (`run_time_ns`, `run_cnt` in `/proc/AGENT/fdinfo`), over the runs under the agent, for the whole host.\n\n\
-         {switches_table}",
-        switches = options.switches,
-        switches_table = switches,
+         (`sched_switch`, `sys_exit`), and a sample per kept wait. They are measured on two workloads that leave the CPU \
+         often, on CPython 3.11.7: `tests/workloads/pingpong.py`, two processes passing a byte through pipes (each blocks \
+         once per round trip, about 36,000 context switches a second on one CPU), and `tests/workloads/sleepy.py`, 50 µs of work \
+         then a 0.5 ms sleep, in a loop. Each of the {runs} runs runs each bare, under `ferroscope agent --frequency {RATE}` \
+         (wall time on, the default) and under `py-spy record --rate {RATE} --idle --nonblocking` (py-spy's nearest \
+         equivalent: it samples idle threads too), in rotating order; slowdown as above. Kernel cost per program from \
+         `kernel.bpf_stats_enabled` (`run_time_ns`, `run_cnt` in `/proc/AGENT/fdinfo`).\n\n\
+         {wall_table}",
+        wall_table = wall,
         runs = options.runs,
         rounds = options.rounds,
         date = String::from_utf8_lossy(&date).trim(),
