@@ -115,6 +115,16 @@ pub mod kind {
     /// `off_cpu_ns`, taken as it returned to user space (or, when it was
     /// preempted, as it got the CPU back, without stacks).
     pub const OFF_CPU: u32 = 4;
+    /// A [`super::Sample`] of an allocation sampled by bytes: `bytes`
+    /// allocated at `address` (0 when its free cannot be tracked: the table
+    /// of live allocations is full).
+    pub const ALLOC: u32 = 5;
+    /// A [`super::Sample`] of a pymalloc pool given to a size class
+    /// (`bytes`: the pool's size), sampled by bytes; `address` is a block in
+    /// it. Userspace reads the pool's header to see what stays in use.
+    pub const POOL: u32 = 6;
+    /// A [`super::MemoryEvent`]: a sampled allocation was freed.
+    pub const FREE: u32 = 7;
 }
 
 /// Why a thread was off the CPU, in [`Sample::wait`]: from the system call it
@@ -146,6 +156,10 @@ pub struct Sample {
     pub time_ns: u64,
     /// [`kind::OFF_CPU`]: the off-CPU time this sample stands for.
     pub off_cpu_ns: u64,
+    /// [`kind::ALLOC`], [`kind::POOL`]: the bytes allocated.
+    pub bytes: u64,
+    /// [`kind::ALLOC`], [`kind::POOL`]: where.
+    pub address: u64,
     /// Thread id as the host sees it.
     pub tid: u32,
     pub cpu: u32,
@@ -179,6 +193,30 @@ pub struct ProcessEvent {
     pub comm: [u8; 16],
 }
 
+/// The free of a sampled allocation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryEvent {
+    /// [`kind::FREE`]
+    pub kind: u32,
+    pub pid: u32,
+    pub address: u64,
+}
+
+/// Key of the `LIVE` map: a sampled allocation not yet freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub address: u64,
+}
+
+/// Entries of the `ALLOC_BUDGETS` array: byte budgets between two sampled
+/// allocations, exponentially distributed quantiles that the kernel picks
+/// at random.
+pub const ALLOC_BUDGETS: u32 = 1024;
+
 /// Threads a process started and ended (its leader aside), counted per CPU
 /// by the kernel in `THREAD_TALLY` from its exec or from when the agent
 /// started, whichever is later: userspace sums the CPUs and takes the
@@ -202,7 +240,11 @@ pub mod stat {
     pub const THREAD_SCANS: u32 = 3;
     /// Off-CPU samples taken (kept waits, see `kind::OFF_CPU`).
     pub const OFF_CPU_SAMPLES: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Allocation and pool samples taken.
+    pub const ALLOC_SAMPLES: u32 = 5;
+    /// Sampled allocations whose free is not tracked: `LIVE` was full.
+    pub const LIVE_OVERFLOW: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Global settings of the eBPF programs, set before load.
@@ -231,4 +273,6 @@ mod pod {
     unsafe impl aya::Pod for super::PyProcess {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ThreadTally {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LiveKey {}
 }

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod memory;
 mod offcpu;
 mod python;
 
@@ -51,6 +52,9 @@ fn task_u32(task: u64, offset: &'static u64) -> Option<u32> {
 /// two programs that fill a sample never share one.
 const CPU_SLOT: u32 = 0;
 const OFF_CPU_SLOT: u32 = 1;
+/// The allocation uprobes, which a `sys_exit` program preempted on the same
+/// CPU must not share a slot with.
+const MEMORY_SLOT: u32 = 2;
 
 /// Samples and process events, in the order they happened on each CPU.
 #[map]
@@ -136,7 +140,7 @@ fn process_comm() -> [u8; 16] {
 /// Where a sample is assembled before it is copied to the ring buffer; too
 /// big for the 512-byte stack. One slot per program, see `CPU_SLOT`.
 #[map]
-static SCRATCH: PerCpuArray<Sample> = PerCpuArray::with_max_entries(2, 0);
+static SCRATCH: PerCpuArray<Sample> = PerCpuArray::with_max_entries(3, 0);
 
 #[perf_event]
 pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
@@ -169,6 +173,8 @@ fn capture(ctx: &impl EbpfContext, slot: u32, kind: u32, pid: u32, tid: u32) -> 
         (*sample).tid = tid;
         (*sample).time_ns = bpf_ktime_get_ns();
         (*sample).off_cpu_ns = 0;
+        (*sample).bytes = 0;
+        (*sample).address = 0;
         (*sample).wait = 0;
         (*sample).cpu = bpf_get_smp_processor_id();
         (*sample).comm = bpf_get_current_comm().unwrap_or_default();

@@ -4,13 +4,16 @@
 use std::{
     collections::HashMap,
     ops::Range,
+    path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{kind, ProcessEvent, Sample, ThreadTally, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED};
+use profiler_common::{
+    kind, MemoryEvent, ProcessEvent, Sample, ThreadTally, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -21,11 +24,41 @@ use crate::{
     config::Settings,
     cpython::FrameSymbolizer,
     discovery::{self, PythonStatus},
-    ebpf::{KernelStats, Sampler},
+    ebpf::{KernelStats, MemoryProbes, Sampler},
+    memory::{self, LiveHeap, Origin},
+    procmem::ProcessMemory,
     sinks::LocalDir,
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
+
+/// Accounts an allocation sample: what it stands for, allocated over the
+/// period and, until freed, in use.
+fn on_allocation(
+    aggregator: &mut Aggregator,
+    heap: &mut LiveHeap,
+    sample: &Sample,
+    origin: Origin,
+    mean: u64,
+    pool_bytes: Option<u64>,
+) {
+    let weight = memory::weight(sample.bytes, mean);
+    let Origin { application, stack, thread } = &origin;
+    if sample.kind == kind::ALLOC {
+        aggregator.add_alloc(application, stack, thread, weight, sample.bytes as f64 * weight);
+        if sample.address != 0 {
+            heap.allocated(sample.pid, sample.address, origin, weight, sample.bytes as f64 * weight);
+        }
+        return;
+    }
+    // A pool: its blocks, of the size class its header names.
+    let Some(pool_bytes) = pool_bytes else { return };
+    let pool = sample.address & !(pool_bytes - 1);
+    let Some((class, block_bytes)) = memory::pool_class(&ProcessMemory::new(sample.pid), pool) else { return };
+    let blocks = (pool_bytes / block_bytes) as f64;
+    aggregator.add_alloc(application, stack, thread, blocks * weight, pool_bytes as f64 * weight);
+    heap.pool(sample.pid, pool, class, origin, weight);
+}
 
 /// What the agent knows of one process.
 struct Process {
@@ -44,6 +77,9 @@ struct Process {
     exited: bool,
     /// The kernel's thread tally at the end of the last period.
     threads_seen: ThreadTally,
+    /// With `--memory`, for CPython: the allocation probes and its pymalloc
+    /// pool size.
+    memory: Option<(MemoryProbes, Option<u64>)>,
 }
 
 /// When to look at a process again.
@@ -103,7 +139,7 @@ impl Process {
 }
 
 pub async fn run(settings: Settings) -> Result<()> {
-    let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall)?;
+    let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
     let sink = LocalDir::new(&settings.output_dir);
     let mut agent = Agent::new(&settings);
     agent.native.load_kernel_symbols();
@@ -116,7 +152,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         },
         settings.frequency,
         sampler.cpus,
-        if settings.wall { ", with wall time" } else { "" },
+        match (settings.wall, settings.memory) {
+            (true, Some(_)) => ", with wall time and memory",
+            (true, None) => ", with wall time",
+            (false, Some(_)) => ", with memory",
+            (false, None) => "",
+        },
         humantime::format_duration(settings.period),
         settings.output_dir.display(),
     );
@@ -169,6 +210,8 @@ struct Agent<'a> {
     processes: HashMap<u32, Process>,
     native: NativeSymbolizer,
     aggregator: Aggregator,
+    /// Sampled allocations still in use, with `--memory`.
+    heap: LiveHeap,
     summary: PeriodSummary,
     /// Reused for every sample.
     stack: Vec<Frame>,
@@ -184,8 +227,10 @@ impl<'a> Agent<'a> {
                 settings.labels.clone(),
                 settings.sample_period_ns(),
                 settings.wall,
+                settings.memory.is_some(),
                 SystemTime::now(),
             ),
+            heap: LiveHeap::default(),
             summary: PeriodSummary::default(),
             stack: Vec::with_capacity(256),
         }
@@ -197,10 +242,15 @@ impl<'a> Agent<'a> {
                 continue;
             };
             match kind {
-                kind::SAMPLE | kind::OFF_CPU if record.len() >= size_of::<Sample>() => {
+                kind::SAMPLE | kind::OFF_CPU | kind::ALLOC | kind::POOL if record.len() >= size_of::<Sample>() => {
                     // SAFETY: the kernel wrote a whole `Sample`; any bytes are valid for it.
                     let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
                     self.on_sample(&sample, sampler);
+                }
+                kind::FREE if record.len() >= size_of::<MemoryEvent>() => {
+                    // SAFETY: as above, for a `MemoryEvent`.
+                    let event = unsafe { record.as_ptr().cast::<MemoryEvent>().read_unaligned() };
+                    self.heap.freed(event.pid, event.address);
                 }
                 kind::NEW_PROCESS | kind::EXIT if record.len() >= size_of::<ProcessEvent>() => {
                     // SAFETY: as above, for a `ProcessEvent`.
@@ -238,12 +288,21 @@ impl<'a> Agent<'a> {
                     code_read: Instant::now(),
                     exited: true,
                     threads_seen: ThreadTally::default(),
+                    memory: None,
                 };
                 self.processes.insert(pid, process);
                 return;
             }
         };
+        // A new program image (exec): what was probed in the old one goes.
+        if let Some(old) = self.processes.get_mut(&pid) {
+            if let Some((probes, _)) = old.memory.take() {
+                sampler.unwatch_memory(probes);
+            }
+            sampler.forget_live(pid, &self.heap.forget_process(pid));
+        }
         let mut recheck = Recheck::Never;
+        let mut memory = None;
         let python = match info.python {
             PythonStatus::NotPython => {
                 recheck = Recheck::OnNewCode;
@@ -266,6 +325,16 @@ impl<'a> Agent<'a> {
                 Ok(()) => {
                     self.summary.python_processes += 1;
                     log::info!("pid {pid}: {}", interpreter.describe());
+                    if self.settings.memory.is_some() {
+                        let object = format!("/proc/{pid}/root{}", interpreter.path);
+                        match sampler.watch_memory(pid, Path::new(&object), interpreter.pool_bytes()) {
+                            Ok(probes) => memory = Some((probes, interpreter.pool_bytes())),
+                            Err(error) => {
+                                self.summary.memory_unwatched += 1;
+                                log::warn!("pid {pid}: memory not profiled: {error:#}");
+                            }
+                        }
+                    }
                     Some(FrameSymbolizer::new(pid, &interpreter))
                 }
                 Err(error) => {
@@ -291,6 +360,7 @@ impl<'a> Agent<'a> {
             code_read: Instant::now(),
             exited: false,
             threads_seen,
+            memory,
         };
         self.processes.insert(pid, process);
     }
@@ -351,9 +421,15 @@ impl<'a> Agent<'a> {
             thread_name: comm_text(&sample.comm),
             process_name: process.process_name.clone(),
         };
-        match wait {
-            Some(wait) => self.aggregator.add_off_cpu(application, stack, &thread, wait, sample.off_cpu_ns),
-            None => {
+        match (sample.kind, wait) {
+            (_, Some(wait)) => self.aggregator.add_off_cpu(application, stack, &thread, wait, sample.off_cpu_ns),
+            (kind::ALLOC | kind::POOL, _) => {
+                let Some(mean) = self.settings.memory else { return };
+                let origin = Origin { application: application.into(), stack: stack.as_slice().into(), thread };
+                let pool_bytes = process.memory.as_ref().and_then(|(_, pool_bytes)| *pool_bytes);
+                on_allocation(&mut self.aggregator, &mut self.heap, sample, origin, mean, pool_bytes);
+            }
+            _ => {
                 self.summary.samples += 1;
                 self.aggregator.add(application, stack, &thread);
             }
@@ -361,12 +437,19 @@ impl<'a> Agent<'a> {
     }
 
     fn finish_period(&mut self, sink: &LocalDir, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
+        for in_use in self.heap.in_use() {
+            let Origin { application, stack, thread } = in_use.origin;
+            self.aggregator.add_inuse(application, stack, thread, in_use.objects, in_use.bytes);
+        }
         let end = SystemTime::now();
         let mut profiles = self.aggregator.finish_period(end);
         let mut summary = std::mem::take(&mut self.summary);
         summary.samples_dropped = stats.samples_dropped - before.samples_dropped;
         summary.events_dropped = stats.events_dropped - before.events_dropped;
         summary.off_cpu_samples = stats.off_cpu_samples - before.off_cpu_samples;
+        summary.alloc_samples = stats.alloc_samples - before.alloc_samples;
+        summary.live_overflow = stats.live_overflow - before.live_overflow;
+        summary.live_followed = self.heap.len();
         let mut threads: Vec<_> = self
             .processes
             .iter_mut()
@@ -403,7 +486,11 @@ impl<'a> Agent<'a> {
         summary.print(&profiles, self.settings.output_dir.as_path());
         let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
         for pid in exited {
-            self.processes.remove(&pid);
+            if let Some((probes, _)) = self.processes.remove(&pid).and_then(|process| process.memory) {
+                sampler.unwatch_memory(probes);
+            }
+            // Its allocations were freed with it.
+            sampler.forget_live(pid, &self.heap.forget_process(pid));
             sampler.forget_threads(pid);
             self.native.forget_process(pid);
         }
@@ -438,6 +525,7 @@ mod tests {
             code_read: Instant::now(),
             exited: false,
             threads_seen: ThreadTally::default(),
+            memory: None,
         }
     }
 

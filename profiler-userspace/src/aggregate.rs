@@ -116,6 +116,12 @@ pub struct StackValue {
     pub wall_ns: u64,
     /// Time off the CPU, in nanoseconds.
     pub off_cpu_ns: u64,
+    /// Estimated from allocation samples (see `memory`): allocations and
+    /// bytes over the period, and what is still in use at its end.
+    pub alloc_objects: u64,
+    pub alloc_bytes: u64,
+    pub inuse_objects: u64,
+    pub inuse_bytes: u64,
 }
 
 /// The threads of one process over a period: a thread leak shows as a
@@ -157,6 +163,8 @@ pub struct PeriodProfile {
     pub sample_period_ns: u64,
     /// Whether off-CPU time was measured, so that wall time is meaningful.
     pub wall: bool,
+    /// Whether allocations were sampled.
+    pub memory: bool,
     /// Interned frames; [`StackKey::frames`] index into it.
     pub frames: Vec<Frame>,
     frame_ids: HashMap<Frame, FrameId>,
@@ -179,6 +187,7 @@ impl PeriodProfile {
             end: start,
             sample_period_ns,
             wall: false,
+            memory: false,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             stacks: HashMap::new(),
@@ -217,6 +226,21 @@ impl PeriodProfile {
         value.wall_ns += ns;
     }
 
+    /// Adds the estimated `objects` and `bytes` allocated in `stack`.
+    pub fn add_alloc(&mut self, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
+        let value = self.value(stack, thread, None);
+        value.alloc_objects += objects.round() as u64;
+        value.alloc_bytes += bytes.round() as u64;
+    }
+
+    /// Adds the estimated `objects` and `bytes` allocated in `stack` and
+    /// still in use at the end of the period.
+    pub fn add_inuse(&mut self, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
+        let value = self.value(stack, thread, None);
+        value.inuse_objects += objects.round() as u64;
+        value.inuse_bytes += bytes.round() as u64;
+    }
+
     pub fn total_samples(&self) -> u64 {
         self.stacks.values().map(|value| value.samples).sum()
     }
@@ -227,14 +251,21 @@ pub struct Aggregator {
     labels: BTreeMap<String, String>,
     sample_period_ns: u64,
     wall: bool,
+    memory: bool,
     start: SystemTime,
     profiles: HashMap<String, PeriodProfile>,
 }
 
 impl Aggregator {
-    /// `wall`: off-CPU time is measured.
-    pub fn new(labels: BTreeMap<String, String>, sample_period_ns: u64, wall: bool, start: SystemTime) -> Self {
-        Aggregator { labels, sample_period_ns, wall, start, profiles: HashMap::new() }
+    /// `wall`: off-CPU time is measured; `memory`: allocations are sampled.
+    pub fn new(
+        labels: BTreeMap<String, String>,
+        sample_period_ns: u64,
+        wall: bool,
+        memory: bool,
+        start: SystemTime,
+    ) -> Self {
+        Aggregator { labels, sample_period_ns, wall, memory, start, profiles: HashMap::new() }
     }
 
     fn profile(&mut self, application: &str) -> &mut PeriodProfile {
@@ -242,6 +273,7 @@ impl Aggregator {
             let mut profile =
                 PeriodProfile::new(application.to_owned(), self.labels.clone(), self.start, self.sample_period_ns);
             profile.wall = self.wall;
+            profile.memory = self.memory;
             self.profiles.insert(application.to_owned(), profile);
         }
         self.profiles.get_mut(application).expect("inserted above")
@@ -253,6 +285,14 @@ impl Aggregator {
 
     pub fn add_off_cpu(&mut self, application: &str, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
         self.profile(application).add_off_cpu(stack, thread, wait, ns);
+    }
+
+    pub fn add_alloc(&mut self, application: &str, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
+        self.profile(application).add_alloc(stack, thread, objects, bytes);
+    }
+
+    pub fn add_inuse(&mut self, application: &str, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
+        self.profile(application).add_inuse(stack, thread, objects, bytes);
     }
 
     /// Ends the period at `end`: returns its profiles, sorted by application,
@@ -293,7 +333,7 @@ mod tests {
     #[test]
     fn same_stack_on_same_thread_is_counted_once_with_its_weight() {
         let start = SystemTime::UNIX_EPOCH;
-        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, true, start);
+        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, true, false, start);
         let stack = [python("crunch", 5), python("<module>", 9)];
         aggregator.add("app.py", &stack, &thread(10));
         aggregator.add("app.py", &stack, &thread(10));
@@ -312,8 +352,11 @@ mod tests {
         assert_eq!(app.stacks.len(), 3, "one stack per thread and wait");
         assert_eq!(app.total_samples(), 3);
         let on_10 = |wait| app.stacks.iter().find(|(key, _)| key.thread.tid == 10 && key.wait == wait).unwrap().1;
-        assert_eq!(*on_10(None), StackValue { samples: 2, cpu_ns: 20_000_000, wall_ns: 20_000_000, off_cpu_ns: 0 });
-        let sleeping = StackValue { samples: 0, cpu_ns: 0, wall_ns: 6_000_000_000, off_cpu_ns: 6_000_000_000 };
+        assert_eq!(
+            *on_10(None),
+            StackValue { samples: 2, cpu_ns: 20_000_000, wall_ns: 20_000_000, ..Default::default() }
+        );
+        let sleeping = StackValue { wall_ns: 6_000_000_000, off_cpu_ns: 6_000_000_000, ..Default::default() };
         assert_eq!(*on_10(Some(Wait::Sleep)), sleeping);
         assert!(aggregator.finish_period(end).is_empty(), "a period starts empty");
     }

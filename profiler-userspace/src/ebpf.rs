@@ -1,23 +1,28 @@
 //! Loading the embedded eBPF programs into the kernel, attaching them, and
 //! the maps through which the agent talks to them.
 
+use std::{num::NonZeroU32, path::Path};
+
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        BtfTracePoint, PerfEvent,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        BtfTracePoint, PerfEvent, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
-use profiler_common::{config, stat, PyProcess, ThreadTally};
+use profiler_common::{config, stat, LiveKey, PyProcess, ThreadTally};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
 
 /// The loaded and attached programs with the maps the agent uses.
 pub struct Sampler {
     /// Keeps programs and links alive; dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// Sampled allocations not yet freed, with `--memory`.
+    live: Option<HashMap<MapData, LiveKey, u8>>,
     py_procs: HashMap<MapData, u32, PyProcess>,
     thread_tally: PerCpuHashMap<MapData, u32, ThreadTally>,
     stats: PerCpuArray<MapData, u64>,
@@ -32,14 +37,42 @@ pub struct KernelStats {
     pub events_dropped: u64,
     pub thread_scans: u64,
     pub off_cpu_samples: u64,
+    pub alloc_samples: u64,
+    pub live_overflow: u64,
 }
+
+/// The allocation probes attached to one process.
+pub struct MemoryProbes(Vec<(&'static str, UProbeLinkId)>);
+
+/// An allocator function of CPython and the program probing it.
+struct MemoryProbe {
+    program: &'static str,
+    symbol: &'static str,
+}
+
+const POOL_SYMBOL: &str = "allocate_from_new_pool";
+
+/// Every probe of `--memory`: the raw domain (objects over 512 bytes and
+/// `PyMem_Raw*`), entries and returns, and pymalloc's new pools.
+const MEMORY_PROBES: [MemoryProbe; 8] = [
+    MemoryProbe { program: "raw_malloc", symbol: "_PyMem_RawMalloc" },
+    MemoryProbe { program: "raw_calloc", symbol: "_PyMem_RawCalloc" },
+    MemoryProbe { program: "raw_realloc", symbol: "_PyMem_RawRealloc" },
+    MemoryProbe { program: "raw_free_entry", symbol: "_PyMem_RawFree" },
+    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawMalloc" },
+    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawCalloc" },
+    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawRealloc" },
+    MemoryProbe { program: "pool_return", symbol: POOL_SYMBOL },
+];
 
 impl Sampler {
     /// Loads the programs, samples every CPU at `frequency` Hz (only `pids`
     /// when not empty), follows process exec and exit and, with `wall`, the
-    /// off-CPU time of profiled threads. Returns the ring buffer of samples
-    /// and process events with the sampler.
-    pub fn start(frequency: u64, pids: &[u32], wall: bool) -> Result<(Self, RingBuf<MapData>)> {
+    /// off-CPU time of profiled threads and, with `memory` (the mean bytes
+    /// between two samples), gets the allocation probes ready for
+    /// [`Sampler::watch_memory`]. Returns the ring buffer of samples and
+    /// process events with the sampler.
+    pub fn start(frequency: u64, pids: &[u32], wall: bool, memory: Option<u64>) -> Result<(Self, RingBuf<MapData>)> {
         check_privileges()?;
         for &pid in pids {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -102,12 +135,32 @@ impl Sampler {
                 .with_context(|| format!("cannot open the cpu-clock perf event on CPU {cpu}"))?;
         }
 
+        if let Some(mean) = memory {
+            let mut budgets: Array<_, u64> = Array::try_from(ebpf.map_mut("BUDGETS").context("map BUDGETS")?)?;
+            for (index, budget) in crate::memory::budgets(mean).into_iter().enumerate() {
+                budgets.set(index as u32, budget, 0)?;
+            }
+            // One program may probe several functions: loaded once.
+            for (index, probe) in MEMORY_PROBES.iter().enumerate() {
+                if MEMORY_PROBES[..index].iter().any(|earlier| earlier.program == probe.program) {
+                    continue;
+                }
+                let program: &mut UProbe = ebpf.program_mut(probe.program).context(probe.program)?.try_into()?;
+                program.load().with_context(|| format!("cannot load the {} program", probe.program))?;
+            }
+        }
+
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let live = match memory {
+            Some(_) => Some(HashMap::try_from(ebpf.take_map("LIVE").context("map LIVE")?)?),
+            None => None,
+        };
         let sampler = Sampler {
+            live,
             py_procs: HashMap::try_from(ebpf.take_map("PY_PROCS").context("map PY_PROCS")?)?,
             thread_tally: PerCpuHashMap::try_from(ebpf.take_map("THREAD_TALLY").context("map THREAD_TALLY")?)?,
             stats: PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS")?)?,
-            _ebpf: ebpf,
+            ebpf,
             cpus: cpus.len(),
         };
         Ok((sampler, events))
@@ -128,6 +181,55 @@ impl Sampler {
         })
     }
 
+    /// Attaches the allocation probes to CPython process `pid`, whose
+    /// allocator is in `object` (libpython or the executable; a path as the
+    /// agent sees it). `pool_bytes` is its pymalloc pool size, None when the
+    /// build has no `allocate_from_new_pool` to probe (before 3.9). Fails,
+    /// attaching nothing, when a symbol is missing (a stripped build).
+    pub fn watch_memory(&mut self, pid: u32, object: &Path, pool_bytes: Option<u64>) -> Result<MemoryProbes> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        let mut links = MemoryProbes(Vec::new());
+        for probe in MEMORY_PROBES {
+            let cookie = match (probe.symbol, pool_bytes) {
+                (POOL_SYMBOL, None) => continue,
+                (POOL_SYMBOL, Some(bytes)) => Some(bytes),
+                _ => None,
+            };
+            let program: &mut UProbe = self.ebpf.program_mut(probe.program).context(probe.program)?.try_into()?;
+            let point = UProbeAttachPoint { location: UProbeAttachLocation::Symbol(probe.symbol), cookie };
+            match program.attach(point, object, scope) {
+                Ok(link) => links.0.push((probe.program, link)),
+                Err(error) => {
+                    self.unwatch_memory(links);
+                    return Err(error)
+                        .with_context(|| format!("cannot probe {} in {}", probe.symbol, object.display()));
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// Detaches the allocation probes of a process.
+    pub fn unwatch_memory(&mut self, probes: MemoryProbes) {
+        for (program, link) in probes.0 {
+            let program: Option<&mut UProbe> = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok());
+            if let Some(program) = program {
+                // Fails only for a link already gone with its process.
+                let _ = program.detach(link);
+            }
+        }
+    }
+
+    /// Drops the kernel's entries of sampled allocations of a process that
+    /// exited.
+    pub fn forget_live(&mut self, pid: u32, addresses: &[u64]) {
+        if let Some(live) = self.live.as_mut() {
+            for &address in addresses {
+                let _ = live.remove(&LiveKey { pid, _pad: 0, address });
+            }
+        }
+    }
+
     /// Drops the thread tally of a process that exited, once read.
     pub fn forget_threads(&mut self, pid: u32) {
         // Absent when it started no thread.
@@ -142,6 +244,8 @@ impl Sampler {
             events_dropped: sum(stat::EVENTS_DROPPED)?,
             thread_scans: sum(stat::THREAD_SCANS)?,
             off_cpu_samples: sum(stat::OFF_CPU_SAMPLES)?,
+            alloc_samples: sum(stat::ALLOC_SAMPLES)?,
+            live_overflow: sum(stat::LIVE_OVERFLOW)?,
         })
     }
 }
@@ -241,7 +345,7 @@ mod tests {
     #[test]
     fn samples_a_busy_thread_of_this_process() {
         let me = std::process::id();
-        let (sampler, mut events) = Sampler::start(1000, &[me], false).expect("load and attach (run as root)");
+        let (sampler, mut events) = Sampler::start(1000, &[me], false, None).expect("load and attach (run as root)");
         let until = Instant::now() + Duration::from_millis(300);
         let mut spin = 0u64;
         while Instant::now() < until {
@@ -267,7 +371,7 @@ mod tests {
     #[test]
     fn a_sleeping_thread_yields_an_off_cpu_sample_of_its_sleep() {
         let me = std::process::id();
-        let (sampler, mut events) = Sampler::start(100, &[me], true).expect("load and attach (run as root)");
+        let (sampler, mut events) = Sampler::start(100, &[me], true, None).expect("load and attach (run as root)");
         // SAFETY: no preconditions.
         let tid = unsafe { libc::gettid() } as u32;
         let slept = Instant::now();
@@ -302,7 +406,7 @@ mod tests {
     fn short_sleeps_add_up_to_their_total_in_expectation() {
         let me = std::process::id();
         let period_ns = 10_000_000;
-        let (_sampler, mut events) = Sampler::start(100, &[me], true).expect("load and attach (run as root)");
+        let (_sampler, mut events) = Sampler::start(100, &[me], true, None).expect("load and attach (run as root)");
         // SAFETY: no preconditions.
         let tid = unsafe { libc::gettid() } as u32;
         let started = Instant::now();
@@ -413,7 +517,8 @@ mod tests {
     /// samples: status and frames.
     fn walks(python: &SyntheticPython) -> Vec<(u32, Vec<PyFrame>)> {
         let me = std::process::id();
-        let (mut sampler, mut events) = Sampler::start(1000, &[me], false).expect("load and attach (run as root)");
+        let (mut sampler, mut events) =
+            Sampler::start(1000, &[me], false, None).expect("load and attach (run as root)");
         sampler.add_python(me, &python.process()).unwrap();
         // SAFETY: no preconditions.
         let tid = unsafe { libc::gettid() } as u32;

@@ -7,6 +7,7 @@ mod cpython;
 mod discovery;
 mod ebpf;
 mod flamegraph;
+mod memory;
 mod pprof;
 mod procmem;
 mod sinks;

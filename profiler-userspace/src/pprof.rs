@@ -28,6 +28,14 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
         sample_type.push(tables.value_type("wall", "nanoseconds"));
         sample_type.push(tables.value_type("off_cpu", "nanoseconds"));
     }
+    if profile.memory {
+        // Go's names and units, which pprof viewers and Pyroscope know.
+        for (name, unit) in
+            [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"), ("inuse_space", "bytes")]
+        {
+            sample_type.push(tables.value_type(name, unit));
+        }
+    }
 
     // Frames are interned already: one location each, shared by every stack.
     let locations: Vec<u64> = profile.frames.iter().map(|frame| tables.location(frame)).collect();
@@ -56,6 +64,10 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
             let mut values = vec![int(value.samples), int(value.cpu_ns)];
             if profile.wall {
                 values.extend([int(value.wall_ns), int(value.off_cpu_ns)]);
+            }
+            if profile.memory {
+                values
+                    .extend([value.alloc_objects, value.alloc_bytes, value.inuse_objects, value.inuse_bytes].map(int));
             }
             proto::Sample {
                 location_id: key.frames.iter().map(|&frame| locations[frame as usize]).collect(),

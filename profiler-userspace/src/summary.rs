@@ -27,6 +27,14 @@ pub struct PeriodSummary {
     pub profiles_written: u64,
     /// Off-CPU samples (kept waits).
     pub off_cpu_samples: u64,
+    /// With `--memory`: allocation and pool samples, sampled allocations
+    /// whose free could not be followed (the kernel's table was full),
+    /// allocations and pools followed at the period's end, and CPython
+    /// processes whose allocator could not be probed.
+    pub alloc_samples: u64,
+    pub live_overflow: u64,
+    pub live_followed: usize,
+    pub memory_unwatched: u64,
     /// Per profiled process, by pid.
     pub threads: Vec<ProcessThreads>,
 }
@@ -69,6 +77,18 @@ impl PeriodSummary {
         if profiles.iter().any(|profile| profile.wall) {
             text += &off_cpu_line(profiles, self.off_cpu_samples);
         }
+        if profiles.iter().any(|profile| profile.memory) {
+            let total = |field: fn(&crate::aggregate::StackValue) -> u64| {
+                profiles.iter().flat_map(|profile| profile.stacks.values()).map(field).sum::<u64>()
+            };
+            text += &format!(
+                "  memory: {} allocated, {} in use at the end, from {} allocation samples ({} followed)\n",
+                mebibytes(total(|value| value.alloc_bytes)),
+                mebibytes(total(|value| value.inuse_bytes)),
+                self.alloc_samples,
+                self.live_followed,
+            );
+        }
         for ProcessThreads { pid, process_name, counts } in self.threads.iter().take(THREAD_LINES) {
             text += &format!(
                 "  threads of pid {pid} ({process_name}): {} live, {} started, {} ended\n",
@@ -79,6 +99,8 @@ impl PeriodSummary {
             text += &format!("  threads of {} more processes not shown\n", self.threads.len() - THREAD_LINES);
         }
         let problems = [
+            (self.live_overflow, "sampled allocations could not be followed to their free (table full)"),
+            (self.memory_unwatched, "CPython processes without memory profiling (allocator not found: see the log)"),
             (self.unnamed_python_frames, "Python frames could not be named"),
             (self.broken_python_stacks, "Python stacks ended early on a bad pointer"),
             (
@@ -94,6 +116,10 @@ impl PeriodSummary {
         text += &format!("  wrote {} profiles to {}\n", self.profiles_written, output_dir.display());
         text
     }
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
 /// The functions with the most samples, named by the innermost Python frame

@@ -316,6 +316,26 @@ impl Workload {
         self.pid
     }
 
+    /// Waits until the workload prints `line` on a line of its own (its output up to there
+    /// is read and dropped), for at most `timeout`.
+    pub fn wait_for_line(&mut self, line: &str, timeout: Duration) -> Result<()> {
+        let stdout = self.child.0.stdout.take().context("stdout already read")?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let wanted = line.to_owned();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let found = lines.by_ref().map_while(|line| line.ok()).any(|line| line == wanted);
+            let _ = sender.send(found);
+            // Keep reading, so that the workload never blocks on a full pipe.
+            lines.for_each(drop);
+        });
+        match receiver.recv_timeout(timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => bail!("the workload ended without printing {line:?}"),
+            Err(_) => bail!("the workload did not print {line:?} within {timeout:?}"),
+        }
+    }
+
     /// Waits for the workload to exit successfully; returns what it printed.
     pub fn wait(mut self) -> Result<String> {
         let mut stdout = String::new();

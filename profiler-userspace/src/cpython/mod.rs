@@ -142,6 +142,18 @@ impl Interpreter {
         Interpreter { version, kernel, path, layout, free_threaded }
     }
 
+    /// The size of pymalloc's pools, whose allocation `--memory` probes
+    /// (`allocate_from_new_pool`, from 3.9): 16 KiB from 3.10 on 64-bit
+    /// (`USE_LARGE_POOLS` with the radix tree), 4 KiB in 3.9. None before
+    /// 3.9 and for free-threaded builds, which allocate with mimalloc.
+    pub fn pool_bytes(&self) -> Option<u64> {
+        match (self.version.minor, self.free_threaded) {
+            (_, true) | (..=8, _) => None,
+            (9, _) => Some(4096),
+            _ => Some(16384),
+        }
+    }
+
     /// E.g. `CPython 3.11.7 (/usr/lib/libpython3.11.so.1.0)`, `CPython
     /// 3.13.1 free-threaded (/usr/bin/python3.13t)`.
     pub fn describe(&self) -> String {

@@ -1,0 +1,169 @@
+//! Memory: allocations of CPython processes, sampled by bytes at the
+//! allocator's sites that fire rarely for the bytes they cover.
+//!
+//! - `_PyMem_RawMalloc`, `_PyMem_RawCalloc`, `_PyMem_RawRealloc` and
+//!   `_PyMem_RawFree`: the raw domain, where objects larger than pymalloc's
+//!   512-byte blocks go, and `PyMem_Raw*` calls.
+//! - `allocate_from_new_pool`: pymalloc giving a whole pool to a size class.
+//!   Small objects are counted by the pools they take, not one by one: a
+//!   probe on every small allocation costs more than the allocation.
+//!
+//! Every site draws on one byte budget per thread, drawn from an exponential
+//! distribution (as tcmalloc and Go do): an allocation of `n` bytes is
+//! sampled with probability `1 - exp(-n / mean)`, which userspace inverts
+//! into unbiased estimates. Only sampled allocations go into `LIVE`, so only
+//! their frees send an event.
+
+use aya_ebpf::{
+    helpers::{bpf_get_attach_cookie, bpf_get_prandom_u32},
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap},
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
+};
+use profiler_common::{kind, stat, LiveKey, MemoryEvent, ALLOC_BUDGETS};
+
+use crate::{capture, count, pid_tid, send_sample, wakeup, EVENTS, MEMORY_SLOT};
+
+/// Exponential quantiles of the byte budget, filled by the agent.
+#[map]
+static BUDGETS: Array<u64> = Array::with_max_entries(ALLOC_BUDGETS, 0);
+
+/// Thread id → bytes left before the next sampled allocation.
+#[map]
+static BUDGET_LEFT: LruHashMap<u32, i64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Thread id → bytes of a sampled raw allocation, until it returns.
+#[map]
+static SAMPLED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Sampled allocations not yet freed. Not LRU: an evicted entry would be a
+/// free missed, a leak that is not one.
+#[map]
+static LIVE: HashMap<LiveKey, u8> = HashMap::with_max_entries(LIVE_ENTRIES, 0);
+const LIVE_ENTRIES: u32 = 65536;
+
+/// Draws `bytes` from the thread's budget: whether this allocation is sampled.
+fn sampled(tid: u32, bytes: u64) -> bool {
+    let Some(left) = BUDGET_LEFT.get_ptr_mut(tid) else {
+        let _ = BUDGET_LEFT.insert(tid, draw() - bytes as i64, 0);
+        return false;
+    };
+    // SAFETY: a valid map value; one thread updates its own entry.
+    unsafe {
+        *left -= bytes as i64;
+        if *left > 0 {
+            return false;
+        }
+        // The overshoot is not carried over: each draw is a fresh exponential,
+        // whose memorylessness keeps sampling independent of where it started.
+        *left = draw();
+    }
+    true
+}
+
+fn draw() -> i64 {
+    // SAFETY: no preconditions.
+    let index = unsafe { bpf_get_prandom_u32() } % ALLOC_BUDGETS;
+    BUDGETS.get(index).map_or(i64::MAX, |&budget| budget as i64)
+}
+
+/// An allocation of `bytes` of the raw domain starts.
+fn raw_alloc(bytes: u64) {
+    let (_, tid) = pid_tid();
+    if sampled(tid, bytes) {
+        let _ = SAMPLED.insert(tid, bytes, 0);
+    }
+}
+
+/// `ptr` is freed (or reallocated): if it was sampled, userspace hears of it.
+fn raw_free(ptr: u64) {
+    if ptr == 0 {
+        return;
+    }
+    let (pid, _) = pid_tid();
+    let key = LiveKey { pid, _pad: 0, address: ptr };
+    if LIVE.remove(key).is_ok() && EVENTS.output(MemoryEvent { kind: kind::FREE, pid, address: ptr }, 0).is_err() {
+        count(stat::EVENTS_DROPPED);
+    }
+}
+
+#[uprobe]
+pub fn raw_malloc(ctx: ProbeContext) -> u32 {
+    // `_PyMem_RawMalloc(void *ctx, size_t size)`
+    raw_alloc(ctx.arg::<u64>(1).unwrap_or(0));
+    0
+}
+
+#[uprobe]
+pub fn raw_calloc(ctx: ProbeContext) -> u32 {
+    // `_PyMem_RawCalloc(void *ctx, size_t nelem, size_t elsize)`
+    let (nelem, elsize) = (ctx.arg::<u64>(1).unwrap_or(0), ctx.arg::<u64>(2).unwrap_or(0));
+    // An overflowing product fails the allocation, which then records
+    // nothing (no 128-bit multiply on this target).
+    raw_alloc(nelem.wrapping_mul(elsize));
+    0
+}
+
+#[uprobe]
+pub fn raw_realloc(ctx: ProbeContext) -> u32 {
+    // `_PyMem_RawRealloc(void *ctx, void *ptr, size_t size)`: the old block
+    // is freed, a new one allocated (often at the same place).
+    raw_free(ctx.arg::<u64>(1).unwrap_or(0));
+    raw_alloc(ctx.arg::<u64>(2).unwrap_or(0));
+    0
+}
+
+#[uprobe]
+pub fn raw_free_entry(ctx: ProbeContext) -> u32 {
+    // `_PyMem_RawFree(void *ctx, void *ptr)`
+    raw_free(ctx.arg::<u64>(1).unwrap_or(0));
+    0
+}
+
+/// Returns from `_PyMem_RawMalloc`, `_PyMem_RawCalloc` and
+/// `_PyMem_RawRealloc`: a sampled allocation gets its address.
+#[uretprobe]
+pub fn raw_alloc_return(ctx: RetProbeContext) -> u32 {
+    let (pid, tid) = pid_tid();
+    let Some(&bytes) = (unsafe { SAMPLED.get(tid) }) else { return 0 };
+    let _ = SAMPLED.remove(tid);
+    let address: u64 = ctx.ret();
+    if address == 0 {
+        return 0;
+    }
+    let tracked = LIVE.insert(LiveKey { pid, _pad: 0, address }, 0, 0).is_ok();
+    if !tracked {
+        count(stat::LIVE_OVERFLOW);
+    }
+    send(&ctx, kind::ALLOC, bytes, if tracked { address } else { 0 });
+    0
+}
+
+/// Returns from `allocate_from_new_pool`, with a block of the pool it gave
+/// to a size class. The attach cookie is the pool size of that CPython.
+#[uretprobe]
+pub fn pool_return(ctx: RetProbeContext) -> u32 {
+    let (_, tid) = pid_tid();
+    // SAFETY: the context of the running program.
+    let pool_bytes = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let block: u64 = ctx.ret();
+    if block != 0 && sampled(tid, pool_bytes) {
+        send(&ctx, kind::POOL, pool_bytes, block);
+    }
+    0
+}
+
+/// A sample of the current thread's stacks with `bytes` at `address`.
+fn send(ctx: &impl EbpfContext, kind: u32, bytes: u64, address: u64) {
+    let (pid, tid) = pid_tid();
+    if let Some(sample) = capture(ctx, MEMORY_SLOT, kind, pid, tid) {
+        // SAFETY: this CPU's memory scratch slot.
+        unsafe {
+            (*sample).bytes = bytes;
+            (*sample).address = address;
+        }
+        count(stat::ALLOC_SAMPLES);
+        send_sample(sample, wakeup());
+    }
+}
