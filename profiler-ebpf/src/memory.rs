@@ -3,7 +3,10 @@
 //!
 //! - `_PyMem_RawMalloc`, `_PyMem_RawCalloc`, `_PyMem_RawRealloc` and
 //!   `_PyMem_RawFree`: the raw domain, where objects larger than pymalloc's
-//!   512-byte blocks go, and `PyMem_Raw*` calls.
+//!   512-byte blocks go, and `PyMem_Raw*` calls. A build without a symbol
+//!   table (stripped) is probed at libc's `malloc`, `calloc`, `realloc` and
+//!   `free` instead, which the raw domain calls: the same functions without
+//!   their first argument (`void *ctx`). The attach cookie says which.
 //! - `allocate_from_new_pool`: pymalloc giving a whole pool to a size class.
 //!   Small objects are counted by the pools they take, not one by one: a
 //!   probe on every small allocation costs more than the allocation.
@@ -88,17 +91,33 @@ fn raw_free(ptr: u64) {
     }
 }
 
+/// Argument `n` of the probed function, not counting CPython's `ctx`.
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    // SAFETY: the context of the running program.
+    let skip_ctx = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } != 0;
+    // Both read, at constant offsets, and kept apart (black_box): the
+    // verifier refuses a context read at a computed offset, which LLVM would
+    // otherwise make of the two.
+    let without = core::hint::black_box(ctx.arg::<u64>(n).unwrap_or(0));
+    let with = core::hint::black_box(ctx.arg::<u64>(n + 1).unwrap_or(0));
+    if skip_ctx {
+        with
+    } else {
+        without
+    }
+}
+
 #[uprobe]
 pub fn raw_malloc(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawMalloc(void *ctx, size_t size)`
-    raw_alloc(ctx.arg::<u64>(1).unwrap_or(0));
+    // `_PyMem_RawMalloc(void *ctx, size_t size)`, `malloc(size_t size)`
+    raw_alloc(arg(&ctx, 0));
     0
 }
 
 #[uprobe]
 pub fn raw_calloc(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawCalloc(void *ctx, size_t nelem, size_t elsize)`
-    let (nelem, elsize) = (ctx.arg::<u64>(1).unwrap_or(0), ctx.arg::<u64>(2).unwrap_or(0));
+    // `_PyMem_RawCalloc(void *ctx, size_t nelem, size_t elsize)`, `calloc`
+    let (nelem, elsize) = (arg(&ctx, 0), arg(&ctx, 1));
     // An overflowing product fails the allocation, which then records
     // nothing (no 128-bit multiply on this target).
     raw_alloc(nelem.wrapping_mul(elsize));
@@ -107,17 +126,17 @@ pub fn raw_calloc(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn raw_realloc(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawRealloc(void *ctx, void *ptr, size_t size)`: the old block
-    // is freed, a new one allocated (often at the same place).
-    raw_free(ctx.arg::<u64>(1).unwrap_or(0));
-    raw_alloc(ctx.arg::<u64>(2).unwrap_or(0));
+    // `_PyMem_RawRealloc(void *ctx, void *ptr, size_t size)`, `realloc`:
+    // the old block is freed, a new one allocated (often at the same place).
+    raw_free(arg(&ctx, 0));
+    raw_alloc(arg(&ctx, 1));
     0
 }
 
 #[uprobe]
 pub fn raw_free_entry(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawFree(void *ctx, void *ptr)`
-    raw_free(ctx.arg::<u64>(1).unwrap_or(0));
+    // `_PyMem_RawFree(void *ctx, void *ptr)`, `free(void *ptr)`
+    raw_free(arg(&ctx, 0));
     0
 }
 

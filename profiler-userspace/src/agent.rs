@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     ops::Range,
-    path::Path,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -24,7 +24,7 @@ use crate::{
     config::Settings,
     cpython::FrameSymbolizer,
     discovery::{self, PythonStatus},
-    ebpf::{KernelStats, MemoryProbes, Sampler},
+    ebpf::{KernelStats, MemoryWatch, Sampler},
     memory::{self, LiveHeap, Origin},
     procmem::ProcessMemory,
     sinks::LocalDir,
@@ -77,9 +77,8 @@ struct Process {
     exited: bool,
     /// The kernel's thread tally at the end of the last period.
     threads_seen: ThreadTally,
-    /// With `--memory`, for CPython: the allocation probes and its pymalloc
-    /// pool size.
-    memory: Option<(MemoryProbes, Option<u64>)>,
+    /// With `--memory`, for CPython: the allocation probes.
+    memory: Option<MemoryWatch>,
 }
 
 /// When to look at a process again.
@@ -296,8 +295,8 @@ impl<'a> Agent<'a> {
         };
         // A new program image (exec): what was probed in the old one goes.
         if let Some(old) = self.processes.get_mut(&pid) {
-            if let Some((probes, _)) = old.memory.take() {
-                sampler.unwatch_memory(probes);
+            if let Some(watch) = old.memory.take() {
+                sampler.unwatch_memory(watch);
             }
             sampler.forget_live(pid, &self.heap.forget_process(pid));
         }
@@ -326,9 +325,16 @@ impl<'a> Agent<'a> {
                     self.summary.python_processes += 1;
                     log::info!("pid {pid}: {}", interpreter.describe());
                     if self.settings.memory.is_some() {
-                        let object = format!("/proc/{pid}/root{}", interpreter.path);
-                        match sampler.watch_memory(pid, Path::new(&object), interpreter.pool_bytes()) {
-                            Ok(probes) => memory = Some((probes, interpreter.pool_bytes())),
+                        let root = format!("/proc/{pid}/root");
+                        let object = PathBuf::from(format!("{root}{}", interpreter.path));
+                        let libc = info.libc.as_ref().map(|libc| PathBuf::from(format!("{root}{libc}")));
+                        match sampler.watch_memory(pid, &object, interpreter.pool_bytes(), libc.as_deref()) {
+                            Ok(watch) => {
+                                if watch.pool_bytes.is_none() {
+                                    log::info!("pid {pid}: memory: objects of 512 bytes or less not profiled (no pymalloc pools to probe in this build)");
+                                }
+                                memory = Some(watch);
+                            }
                             Err(error) => {
                                 self.summary.memory_unwatched += 1;
                                 log::warn!("pid {pid}: memory not profiled: {error:#}");
@@ -426,7 +432,7 @@ impl<'a> Agent<'a> {
             (kind::ALLOC | kind::POOL, _) => {
                 let Some(mean) = self.settings.memory else { return };
                 let origin = Origin { application: application.into(), stack: stack.as_slice().into(), thread };
-                let pool_bytes = process.memory.as_ref().and_then(|(_, pool_bytes)| *pool_bytes);
+                let pool_bytes = process.memory.as_ref().and_then(|watch| watch.pool_bytes);
                 on_allocation(&mut self.aggregator, &mut self.heap, sample, origin, mean, pool_bytes);
             }
             _ => {
@@ -486,8 +492,8 @@ impl<'a> Agent<'a> {
         summary.print(&profiles, self.settings.output_dir.as_path());
         let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
         for pid in exited {
-            if let Some((probes, _)) = self.processes.remove(&pid).and_then(|process| process.memory) {
-                sampler.unwatch_memory(probes);
+            if let Some(watch) = self.processes.remove(&pid).and_then(|process| process.memory) {
+                sampler.unwatch_memory(watch);
             }
             // Its allocations were freed with it.
             sampler.forget_live(pid, &self.heap.forget_process(pid));

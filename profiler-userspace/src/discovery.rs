@@ -34,6 +34,8 @@ pub struct ProcessInfo {
     /// The process's id in its own PID namespace (a container's), when it
     /// differs from the host's.
     pub namespace_pid: Option<u32>,
+    /// The C library it maps (`libc.so.6`), as the process sees its path.
+    pub libc: Option<String>,
 }
 
 #[derive(Debug)]
@@ -60,7 +62,9 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline"))?;
     let args = split_cmdline(&cmdline);
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let python = find_python(pid, &parse_maps(&maps))?;
+    let mappings = parse_maps(&maps);
+    let python = find_python(pid, &mappings)?;
+    let libc = mappings.iter().find(|mapping| is_libc(&mapping.path)).map(|mapping| mapping.path.clone());
     let is_python = !matches!(python, PythonStatus::NotPython);
     Ok(ProcessInfo {
         process_name: comm.into(),
@@ -68,7 +72,14 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         python,
         code: executable_ranges(&maps),
         namespace_pid: namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status"))?),
+        libc,
     })
+}
+
+/// `/lib/x86_64-linux-gnu/libc.so.6`, `/lib/libc-2.31.so`; not `libcrypt`.
+fn is_libc(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
 }
 
 /// The innermost pid of `NSpid:` in `/proc/PID/status` (the process's own
@@ -419,6 +430,14 @@ fn find_version(mem: &ProcessMemory, facts: &ElfFacts, bias: u64) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_c_library_is_known_by_its_file_name() {
+        assert!(is_libc("/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(is_libc("/usr/lib/libc-2.31.so"));
+        assert!(!is_libc("/lib/x86_64-linux-gnu/libcrypt.so.1"));
+        assert!(!is_libc("/usr/lib/libc++.so.1"));
+    }
     use crate::cpython::{pyenv_build, FrameSymbolizer};
     use profiler_common::{PyFrame, NO_OFFSET};
     use std::{

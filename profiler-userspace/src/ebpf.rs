@@ -41,28 +41,57 @@ pub struct KernelStats {
     pub live_overflow: u64,
 }
 
-/// The allocation probes attached to one process.
-pub struct MemoryProbes(Vec<(&'static str, UProbeLinkId)>);
+/// The file offsets, as uprobes want them, of those of `names` that the
+/// symbol tables of the ELF file `path` hold.
+fn symbol_offsets(path: &Path, names: &[&str]) -> Result<std::collections::HashMap<String, u64>> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let read = || -> Result<_> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: a read-only mapping; a file changed under it gives wrong
+        // offsets at worst, which the kernel checks.
+        Ok(unsafe { memmap2::Mmap::map(&file) }?)
+    };
+    let data = read().with_context(|| format!("cannot read {}", path.display()))?;
+    let elf = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
+    let mut offsets = std::collections::HashMap::new();
+    for symbol in elf.symbols().chain(elf.dynamic_symbols()) {
+        let Some(name) = symbol.name().ok().filter(|name| names.contains(name)) else { continue };
+        let Some(section) = symbol.section_index().and_then(|index| elf.section_by_index(index).ok()) else { continue };
+        let Some((file_offset, _)) = section.file_range() else { continue };
+        offsets.insert(name.to_owned(), symbol.address() - section.address() + file_offset);
+    }
+    Ok(offsets)
+}
 
-/// An allocator function of CPython and the program probing it.
+/// The allocation probes attached to one process.
+pub struct MemoryWatch {
+    probes: Vec<(&'static str, UProbeLinkId)>,
+    /// The pymalloc pool size, when pools are probed.
+    pub pool_bytes: Option<u64>,
+}
+
+/// An allocator function of CPython, its libc counterpart, and the program
+/// probing them.
 struct MemoryProbe {
     program: &'static str,
     symbol: &'static str,
+    libc_symbol: &'static str,
 }
 
-const POOL_SYMBOL: &str = "allocate_from_new_pool";
+const POOL_PROGRAM: &str = "pool_return";
 
 /// Every probe of `--memory`: the raw domain (objects over 512 bytes and
-/// `PyMem_Raw*`), entries and returns, and pymalloc's new pools.
+/// `PyMem_Raw*`), entries and returns, and pymalloc's new pools (no libc
+/// counterpart).
 const MEMORY_PROBES: [MemoryProbe; 8] = [
-    MemoryProbe { program: "raw_malloc", symbol: "_PyMem_RawMalloc" },
-    MemoryProbe { program: "raw_calloc", symbol: "_PyMem_RawCalloc" },
-    MemoryProbe { program: "raw_realloc", symbol: "_PyMem_RawRealloc" },
-    MemoryProbe { program: "raw_free_entry", symbol: "_PyMem_RawFree" },
-    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawMalloc" },
-    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawCalloc" },
-    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawRealloc" },
-    MemoryProbe { program: "pool_return", symbol: POOL_SYMBOL },
+    MemoryProbe { program: "raw_malloc", symbol: "_PyMem_RawMalloc", libc_symbol: "malloc" },
+    MemoryProbe { program: "raw_calloc", symbol: "_PyMem_RawCalloc", libc_symbol: "calloc" },
+    MemoryProbe { program: "raw_realloc", symbol: "_PyMem_RawRealloc", libc_symbol: "realloc" },
+    MemoryProbe { program: "raw_free_entry", symbol: "_PyMem_RawFree", libc_symbol: "free" },
+    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawMalloc", libc_symbol: "malloc" },
+    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawCalloc", libc_symbol: "calloc" },
+    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawRealloc", libc_symbol: "realloc" },
+    MemoryProbe { program: POOL_PROGRAM, symbol: "allocate_from_new_pool", libc_symbol: "" },
 ];
 
 impl Sampler {
@@ -184,34 +213,62 @@ impl Sampler {
     /// Attaches the allocation probes to CPython process `pid`, whose
     /// allocator is in `object` (libpython or the executable; a path as the
     /// agent sees it). `pool_bytes` is its pymalloc pool size, None when the
-    /// build has no `allocate_from_new_pool` to probe (before 3.9). Fails,
-    /// attaching nothing, when a symbol is missing (a stripped build).
-    pub fn watch_memory(&mut self, pid: u32, object: &Path, pool_bytes: Option<u64>) -> Result<MemoryProbes> {
+    /// build has no `allocate_from_new_pool` to probe (before 3.9). A build
+    /// without a symbol table is probed at the `libc` it maps instead, without
+    /// pools. Fails, attaching nothing, when neither can be probed.
+    pub fn watch_memory(
+        &mut self,
+        pid: u32,
+        object: &Path,
+        pool_bytes: Option<u64>,
+        libc: Option<&Path>,
+    ) -> Result<MemoryWatch> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
-        let mut links = MemoryProbes(Vec::new());
-        for probe in MEMORY_PROBES {
-            let cookie = match (probe.symbol, pool_bytes) {
-                (POOL_SYMBOL, None) => continue,
-                (POOL_SYMBOL, Some(bytes)) => Some(bytes),
-                _ => None,
+        // Files are parsed once here: aya would parse them again per probe.
+        let cpython = symbol_offsets(object, &MEMORY_PROBES.map(|probe| probe.symbol))?;
+        let (sites, skip_ctx) = if cpython.contains_key(MEMORY_PROBES[0].symbol) {
+            (MEMORY_PROBES.map(|probe| (probe.program, probe.symbol, object)), 1)
+        } else {
+            let libc =
+                libc.with_context(|| format!("{} has no symbol table, and no libc is mapped", object.display()))?;
+            (MEMORY_PROBES.map(|probe| (probe.program, probe.libc_symbol, libc)), 0)
+        };
+        let offsets = if skip_ctx == 1 { cpython } else { symbol_offsets(sites[0].2, &sites.map(|site| site.1))? };
+        let mut watch = MemoryWatch { probes: Vec::new(), pool_bytes: None };
+        for (program, symbol, file) in sites {
+            let cookie = match (program, skip_ctx, pool_bytes) {
+                (POOL_PROGRAM, 0, _) | (POOL_PROGRAM, _, None) => continue,
+                (POOL_PROGRAM, _, Some(bytes)) => {
+                    watch.pool_bytes = Some(bytes);
+                    bytes
+                }
+                _ => skip_ctx,
             };
-            let program: &mut UProbe = self.ebpf.program_mut(probe.program).context(probe.program)?.try_into()?;
-            let point = UProbeAttachPoint { location: UProbeAttachLocation::Symbol(probe.symbol), cookie };
-            match program.attach(point, object, scope) {
-                Ok(link) => links.0.push((probe.program, link)),
+            let attached = match offsets.get(symbol) {
+                Some(&offset) => {
+                    let uprobe: &mut UProbe = self.ebpf.program_mut(program).context(program)?.try_into()?;
+                    let point = UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(offset),
+                        cookie: Some(cookie),
+                    };
+                    uprobe.attach(point, file, scope).map_err(anyhow::Error::from)
+                }
+                None => Err(anyhow::anyhow!("no symbol {symbol}")),
+            };
+            match attached {
+                Ok(link) => watch.probes.push((program, link)),
                 Err(error) => {
-                    self.unwatch_memory(links);
-                    return Err(error)
-                        .with_context(|| format!("cannot probe {} in {}", probe.symbol, object.display()));
+                    self.unwatch_memory(watch);
+                    return Err(error).with_context(|| format!("cannot probe {symbol} in {}", file.display()));
                 }
             }
         }
-        Ok(links)
+        Ok(watch)
     }
 
     /// Detaches the allocation probes of a process.
-    pub fn unwatch_memory(&mut self, probes: MemoryProbes) {
-        for (program, link) in probes.0 {
+    pub fn unwatch_memory(&mut self, watch: MemoryWatch) {
+        for (program, link) in watch.probes {
             let program: Option<&mut UProbe> = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok());
             if let Some(program) = program {
                 // Fails only for a link already gone with its process.

@@ -4,7 +4,7 @@
 use std::{thread, time::Duration};
 
 use anyhow::{ensure, Result};
-use e2e::{profile_files, Agent, Profile, Sample, Workload, PYENV_PYTHON_3_11, PYENV_PYTHON_3_13};
+use e2e::{profile_files, Agent, Profile, Sample, Workload, DEBIAN_PYTHON_3_11, PYENV_PYTHON_3_11, PYENV_PYTHON_3_13};
 
 const MIB: f64 = 1048576.0;
 const SAMPLE_TYPES: [&str; 8] = [
@@ -77,6 +77,12 @@ fn allocated_and_live_bytes_by_function_on_3_11() -> Result<()> {
 #[test]
 fn allocated_and_live_bytes_by_function_on_3_13() -> Result<()> {
     check_allocations(PYENV_PYTHON_3_13)
+}
+
+/// Debian's build has no symbol table: its allocations are probed at libc's `malloc`.
+#[test]
+fn allocated_and_live_bytes_by_function_on_a_stripped_build() -> Result<()> {
+    check_allocations(DEBIAN_PYTHON_3_11)
 }
 
 /// `small_objects.py`: only objects of 16 bytes (and the lists that hold them), 75% of them

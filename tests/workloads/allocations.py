@@ -31,7 +31,7 @@ def main():
         churn()
         keep(kept)
         small_dicts()
-        time.sleep(0.005)
+        time.sleep(0.02)
     print("holding", flush=True)
     while True:
         time.sleep(1)
