@@ -119,10 +119,10 @@ pub mod kind {
     /// allocated at `address` (0 when its free cannot be tracked: the table
     /// of live allocations is full).
     pub const ALLOC: u32 = 5;
-    /// A [`super::Sample`] of a pymalloc pool given to a size class
-    /// (`bytes`: the pool's size), sampled by bytes; `address` is a block in
-    /// it. Userspace reads the pool's header to see what stays in use.
-    pub const POOL: u32 = 6;
+    /// A [`super::Sample`] of a pymalloc arena (`bytes`: its size) sampled
+    /// by bytes, at `address` as for [`ALLOC`]. Userspace reads the headers
+    /// of its pools to see what stays in use.
+    pub const ARENA: u32 = 6;
     /// A [`super::MemoryEvent`]: a sampled allocation was freed.
     pub const FREE: u32 = 7;
 }

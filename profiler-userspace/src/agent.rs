@@ -22,42 +22,36 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Frame, ProcessThreads, Thread, ThreadCounts, Wait},
     config::Settings,
-    cpython::FrameSymbolizer,
+    cpython::{FrameSymbolizer, Pymalloc},
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, MemoryWatch, Sampler},
     memory::{self, LiveHeap, Origin},
-    procmem::ProcessMemory,
     sinks::LocalDir,
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
 
 /// Accounts an allocation sample: what it stands for, allocated over the
-/// period and, until freed, in use.
+/// period and, until freed, in use. An arena counts as one allocation of its
+/// size; what is in use in it is read from its pools at the period's end.
 fn on_allocation(
     aggregator: &mut Aggregator,
     heap: &mut LiveHeap,
     sample: &Sample,
     origin: Origin,
     mean: u64,
-    pool_bytes: Option<u64>,
+    pymalloc: Option<Pymalloc>,
 ) {
     let weight = memory::weight(sample.bytes, mean);
     let Origin { application, stack, thread } = &origin;
-    if sample.kind == kind::ALLOC {
-        aggregator.add_alloc(application, stack, thread, weight, sample.bytes as f64 * weight);
-        if sample.address != 0 {
-            heap.allocated(sample.pid, sample.address, origin, weight, sample.bytes as f64 * weight);
+    aggregator.add_alloc(application, stack, thread, weight, sample.bytes as f64 * weight);
+    match (sample.kind, sample.address, pymalloc) {
+        (_, 0, _) => {}
+        (kind::ARENA, address, Some(pymalloc)) => {
+            heap.arena(sample.pid, address, origin, sample.bytes, weight, pymalloc)
         }
-        return;
+        (_, address, _) => heap.allocated(sample.pid, address, origin, sample.bytes, weight),
     }
-    // A pool: its blocks, of the size class its header names.
-    let Some(pool_bytes) = pool_bytes else { return };
-    let pool = sample.address & !(pool_bytes - 1);
-    let Some((class, block_bytes)) = memory::pool_class(&ProcessMemory::new(sample.pid), pool) else { return };
-    let blocks = (pool_bytes / block_bytes) as f64;
-    aggregator.add_alloc(application, stack, thread, blocks * weight, pool_bytes as f64 * weight);
-    heap.pool(sample.pid, pool, class, origin, weight);
 }
 
 /// What the agent knows of one process.
@@ -77,8 +71,9 @@ struct Process {
     exited: bool,
     /// The kernel's thread tally at the end of the last period.
     threads_seen: ThreadTally,
-    /// With `--memory`, for CPython: the allocation probes.
-    memory: Option<MemoryWatch>,
+    /// With `--memory`, for CPython: the allocation probes and, when its
+    /// arenas are probed, the geometry of its pools.
+    memory: Option<(MemoryWatch, Option<Pymalloc>)>,
 }
 
 /// When to look at a process again.
@@ -241,7 +236,7 @@ impl<'a> Agent<'a> {
                 continue;
             };
             match kind {
-                kind::SAMPLE | kind::OFF_CPU | kind::ALLOC | kind::POOL if record.len() >= size_of::<Sample>() => {
+                kind::SAMPLE | kind::OFF_CPU | kind::ALLOC | kind::ARENA if record.len() >= size_of::<Sample>() => {
                     // SAFETY: the kernel wrote a whole `Sample`; any bytes are valid for it.
                     let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
                     self.on_sample(&sample, sampler);
@@ -295,7 +290,7 @@ impl<'a> Agent<'a> {
         };
         // A new program image (exec): what was probed in the old one goes.
         if let Some(old) = self.processes.get_mut(&pid) {
-            if let Some(watch) = old.memory.take() {
+            if let Some((watch, _)) = old.memory.take() {
                 sampler.unwatch_memory(watch);
             }
             sampler.forget_live(pid, &self.heap.forget_process(pid));
@@ -328,12 +323,16 @@ impl<'a> Agent<'a> {
                         let root = format!("/proc/{pid}/root");
                         let object = PathBuf::from(format!("{root}{}", interpreter.path));
                         let libc = info.libc.as_ref().map(|libc| PathBuf::from(format!("{root}{libc}")));
-                        match sampler.watch_memory(pid, &object, interpreter.pool_bytes(), libc.as_deref()) {
+                        match sampler.watch_memory(pid, &object, libc.as_deref()) {
                             Ok(watch) => {
-                                if watch.pool_bytes.is_none() {
-                                    log::info!("pid {pid}: memory: objects of 512 bytes or less not profiled (no pymalloc pools to probe in this build)");
+                                let pymalloc = interpreter.pymalloc().filter(|_| watch.arenas);
+                                if pymalloc.is_none() {
+                                    log::info!(
+                                        "pid {pid}: memory: objects of 512 bytes or less are not profiled (a build \
+                                         without symbol table or without pymalloc)"
+                                    );
                                 }
-                                memory = Some(watch);
+                                memory = Some((watch, pymalloc));
                             }
                             Err(error) => {
                                 self.summary.memory_unwatched += 1;
@@ -429,11 +428,11 @@ impl<'a> Agent<'a> {
         };
         match (sample.kind, wait) {
             (_, Some(wait)) => self.aggregator.add_off_cpu(application, stack, &thread, wait, sample.off_cpu_ns),
-            (kind::ALLOC | kind::POOL, _) => {
+            (kind::ALLOC | kind::ARENA, _) => {
                 let Some(mean) = self.settings.memory else { return };
                 let origin = Origin { application: application.into(), stack: stack.as_slice().into(), thread };
-                let pool_bytes = process.memory.as_ref().and_then(|watch| watch.pool_bytes);
-                on_allocation(&mut self.aggregator, &mut self.heap, sample, origin, mean, pool_bytes);
+                let pymalloc = process.memory.as_ref().and_then(|(_, pymalloc)| *pymalloc);
+                on_allocation(&mut self.aggregator, &mut self.heap, sample, origin, mean, pymalloc);
             }
             _ => {
                 self.summary.samples += 1;
@@ -492,7 +491,7 @@ impl<'a> Agent<'a> {
         summary.print(&profiles, self.settings.output_dir.as_path());
         let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
         for pid in exited {
-            if let Some(watch) = self.processes.remove(&pid).and_then(|process| process.memory) {
+            if let Some((watch, _)) = self.processes.remove(&pid).and_then(|process| process.memory) {
                 sampler.unwatch_memory(watch);
             }
             // Its allocations were freed with it.

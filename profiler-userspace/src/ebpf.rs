@@ -15,6 +15,8 @@ use aya::{
 };
 use profiler_common::{config, stat, LiveKey, PyProcess, ThreadTally};
 
+use crate::probe_sites;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
 
 /// The loaded and attached programs with the maps the agent uses.
@@ -41,57 +43,44 @@ pub struct KernelStats {
     pub live_overflow: u64,
 }
 
-/// The file offsets, as uprobes want them, of those of `names` that the
-/// symbol tables of the ELF file `path` hold.
-fn symbol_offsets(path: &Path, names: &[&str]) -> Result<std::collections::HashMap<String, u64>> {
-    use object::{Object, ObjectSection, ObjectSymbol};
-    let read = || -> Result<_> {
-        let file = std::fs::File::open(path)?;
-        // SAFETY: a read-only mapping; a file changed under it gives wrong
-        // offsets at worst, which the kernel checks.
-        Ok(unsafe { memmap2::Mmap::map(&file) }?)
-    };
-    let data = read().with_context(|| format!("cannot read {}", path.display()))?;
-    let elf = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
-    let mut offsets = std::collections::HashMap::new();
-    for symbol in elf.symbols().chain(elf.dynamic_symbols()) {
-        let Some(name) = symbol.name().ok().filter(|name| names.contains(name)) else { continue };
-        let Some(section) = symbol.section_index().and_then(|index| elf.section_by_index(index).ok()) else { continue };
-        let Some((file_offset, _)) = section.file_range() else { continue };
-        offsets.insert(name.to_owned(), symbol.address() - section.address() + file_offset);
-    }
-    Ok(offsets)
-}
-
 /// The allocation probes attached to one process.
 pub struct MemoryWatch {
     probes: Vec<(&'static str, UProbeLinkId)>,
-    /// The pymalloc pool size, when pools are probed.
-    pub pool_bytes: Option<u64>,
+    /// Whether pymalloc's arenas are probed (not with libc's functions).
+    pub arenas: bool,
 }
 
-/// An allocator function of CPython, its libc counterpart, and the program
-/// probing them.
+/// An allocator function of CPython (the first of `symbols` its build has),
+/// its libc counterpart if any, and the program probing them.
 struct MemoryProbe {
     program: &'static str,
-    symbol: &'static str,
-    libc_symbol: &'static str,
+    symbols: &'static [&'static str],
+    libc_symbol: Option<&'static str>,
 }
 
-const POOL_PROGRAM: &str = "pool_return";
+const ARENA_PROGRAM: &str = "arena_return";
+const RAW_MALLOC: &[&str] = &["_PyMem_RawMalloc"];
+const RAW_CALLOC: &[&str] = &["_PyMem_RawCalloc"];
+const RAW_REALLOC: &[&str] = &["_PyMem_RawRealloc"];
+/// pymalloc's arena allocator: renamed in 3.12.
+const ARENA_ALLOC: &[&str] = &["_PyObject_ArenaMmap", "_PyMem_ArenaAlloc"];
+const ARENA_FREE: &[&str] = &["_PyObject_ArenaMunmap", "_PyMem_ArenaFree"];
 
 /// Every probe of `--memory`: the raw domain (objects over 512 bytes and
-/// `PyMem_Raw*`), entries and returns, and pymalloc's new pools (no libc
-/// counterpart).
-const MEMORY_PROBES: [MemoryProbe; 8] = [
-    MemoryProbe { program: "raw_malloc", symbol: "_PyMem_RawMalloc", libc_symbol: "malloc" },
-    MemoryProbe { program: "raw_calloc", symbol: "_PyMem_RawCalloc", libc_symbol: "calloc" },
-    MemoryProbe { program: "raw_realloc", symbol: "_PyMem_RawRealloc", libc_symbol: "realloc" },
-    MemoryProbe { program: "raw_free_entry", symbol: "_PyMem_RawFree", libc_symbol: "free" },
-    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawMalloc", libc_symbol: "malloc" },
-    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawCalloc", libc_symbol: "calloc" },
-    MemoryProbe { program: "raw_alloc_return", symbol: "_PyMem_RawRealloc", libc_symbol: "realloc" },
-    MemoryProbe { program: POOL_PROGRAM, symbol: "allocate_from_new_pool", libc_symbol: "" },
+/// `PyMem_Raw*`) and pymalloc's arenas, entries and returns. The first one
+/// tells whether the build has a symbol table.
+const MEMORY_PROBES: [MemoryProbe; 10] = [
+    MemoryProbe { program: "raw_malloc", symbols: RAW_MALLOC, libc_symbol: Some("malloc") },
+    MemoryProbe { program: "raw_calloc", symbols: RAW_CALLOC, libc_symbol: Some("calloc") },
+    MemoryProbe { program: "raw_realloc", symbols: RAW_REALLOC, libc_symbol: Some("realloc") },
+    MemoryProbe { program: "raw_free_entry", symbols: &["_PyMem_RawFree"], libc_symbol: Some("free") },
+    MemoryProbe { program: "raw_alloc_return", symbols: RAW_MALLOC, libc_symbol: Some("malloc") },
+    MemoryProbe { program: "raw_alloc_return", symbols: RAW_CALLOC, libc_symbol: Some("calloc") },
+    MemoryProbe { program: "raw_alloc_return", symbols: RAW_REALLOC, libc_symbol: Some("realloc") },
+    // An arena is allocated like any raw block: the same entry program.
+    MemoryProbe { program: "raw_malloc", symbols: ARENA_ALLOC, libc_symbol: None },
+    MemoryProbe { program: ARENA_PROGRAM, symbols: ARENA_ALLOC, libc_symbol: None },
+    MemoryProbe { program: "raw_free_entry", symbols: ARENA_FREE, libc_symbol: None },
 ];
 
 impl Sampler {
@@ -212,54 +201,54 @@ impl Sampler {
 
     /// Attaches the allocation probes to CPython process `pid`, whose
     /// allocator is in `object` (libpython or the executable; a path as the
-    /// agent sees it). `pool_bytes` is its pymalloc pool size, None when the
-    /// build has no `allocate_from_new_pool` to probe (before 3.9). A build
-    /// without a symbol table is probed at the `libc` it maps instead, without
-    /// pools. Fails, attaching nothing, when neither can be probed.
-    pub fn watch_memory(
-        &mut self,
-        pid: u32,
-        object: &Path,
-        pool_bytes: Option<u64>,
-        libc: Option<&Path>,
-    ) -> Result<MemoryWatch> {
+    /// agent sees it). A build without a symbol table is probed at the `libc`
+    /// it maps instead, where pymalloc's arenas cannot be seen. Fails,
+    /// attaching nothing, when neither can be probed.
+    pub fn watch_memory(&mut self, pid: u32, object: &Path, libc: Option<&Path>) -> Result<MemoryWatch> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        let names: Vec<&str> = MEMORY_PROBES.iter().flat_map(|probe| probe.symbols).copied().collect();
         // Files are parsed once here: aya would parse them again per probe.
-        let cpython = symbol_offsets(object, &MEMORY_PROBES.map(|probe| probe.symbol))?;
-        let (sites, skip_ctx) = if cpython.contains_key(MEMORY_PROBES[0].symbol) {
-            (MEMORY_PROBES.map(|probe| (probe.program, probe.symbol, object)), 1)
+        let cpython = probe_sites::functions(object, &names)?;
+        // (program, file, file offset, whether CPython's `ctx` comes first)
+        let mut sites: Vec<(&'static str, &Path, u64, bool)> = Vec::new();
+        if cpython.contains_key(MEMORY_PROBES[0].symbols[0]) {
+            for probe in &MEMORY_PROBES {
+                let Some(function) = probe.symbols.iter().find_map(|symbol| cpython.get(*symbol)) else {
+                    bail!("{} has no {}", object.display(), probe.symbols.join(" or "));
+                };
+                sites.push(match function.tail_call {
+                    Some(tail_call) => (probe.program, object, tail_call, false),
+                    None => (probe.program, object, function.entry, true),
+                });
+            }
         } else {
             let libc =
                 libc.with_context(|| format!("{} has no symbol table, and no libc is mapped", object.display()))?;
-            (MEMORY_PROBES.map(|probe| (probe.program, probe.libc_symbol, libc)), 0)
-        };
-        let offsets = if skip_ctx == 1 { cpython } else { symbol_offsets(sites[0].2, &sites.map(|site| site.1))? };
-        let mut watch = MemoryWatch { probes: Vec::new(), pool_bytes: None };
-        for (program, symbol, file) in sites {
-            let cookie = match (program, skip_ctx, pool_bytes) {
-                (POOL_PROGRAM, 0, _) | (POOL_PROGRAM, _, None) => continue,
-                (POOL_PROGRAM, _, Some(bytes)) => {
-                    watch.pool_bytes = Some(bytes);
-                    bytes
-                }
-                _ => skip_ctx,
-            };
-            let attached = match offsets.get(symbol) {
-                Some(&offset) => {
-                    let uprobe: &mut UProbe = self.ebpf.program_mut(program).context(program)?.try_into()?;
-                    let point = UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(offset),
-                        cookie: Some(cookie),
-                    };
-                    uprobe.attach(point, file, scope).map_err(anyhow::Error::from)
-                }
-                None => Err(anyhow::anyhow!("no symbol {symbol}")),
-            };
+            let names: Vec<&str> = MEMORY_PROBES.iter().filter_map(|probe| probe.libc_symbol).collect();
+            let functions = probe_sites::functions(libc, &names)?;
+            for probe in MEMORY_PROBES.iter().filter(|probe| probe.libc_symbol.is_some()) {
+                let function = probe.libc_symbol.and_then(|symbol| functions.get(symbol));
+                let function =
+                    function.with_context(|| format!("{} has no {:?}", libc.display(), probe.libc_symbol))?;
+                sites.push((probe.program, libc, function.entry, false));
+            }
+        }
+        let mut watch = MemoryWatch { probes: Vec::new(), arenas: false };
+        for (program, file, offset, skip_ctx) in sites {
+            let attached = self.ebpf.program_mut(program).context(program).and_then(|uprobe| {
+                let uprobe: &mut UProbe = uprobe.try_into()?;
+                let location = UProbeAttachLocation::AbsoluteOffset(offset);
+                let point = UProbeAttachPoint { location, cookie: Some(u64::from(skip_ctx)) };
+                Ok(uprobe.attach(point, file, scope)?)
+            });
             match attached {
-                Ok(link) => watch.probes.push((program, link)),
+                Ok(link) => {
+                    watch.arenas |= program == ARENA_PROGRAM;
+                    watch.probes.push((program, link));
+                }
                 Err(error) => {
                     self.unwatch_memory(watch);
-                    return Err(error).with_context(|| format!("cannot probe {symbol} in {}", file.display()));
+                    return Err(error).with_context(|| format!("cannot probe {} at {offset:#x}", file.display()));
                 }
             }
         }

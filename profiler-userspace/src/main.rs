@@ -9,6 +9,7 @@ mod ebpf;
 mod flamegraph;
 mod memory;
 mod pprof;
+mod probe_sites;
 mod procmem;
 mod sinks;
 mod summary;

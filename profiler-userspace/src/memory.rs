@@ -6,10 +6,9 @@
 //! mean)`, so each sample stands for `1 / p` allocations like it (Go's and
 //! tcmalloc's estimator, unbiased). Objects over 512 bytes come one by one,
 //! with their address; their frees come as events. Small objects come as the
-//! pymalloc pools that size classes take: a pool sample stands for the pool's
-//! blocks, and what stays in use is read from the pool's header at the end of
-//! each period (blocks in use, size class), so no free of a small object is
-//! ever probed.
+//! pymalloc arenas their pools take: what stays in use in a sampled arena is
+//! read from the headers of its pools at the end of each period (blocks in
+//! use, size class), so no free of a small object is ever probed.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -17,6 +16,7 @@ use profiler_common::ALLOC_BUDGETS;
 
 use crate::{
     aggregate::{Frame, Thread},
+    cpython::Pymalloc,
     procmem::ProcessMemory,
 };
 
@@ -32,18 +32,34 @@ pub fn weight(bytes: u64, mean: u64) -> f64 {
     1.0 / -(-(bytes as f64) / mean as f64).exp_m1()
 }
 
-/// pymalloc's pool header (`struct pool_header`), the same from 3.9 on: the
-/// blocks in use (`ref.count`) and the size class (`szidx`).
-const POOL_COUNT: u64 = 0;
-const POOL_SIZE_CLASS: u64 = 36;
-/// Block sizes are multiples of 16 bytes on 64-bit builds (3.8+).
-const POOL_ALIGNMENT: u64 = 16;
+/// pymalloc's pool header (`struct pool_header`), the same in every
+/// version: the blocks in use (`ref.count`) and the size class (`szidx`).
+const POOL_COUNT: usize = 0;
+const POOL_SIZE_CLASS: usize = 36;
+const POOL_HEADER: usize = 40;
+/// Blocks of at most 512 bytes.
+const SMALL_REQUEST_THRESHOLD: u64 = 512;
 
-/// A pool's size class and block size, read from its header.
-pub fn pool_class(mem: &ProcessMemory, pool: u64) -> Option<(u32, u64)> {
-    let class = mem.read_u32(pool + POOL_SIZE_CLASS).ok()?;
-    // 32 classes of up to 512 bytes: anything else is not a pool header.
-    (class < 32).then_some((class, (u64::from(class) + 1) * POOL_ALIGNMENT))
+/// Blocks in use and their bytes in the pools of the arena at `arena` of
+/// `arena_bytes`; None when the arena cannot be read (freed meanwhile).
+fn arena_in_use(mem: &ProcessMemory, arena: u64, arena_bytes: u64, pymalloc: Pymalloc) -> Option<(u64, u64)> {
+    let Pymalloc { pool_bytes, alignment } = pymalloc;
+    // Pools start at the first pool-aligned address of the arena.
+    let first = arena.next_multiple_of(pool_bytes);
+    let (mut blocks, mut bytes) = (0, 0);
+    let mut header = [0u8; POOL_HEADER];
+    for pool in (first..arena + arena_bytes - pool_bytes + 1).step_by(pool_bytes as usize) {
+        mem.read(pool, &mut header).ok()?;
+        let field = |at: usize| u64::from(u32::from_ne_bytes(header[at..at + 4].try_into().unwrap()));
+        let (count, block) = (field(POOL_COUNT), (field(POOL_SIZE_CLASS) + 1) * alignment);
+        // A pool never used is zeroes; anything else that is not a header
+        // of a pool in use (more blocks than fit) counts nothing.
+        if block <= SMALL_REQUEST_THRESHOLD && count * block <= pool_bytes {
+            blocks += count;
+            bytes += count * block;
+        }
+    }
+    Some((blocks, bytes))
 }
 
 /// Where a sampled allocation was made.
@@ -56,15 +72,12 @@ pub struct Origin {
 
 struct Allocation {
     origin: Origin,
+    /// What this sample stands for.
     objects: f64,
     bytes: f64,
-}
-
-struct Pool {
-    origin: Origin,
-    /// Pools this sample stands for.
     weight: f64,
-    class: u32,
+    /// A pymalloc arena of this many bytes, whose pools hold the objects.
+    arena: Option<(u64, Pymalloc)>,
 }
 
 /// Bytes and objects in use, from one origin.
@@ -74,41 +87,33 @@ pub struct InUse<'a> {
     pub bytes: f64,
 }
 
-/// The sampled allocations and pools still in use.
+/// The sampled allocations (arenas among them) still in use.
 #[derive(Default)]
 pub struct LiveHeap {
     allocations: HashMap<(u32, u64), Allocation>,
-    pools: HashMap<(u32, u64), Pool>,
 }
 
-/// The most pools followed at once; the kernel bounds allocations itself.
-const MAX_POOLS: usize = 65536;
-
 impl LiveHeap {
-    /// A sampled allocation at `address` of process `pid`, standing for
-    /// `objects` objects and `bytes` bytes.
-    pub fn allocated(&mut self, pid: u32, address: u64, origin: Origin, objects: f64, bytes: f64) {
-        self.allocations.insert((pid, address), Allocation { origin, objects, bytes });
+    /// A sampled allocation of `bytes` at `address` of process `pid`,
+    /// standing for `weight` allocations like it.
+    pub fn allocated(&mut self, pid: u32, address: u64, origin: Origin, bytes: u64, weight: f64) {
+        let allocation = Allocation { origin, objects: weight, bytes: bytes as f64 * weight, weight, arena: None };
+        self.allocations.insert((pid, address), allocation);
+    }
+
+    /// A sampled pymalloc arena of `bytes` at `address`.
+    pub fn arena(&mut self, pid: u32, address: u64, origin: Origin, bytes: u64, weight: f64, pymalloc: Pymalloc) {
+        let allocation = Allocation { origin, objects: 0.0, bytes: 0.0, weight, arena: Some((bytes, pymalloc)) };
+        self.allocations.insert((pid, address), allocation);
     }
 
     pub fn freed(&mut self, pid: u32, address: u64) {
         self.allocations.remove(&(pid, address));
     }
 
-    /// A sampled pool at `pool`, of size class `class`, standing for
-    /// `weight` pools; false when too many pools are followed already.
-    pub fn pool(&mut self, pid: u32, pool: u64, class: u32, origin: Origin, weight: f64) -> bool {
-        if self.pools.len() >= MAX_POOLS && !self.pools.contains_key(&(pid, pool)) {
-            return false;
-        }
-        self.pools.insert((pid, pool), Pool { origin, weight, class });
-        true
-    }
-
     /// Forgets the allocations of a process that exited; returns their
     /// addresses, for the kernel's table.
     pub fn forget_process(&mut self, pid: u32) -> Vec<u64> {
-        self.pools.retain(|&(owner, _), _| owner != pid);
         let addresses: Vec<u64> = self.allocations.keys().filter(|(owner, _)| *owner == pid).map(|&(_, a)| a).collect();
         for address in &addresses {
             self.allocations.remove(&(pid, *address));
@@ -116,36 +121,30 @@ impl LiveHeap {
         addresses
     }
 
-    /// What is in use now. Pools are read in their processes: a pool that
-    /// emptied, went to another size class or whose arena was freed is
-    /// dropped.
+    /// What is in use now. The pools of arenas are read in their processes.
     pub fn in_use(&mut self) -> Vec<InUse<'_>> {
         let mut readers: HashMap<u32, ProcessMemory> = HashMap::new();
-        let mut blocks: HashMap<(u32, u64), u32> = HashMap::new();
-        for (&(pid, pool), sampled) in &self.pools {
-            let mem = readers.entry(pid).or_insert_with(|| ProcessMemory::new(pid));
-            let count = match pool_class(mem, pool) {
-                Some((class, _)) if class == sampled.class => mem.read_u32(pool + POOL_COUNT).unwrap_or(0),
-                _ => 0,
-            };
-            blocks.insert((pid, pool), count);
+        for (&(pid, address), allocation) in &mut self.allocations {
+            if let Some((arena_bytes, pymalloc)) = allocation.arena {
+                let mem = readers.entry(pid).or_insert_with(|| ProcessMemory::new(pid));
+                let (blocks, bytes) = arena_in_use(mem, address, arena_bytes, pymalloc).unwrap_or((0, 0));
+                allocation.objects = blocks as f64 * allocation.weight;
+                allocation.bytes = bytes as f64 * allocation.weight;
+            }
         }
-        self.pools.retain(|key, _| blocks.get(key).is_some_and(|&count| count > 0));
-        let allocations = self.allocations.values().map(|allocation| InUse {
-            origin: &allocation.origin,
-            objects: allocation.objects,
-            bytes: allocation.bytes,
-        });
-        let pools = self.pools.iter().map(|(key, pool)| {
-            let count = f64::from(blocks[key]) * pool.weight;
-            let block_bytes = (u64::from(pool.class) + 1) * POOL_ALIGNMENT;
-            InUse { origin: &pool.origin, objects: count, bytes: count * block_bytes as f64 }
-        });
-        allocations.chain(pools).collect()
+        self.allocations
+            .values()
+            .filter(|allocation| allocation.bytes > 0.0)
+            .map(|allocation| InUse {
+                origin: &allocation.origin,
+                objects: allocation.objects,
+                bytes: allocation.bytes,
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.allocations.len() + self.pools.len()
+        self.allocations.len()
     }
 }
 

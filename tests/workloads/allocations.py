@@ -2,7 +2,8 @@
 `churn` allocates and drops two 1 MiB bytearrays, `keep` allocates one
 1 MiB bytearray and keeps it, `small_dicts` allocates 2,000 small dicts and
 drops them. Then prints `holding` and keeps what `keep` allocated until
-killed.
+killed. It first sleeps 1 s: the agent attaches its probes once it has
+looked at a new process, and allocations before that are not seen.
 """
 import sys
 import time
@@ -26,6 +27,7 @@ def small_dicts():
 
 def main():
     rounds = min(int(sys.argv[1]), 200)
+    time.sleep(1)
     kept = []
     for _ in range(rounds):
         churn()

@@ -74,6 +74,13 @@ pub struct Interpreter {
     free_threaded: bool,
 }
 
+/// pymalloc's pools: their size, and the step of their block sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pymalloc {
+    pub pool_bytes: u64,
+    pub alignment: u64,
+}
+
 /// Why a CPython interpreter cannot be profiled.
 #[derive(Debug, thiserror::Error)]
 #[error("CPython {version} ({path}): version not supported yet")]
@@ -142,15 +149,17 @@ impl Interpreter {
         Interpreter { version, kernel, path, layout, free_threaded }
     }
 
-    /// The size of pymalloc's pools, whose allocation `--memory` probes
-    /// (`allocate_from_new_pool`, from 3.9): 16 KiB from 3.10 on 64-bit
-    /// (`USE_LARGE_POOLS` with the radix tree), 4 KiB in 3.9. None before
-    /// 3.9 and for free-threaded builds, which allocate with mimalloc.
-    pub fn pool_bytes(&self) -> Option<u64> {
+    /// The geometry of pymalloc's pools, which `--memory` reads to tell the
+    /// small objects in use in an arena; None for free-threaded builds,
+    /// which allocate with mimalloc.
+    pub fn pymalloc(&self) -> Option<Pymalloc> {
         match (self.version.minor, self.free_threaded) {
-            (_, true) | (..=8, _) => None,
-            (9, _) => Some(4096),
-            _ => Some(16384),
+            (_, true) => None,
+            // 16 KiB pools from 3.10 on 64-bit (`USE_LARGE_POOLS`, with the
+            // radix tree); 16-byte alignment from 3.8.
+            (10.., _) => Some(Pymalloc { pool_bytes: 16384, alignment: 16 }),
+            (8 | 9, _) => Some(Pymalloc { pool_bytes: 4096, alignment: 16 }),
+            _ => Some(Pymalloc { pool_bytes: 4096, alignment: 8 }),
         }
     }
 
