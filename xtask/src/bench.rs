@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -28,6 +28,12 @@ pub struct Options {
     /// Sleeps of the sleep-heavy workload (`sleepy.py`) per run.
     #[arg(long, default_value_t = 8_000)]
     sleeps: u32,
+    /// Rounds of the allocation-heavy workload (`alloc_heavy.py`) per run.
+    #[arg(long, default_value_t = 240)]
+    alloc_rounds: u32,
+    /// Run only the memory comparison and print it; docs/benchmarks.md is left alone.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 /// The sampling rate of both profilers.
@@ -40,6 +46,7 @@ enum Mode {
     Bare,
     Ferroscope,
     PySpy,
+    Memray,
 }
 
 const MODES: [Mode; 3] = [Mode::Bare, Mode::Ferroscope, Mode::PySpy];
@@ -65,10 +72,15 @@ struct Measurements {
 pub fn run(options: &Options) -> Result<()> {
     ensure!(options.runs > 0, "--runs must be at least 1");
     setup::test_tools()?;
+    setup::bench_tools()?;
     let agent = build(true)?;
     let load_average = fs::read_to_string("/proc/loadavg")?;
     // The kernel accounts the run time of BPF programs only while this is on.
     let bpf_stats = BpfStats::enable()?;
+    if options.memory_only {
+        println!("{}", memory_table(options, &agent)?);
+        return Ok(());
+    }
     let mut results: HashMap<Mode, Measurements> = HashMap::new();
     for run in 0..options.runs {
         // Rotate the order so that no mode always follows the same one.
@@ -79,6 +91,7 @@ pub fn run(options: &Options) -> Result<()> {
                 Mode::Bare => run_bare(options, measurements)?,
                 Mode::Ferroscope => run_ferroscope(options, &agent, measurements)?,
                 Mode::PySpy => run_py_spy(options, measurements)?,
+                Mode::Memray => unreachable!("not a mode of the split benchmark"),
             }
             step(format!(
                 "bench: run {}/{}: {mode:?} {:.3} s",
@@ -91,51 +104,160 @@ pub fn run(options: &Options) -> Result<()> {
     let table = table(&results);
     println!("{table}");
     let wall = wall_table(options, &agent)?;
-    drop(bpf_stats);
     println!("{wall}");
-    write_report(options, &load_average, &table, &wall)
+    let memory = memory_table(options, &agent)?;
+    drop(bpf_stats);
+    println!("{memory}");
+    write_report(options, &load_average, &table, &wall, &memory)
 }
 
-/// The workloads of the wall-time benchmark: script and its argument.
-fn wall_workloads(options: &Options) -> [(&'static str, String); 2] {
-    [("pingpong.py", options.switches.to_string()), ("sleepy.py", options.sleeps.to_string())]
+/// A program run for a fixed amount of work, bare and under profilers.
+struct Job {
+    /// As the table names it.
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
 }
 
-/// Off-CPU time on workloads that leave the CPU often (`pingpong.py`, two processes passing
-/// a byte through pipes; `sleepy.py`, short work and 0.5 ms sleeps), bare, under Ferroscope
-/// (wall time on, as by default) and under py-spy `--idle`, in rotating order: the slowdown
-/// of each, and the run time and run count of each of the agent's programs over the runs
-/// under it (with the kernel's BPF statistics on).
-fn wall_table(options: &Options, agent_bin: &Path) -> Result<String> {
-    let mut table = String::from(
-        "| workload | bare (median) | Ferroscope, wall time on | py-spy 0.4.3 --idle --nonblocking |\n|---|---|---|---|\n",
-    );
+impl Job {
+    /// `tests/workloads/SCRIPT --rounds ROUNDS` on CPython 3.11.
+    fn script(script: &str, rounds: u32) -> Job {
+        Job {
+            name: format!("`{script} --rounds {rounds}`"),
+            program: PYENV_PYTHON_3_11.into(),
+            args: vec![workload(script).to_string_lossy().into_owned(), "--rounds".into(), rounds.to_string()],
+        }
+    }
+
+    /// A benchmark of pyperformance, in one process (pyperf's worker mode), `loops` loops
+    /// for one value.
+    fn pyperformance(name: &str, loops: u32) -> Job {
+        let script = setup::pyperformance_benchmark(name);
+        Job {
+            name: format!("pyperformance `{name}` ({loops} loops)"),
+            program: setup::bench_python(),
+            args: vec![
+                script.to_string_lossy().into_owned(),
+                "--worker".into(),
+                "--values=1".into(),
+                "--warmups=0".into(),
+                format!("--loops={loops}"),
+            ],
+        }
+    }
+
+    /// Runs `PROGRAM ARGS` to completion: its wall-clock seconds.
+    fn run(&self) -> Result<f64> {
+        self.run_under(&[], true)
+    }
+
+    /// Runs `WRAPPER... [PROGRAM] ARGS`: a profiler that starts the program, or (without
+    /// `program`) runs the script in ARGS with its own interpreter.
+    fn run_under(&self, wrapper: &[&std::ffi::OsStr], program: bool) -> Result<f64> {
+        let mut argv: Vec<&std::ffi::OsStr> = wrapper.to_vec();
+        if program {
+            argv.push(self.program.as_os_str());
+        }
+        let mut command = Command::new(argv[0]);
+        command.args(&argv[1..]);
+        let started = Instant::now();
+        let output = command.args(&self.args).stdin(Stdio::null()).output()?;
+        let seconds = started.elapsed().as_secs_f64();
+        ensure!(output.status.success(), "{} failed: {}", self.name, String::from_utf8_lossy(&output.stderr));
+        Ok(seconds)
+    }
+}
+
+/// The peer profiler of a comparison.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// `py-spy record --idle`: it samples threads off the CPU too.
+    PySpyIdle,
+    /// `memray run`: every allocation through the system allocator.
+    Memray,
+}
+
+impl Peer {
+    fn mode(self) -> Mode {
+        match self {
+            Peer::PySpyIdle => Mode::PySpy,
+            Peer::Memray => Mode::Memray,
+        }
+    }
+}
+
+/// Each job run bare, under `ferroscope agent AGENT_ARGS` and under the peer, `--runs`
+/// times in rotating order: a markdown table of median slowdowns, then the kernel cost of
+/// each of the agent's programs over the runs under it (with the kernel's BPF statistics on).
+fn slowdown_table(
+    options: &Options,
+    agent_bin: &Path,
+    agent_args: &[&str],
+    peer: Peer,
+    jobs: &[Job],
+) -> Result<String> {
+    let header = match peer {
+        Peer::PySpyIdle => "py-spy 0.4.3 --idle --nonblocking",
+        Peer::Memray => "memray run",
+    };
+    let flags = agent_args.join(" ");
+    let mut table = format!("| workload | bare (median) | Ferroscope `{flags}` | {header} |\n|---|---|---|---|\n");
     let mut programs: Vec<(String, u64, u64)> = Vec::new();
     let mut seconds_under_agent = 0.0;
-    for (script, rounds) in wall_workloads(options) {
-        let args = ["--rounds", rounds.as_str()];
+    let modes = [Mode::Bare, Mode::Ferroscope, peer.mode()];
+    for job in jobs {
         let mut elapsed: HashMap<Mode, Vec<f64>> = HashMap::new();
         for run in 0..options.runs {
-            for offset in 0..MODES.len() {
-                let mode = MODES[(run + offset) % MODES.len()];
-                let seconds = match mode {
-                    Mode::Bare => workload_times(&Workload::start(PYENV_PYTHON_3_11, script, &args)?.wait()?)?.0,
-                    Mode::Ferroscope => {
-                        let agent = Agent::start_binary(agent_bin, &["--frequency", RATE])?;
+            for offset in 0..modes.len() {
+                let mode = modes[(run + offset) % modes.len()];
+                let dir = tempfile::tempdir()?;
+                let seconds = match (mode, peer) {
+                    (Mode::Ferroscope, _) => {
+                        let args: Vec<&str> = ["--frequency", RATE].iter().chain(agent_args).copied().collect();
+                        let agent = Agent::start_binary(agent_bin, &args)?;
                         let before = program_stats(agent.pid())?;
-                        let seconds = workload_times(&Workload::start(PYENV_PYTHON_3_11, script, &args)?.wait()?)?.0;
+                        let seconds = job.run()?;
                         add_program_stats(&mut programs, before, program_stats(agent.pid())?);
                         agent.stop()?;
                         seconds_under_agent += seconds;
                         seconds
                     }
-                    Mode::PySpy => {
-                        let dir = tempfile::tempdir()?;
-                        let output = py_spy_record(&["--idle"], &dir.path().join("py-spy.txt"), script, &args)?;
-                        workload_times(&output)?.0
+                    (Mode::Bare, _) => job.run()?,
+                    (_, Peer::PySpyIdle) => {
+                        let raw = dir.path().join("py-spy.txt");
+                        let py_spy = setup::py_spy();
+                        job.run_under(
+                            &[
+                                py_spy.as_os_str(),
+                                "record".as_ref(),
+                                "--rate".as_ref(),
+                                RATE.as_ref(),
+                                "--nonblocking".as_ref(),
+                                "--idle".as_ref(),
+                                "--format".as_ref(),
+                                "raw".as_ref(),
+                                "-o".as_ref(),
+                                raw.as_os_str(),
+                                "--".as_ref(),
+                            ],
+                            true,
+                        )?
+                    }
+                    (_, Peer::Memray) => {
+                        let capture = dir.path().join("memray.bin");
+                        let memray = setup::memray();
+                        // memray runs the script with its own interpreter, the same CPython.
+                        let wrapper = [
+                            memray.as_os_str(),
+                            "run".as_ref(),
+                            "--quiet".as_ref(),
+                            "-o".as_ref(),
+                            capture.as_os_str(),
+                        ];
+                        job.run_under(&wrapper, false)?
                     }
                 };
-                step(format!("bench: {script} run {}/{}: {mode:?} {seconds:.3} s", run + 1, options.runs));
+                step(format!("bench: {} run {}/{}: {mode:?} {seconds:.3} s", job.name, run + 1, options.runs));
                 elapsed.entry(mode).or_default().push(seconds);
             }
         }
@@ -146,15 +268,15 @@ fn wall_table(options: &Options, agent_bin: &Path) -> Result<String> {
             format!("x{ratio:.3} ({:+.1}%)", (ratio - 1.0) * 100.0)
         };
         table.push_str(&format!(
-            "| `{script} --rounds {rounds}` | {:.3} s | {} | {} |\n",
+            "| {} | {:.3} s | {} | {} |\n",
+            job.name,
             median(bare),
             slowdown(Mode::Ferroscope),
-            slowdown(Mode::PySpy)
+            slowdown(peer.mode())
         ));
     }
-    table.push_str("| target for Ferroscope | | ≤ x1.020 on pingpong, ≤ x1.010 on sleepy | |\n\n");
     table.push_str(
-        "Kernel cost per program over the runs under the agent, for the whole host:\n\n\
+        "\nKernel cost per program over the runs under the agent, for the whole host:\n\n\
          | program | runs per second | ns per run | % of a core |\n|---|---|---|---|\n",
     );
     for (name, time, count) in programs.iter().filter(|(_, _, count)| *count > 0) {
@@ -165,6 +287,29 @@ fn wall_table(options: &Options, agent_bin: &Path) -> Result<String> {
             100.0 * *time as f64 / 1e9 / seconds_under_agent
         ));
     }
+    Ok(table)
+}
+
+/// Off-CPU time on workloads that leave the CPU often (`pingpong.py`, two processes passing
+/// a byte through pipes; `sleepy.py`, short work and 0.5 ms sleeps), against py-spy --idle.
+fn wall_table(options: &Options, agent_bin: &Path) -> Result<String> {
+    let jobs = [Job::script("pingpong.py", options.switches), Job::script("sleepy.py", options.sleeps)];
+    let mut table = slowdown_table(options, agent_bin, &[], Peer::PySpyIdle, &jobs)?;
+    table.push_str("\nTarget for Ferroscope: ≤ x1.020 on pingpong, ≤ x1.010 on sleepy.\n");
+    Ok(table)
+}
+
+/// Memory profiling on an allocation-heavy workload and allocation-heavy programs of
+/// pyperformance, against memray.
+fn memory_table(options: &Options, agent_bin: &Path) -> Result<String> {
+    let jobs = [
+        Job::script("alloc_heavy.py", options.alloc_rounds),
+        Job::pyperformance("deepcopy", 12_000),
+        Job::pyperformance("json_loads", 200_000),
+        Job::pyperformance("float", 60),
+    ];
+    let mut table = slowdown_table(options, agent_bin, &["--memory"], Peer::Memray, &jobs)?;
+    table.push_str("\nTarget for Ferroscope: ≤ x1.030.\n");
     Ok(table)
 }
 
@@ -462,7 +607,7 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
 }
 
 /// Writes docs/benchmarks.md with the table and what it was measured on.
-fn write_report(options: &Options, load_average: &str, table: &str, wall: &str) -> Result<()> {
+fn write_report(options: &Options, load_average: &str, table: &str, wall: &str, memory: &str) -> Result<()> {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo")?;
@@ -498,7 +643,16 @@ fn write_report(options: &Options, load_average: &str, table: &str, wall: &str) 
          (wall time on, the default) and under `py-spy record --rate {RATE} --idle --nonblocking` (py-spy's nearest \
          equivalent: it samples idle threads too), in rotating order; slowdown as above. Kernel cost per program from \
          `kernel.bpf_stats_enabled` (`run_time_ns`, `run_cnt` in `/proc/AGENT/fdinfo`).\n\n\
-         {wall_table}",
+         {wall_table}\n\
+         ## Memory\n\n\
+         `--memory` costs a uprobe per allocation of the raw domain (objects over 512 bytes, `PyMem_Raw*`) and per \
+         pymalloc arena (1 MiB), plus a sample (stacks, Python walk) per 512 KiB allocated on average. Measured on \
+         `tests/workloads/alloc_heavy.py` (small and large objects, strings, dicts, in a loop) and on three \
+         allocation-heavy benchmarks of pyperformance 1.14.0 run as one process (`run_benchmark.py --worker \
+         --values=1 --warmups=0 --loops=N`), on CPython 3.11.7, each run bare, under `ferroscope agent --frequency {RATE} \
+         --memory` (wall time on too) and under `memray run` (memray 1.20.0: every allocation through the system \
+         allocator, into a capture file), {runs} times in rotating order; elapsed time measured around the process.\n\n\
+         {memory}",
         wall_table = wall,
         runs = options.runs,
         rounds = options.rounds,

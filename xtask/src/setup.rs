@@ -192,6 +192,36 @@ fn py_spy_venv() -> Result<()> {
     run(Command::new(venv().join("bin/pip")).args(["install", "--quiet", &format!("py-spy=={PY_SPY_VERSION}")]))
 }
 
+/// The benchmark's peers and programs beside py-spy: memray, and pyperformance's benchmarks.
+const BENCH_PACKAGES: [&str; 2] = ["memray==1.20.0", "pyperformance==1.14.0"];
+
+/// Installs `BENCH_PACKAGES` into the benchmark's environment, unless there already.
+pub fn bench_tools() -> Result<()> {
+    let listed = Command::new(venv().join("bin/pip")).args(["freeze"]).output()?;
+    let installed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    if BENCH_PACKAGES.iter().all(|package| installed.lines().any(|line| line == *package)) {
+        step(format!("setup: {}: present, skipped", BENCH_PACKAGES.join(", ")));
+        return Ok(());
+    }
+    step(format!("setup: installing {} into {}", BENCH_PACKAGES.join(", "), venv().display()));
+    run(Command::new(venv().join("bin/pip")).args(["install", "--quiet"]).args(BENCH_PACKAGES))
+}
+
+/// The benchmark environment's Python (CPython 3.11.7 of pyenv), which has pyperf.
+pub fn bench_python() -> PathBuf {
+    venv().join("bin/python")
+}
+
+/// memray, installed by `bench_tools`.
+pub fn memray() -> PathBuf {
+    venv().join("bin/memray")
+}
+
+/// The script of pyperformance's benchmark `name`.
+pub fn pyperformance_benchmark(name: &str) -> PathBuf {
+    venv().join(format!("lib/python3.11/site-packages/pyperformance/data-files/benchmarks/bm_{name}/run_benchmark.py"))
+}
+
 /// The interpreters the Debian root should hold, those of them Debian has.
 const DEBIAN_PYTHONS: [&str; 3] = ["python3.13", "python3.14", "python3.15"];
 
