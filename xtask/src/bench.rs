@@ -305,7 +305,7 @@ fn memory_table(options: &Options, agent_bin: &Path) -> Result<String> {
     let jobs = [
         Job::script("alloc_heavy.py", options.alloc_rounds),
         Job::pyperformance("deepcopy", 12_000),
-        Job::pyperformance("json_loads", 200_000),
+        Job::pyperformance("json_loads", 10_000),
         Job::pyperformance("float", 60),
     ];
     let mut table = slowdown_table(options, agent_bin, &["--memory"], Peer::Memray, &jobs)?;
