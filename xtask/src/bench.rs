@@ -76,11 +76,11 @@ pub fn run(options: &Options) -> Result<()> {
     let agent = build(true)?;
     let load_average = fs::read_to_string("/proc/loadavg")?;
     // The kernel accounts the run time of BPF programs only while this is on.
-    let bpf_stats = BpfStats::enable()?;
     if options.memory_only {
         println!("{}", memory_table(options, &agent)?);
         return Ok(());
     }
+    let bpf_stats = BpfStats::enable()?;
     let mut results: HashMap<Mode, Measurements> = HashMap::new();
     for run in 0..options.runs {
         // Rotate the order so that no mode always follows the same one.
@@ -101,12 +101,12 @@ pub fn run(options: &Options) -> Result<()> {
             ));
         }
     }
+    drop(bpf_stats);
     let table = table(&results);
     println!("{table}");
     let wall = wall_table(options, &agent)?;
     println!("{wall}");
     let memory = memory_table(options, &agent)?;
-    drop(bpf_stats);
     println!("{memory}");
     write_report(options, &load_average, &table, &wall, &memory)
 }
@@ -188,7 +188,8 @@ impl Peer {
 
 /// Each job run bare, under `ferroscope agent AGENT_ARGS` and under the peer, `--runs`
 /// times in rotating order: a markdown table of median slowdowns, then the kernel cost of
-/// each of the agent's programs over the runs under it (with the kernel's BPF statistics on).
+/// each of the agent's programs, from one more run of each job under it with the kernel's
+/// BPF statistics on.
 fn slowdown_table(
     options: &Options,
     agent_bin: &Path,
@@ -205,6 +206,7 @@ fn slowdown_table(
     let mut programs: Vec<(String, u64, u64)> = Vec::new();
     let mut seconds_under_agent = 0.0;
     let modes = [Mode::Bare, Mode::Ferroscope, peer.mode()];
+    let args: Vec<&str> = ["--frequency", RATE].iter().chain(agent_args).copied().collect();
     for job in jobs {
         let mut elapsed: HashMap<Mode, Vec<f64>> = HashMap::new();
         for run in 0..options.runs {
@@ -213,13 +215,9 @@ fn slowdown_table(
                 let dir = tempfile::tempdir()?;
                 let seconds = match (mode, peer) {
                     (Mode::Ferroscope, _) => {
-                        let args: Vec<&str> = ["--frequency", RATE].iter().chain(agent_args).copied().collect();
                         let agent = Agent::start_binary(agent_bin, &args)?;
-                        let before = program_stats(agent.pid())?;
                         let seconds = job.run()?;
-                        add_program_stats(&mut programs, before, program_stats(agent.pid())?);
                         agent.stop()?;
-                        seconds_under_agent += seconds;
                         seconds
                     }
                     (Mode::Bare, _) => job.run()?,
@@ -261,6 +259,15 @@ fn slowdown_table(
                 elapsed.entry(mode).or_default().push(seconds);
             }
         }
+        // One more run under the agent for the run time of its programs: the kernel's BPF
+        // statistics cost a clock read or two per program run, so they stay off above.
+        let stats = BpfStats::enable()?;
+        let agent = Agent::start_binary(agent_bin, &args)?;
+        let before = program_stats(agent.pid())?;
+        seconds_under_agent += job.run()?;
+        add_program_stats(&mut programs, before, program_stats(agent.pid())?);
+        agent.stop()?;
+        drop(stats);
         let bare = &elapsed[&Mode::Bare];
         let slowdown = |mode: Mode| {
             let ratios: Vec<f64> = elapsed[&mode].iter().zip(bare).map(|(under, bare)| under / bare).collect();
@@ -276,7 +283,7 @@ fn slowdown_table(
         ));
     }
     table.push_str(
-        "\nKernel cost per program over the runs under the agent, for the whole host:\n\n\
+        "\nKernel cost per program, over one more run of each workload under the agent, for the whole host:\n\n\
          | program | runs per second | ns per run | % of a core |\n|---|---|---|---|\n",
     );
     for (name, time, count) in programs.iter().filter(|(_, _, count)| *count > 0) {
@@ -642,7 +649,9 @@ fn write_report(options: &Options, load_average: &str, table: &str, wall: &str, 
          then a 0.5 ms sleep, in a loop. Each of the {runs} runs runs each bare, under `ferroscope agent --frequency {RATE}` \
          (wall time on, the default) and under `py-spy record --rate {RATE} --idle --nonblocking` (py-spy's nearest \
          equivalent: it samples idle threads too), in rotating order; slowdown as above. Kernel cost per program from \
-         `kernel.bpf_stats_enabled` (`run_time_ns`, `run_cnt` in `/proc/AGENT/fdinfo`).\n\n\
+         `kernel.bpf_stats_enabled` (`run_time_ns`, `run_cnt` in `/proc/AGENT/fdinfo`), from one more run of each \
+         workload under the agent: the statistics cost a clock read or two per program run, so they are off for the \
+         slowdowns.\n\n\
          {wall_table}\n\
          ## Memory\n\n\
          `--memory` costs a uprobe per allocation of the raw domain (objects over 512 bytes, `PyMem_Raw*`) and per \
