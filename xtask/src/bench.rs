@@ -201,8 +201,11 @@ fn slowdown_table(
         Peer::PySpyIdle => "py-spy 0.4.3 --idle --nonblocking",
         Peer::Memray => "memray run",
     };
-    let flags = agent_args.join(" ");
-    let mut table = format!("| workload | bare (median) | Ferroscope `{flags}` | {header} |\n|---|---|---|---|\n");
+    let flags = match agent_args {
+        [] => "(wall time on)".to_owned(),
+        flags => format!("`{}`", flags.join(" ")),
+    };
+    let mut table = format!("| workload | bare (median) | Ferroscope {flags} | {header} |\n|---|---|---|---|\n");
     let mut programs: Vec<(String, u64, u64)> = Vec::new();
     let mut seconds_under_agent = 0.0;
     let modes = [Mode::Bare, Mode::Ferroscope, peer.mode()];
