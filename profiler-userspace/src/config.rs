@@ -41,8 +41,10 @@ pub struct AgentArgs {
     /// Profile memory: allocations, allocated bytes and heap in use (live at
     /// the end of each period) by Python stack, sampled by bytes with
     /// uprobes on CPython's allocator. Objects over 512 bytes are sampled
-    /// one by one; small ones by the pymalloc pools (16 KiB) they fill.
-    /// Off by default: see the README for its cost
+    /// one by one; small ones by the pymalloc arenas (1 MiB) they fill.
+    /// Off by default: it costs a probe per allocation over 512 bytes, about
+    /// 1 µs each: 1-2% on most programs, much more on those that make
+    /// 100,000 such allocations a second (docs/benchmarks.md)
     #[arg(long)]
     pub memory: bool,
 
@@ -251,6 +253,18 @@ mod tests {
         assert_eq!(settings.sample_period_ns(), 10_000_000);
         assert_eq!(settings.duration, None);
         assert!(settings.wall);
+        assert_eq!(settings.memory, None);
+    }
+
+    #[test]
+    fn memory_is_off_unless_asked_for() {
+        let on = AgentArgs { memory: true, ..Default::default() };
+        assert_eq!(on.settings().unwrap().memory, Some(DEFAULT_MEMORY_SAMPLE_BYTES));
+        let file = config_file("memory = true\nmemory_sample_bytes = 65536\n");
+        let from_file = AgentArgs { config: Some(file), ..Default::default() };
+        assert_eq!(from_file.settings().unwrap().memory, Some(65536));
+        let zero = AgentArgs { config: Some(config_file("memory_sample_bytes = 0\n")), ..Default::default() };
+        assert!(format!("{:#}", zero.settings().unwrap_err()).contains("`memory_sample_bytes`"));
     }
 
     #[test]
