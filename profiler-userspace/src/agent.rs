@@ -20,16 +20,103 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Aggregator, Frame, ProcessThreads, Thread, ThreadCounts, Wait},
+    aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Thread, ThreadCounts, Wait},
     config::Settings,
     cpython::{FrameSymbolizer, Pymalloc},
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, MemoryWatch, Sampler},
     memory::{self, LiveHeap, Origin},
-    sinks::LocalDir,
+    pprof,
+    sinks::{Backend, LocalDir, Pyroscope, Shipper, Upload},
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
+
+/// Where each period's profiles go.
+struct Sinks {
+    local: Option<LocalDir>,
+    remote: Vec<Shipper>,
+}
+
+impl Sinks {
+    fn start(settings: &Settings) -> Result<Sinks> {
+        let mut remote = Vec::new();
+        if let Some(pyroscope) = &settings.pyroscope {
+            let backend =
+                Backend::Pyroscope(Pyroscope::new(&pyroscope.url, pyroscope.auth.clone(), pyroscope.tenant.clone())?);
+            let spool = settings.spool_dir.join(backend.name());
+            remote.push(Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout)?);
+        }
+        Ok(Sinks { local: settings.output_dir.as_deref().map(LocalDir::new), remote })
+    }
+
+    /// `./profiles and pyroscope`.
+    fn describe(&self) -> String {
+        let local = self.local.iter().map(|local| local.root().display().to_string());
+        local.chain(self.remote.iter().map(|shipper| shipper.name().to_owned())).collect::<Vec<_>>().join(" and ")
+    }
+
+    /// Writes `profile` and queues it for every backend; whether it was
+    /// written or queued everywhere.
+    fn send(&self, profile: &PeriodProfile) -> bool {
+        let pprof_gz = match pprof::encode_gzipped(profile) {
+            Ok(pprof_gz) => pprof_gz,
+            Err(error) => {
+                log::error!("cannot compress the profile of {}: {error}", profile.application);
+                return false;
+            }
+        };
+        let mut sent = true;
+        if let Some(local) = &self.local {
+            match local.write(profile, &pprof_gz) {
+                Ok(written) => log::debug!("wrote {} and {}", written.pprof.display(), written.flamegraph.display()),
+                Err(error) => {
+                    log::error!("cannot write the profile of {}: {error:#}", profile.application);
+                    sent = false;
+                }
+            }
+        }
+        if !self.remote.is_empty() {
+            let upload = Upload::new(profile, pprof_gz);
+            for shipper in &self.remote {
+                shipper.ship(&upload);
+            }
+        }
+        sent
+    }
+
+    /// A line per sink for the summary.
+    fn report(&self) -> Vec<String> {
+        let local = self.local.iter().map(|local| format!("wrote to {}", local.root().display()));
+        let remote = self.remote.iter().map(|shipper| {
+            let stats = &shipper.stats;
+            let (waiting, bytes) = shipper.waiting();
+            let count = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+            format!(
+                "{}: {} delivered, {waiting} waiting ({} KiB spooled), {} retries, {} refused, {} dropped (spool full)",
+                shipper.name(),
+                count(&stats.delivered),
+                bytes / 1024,
+                count(&stats.retries),
+                count(&stats.refused),
+                count(&stats.dropped),
+            )
+        });
+        local.chain(remote).collect()
+    }
+
+    /// Gives the backends until `deadline` to take what is queued; the rest
+    /// stays spooled for the next start.
+    async fn drain(&self, deadline: Instant) {
+        for shipper in &self.remote {
+            shipper.drain(deadline).await;
+            let (waiting, _) = shipper.waiting();
+            if waiting > 0 {
+                log::warn!("{}: {waiting} uploads left in the spool for the next start", shipper.name());
+            }
+        }
+    }
+}
 
 /// Accounts an allocation sample: what it stands for, allocated over the
 /// period and, until freed, in use. An arena counts as one allocation of its
@@ -134,7 +221,7 @@ impl Process {
 
 pub async fn run(settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
-    let sink = LocalDir::new(&settings.output_dir);
+    let sinks = Sinks::start(&settings)?;
     let mut agent = Agent::new(&settings);
     agent.native.load_kernel_symbols();
     eprintln!(
@@ -153,7 +240,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             (false, None) => "",
         },
         humantime::format_duration(settings.period),
-        settings.output_dir.display(),
+        sinks.describe(),
     );
 
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as
@@ -190,9 +277,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         // Samples already in the ring belong to the period that ends now.
         agent.drain(events.get_mut(), &mut sampler);
         let stats = sampler.stats()?;
-        agent.finish_period(&sink, &mut sampler, stats, stats_before);
+        agent.finish_period(&sinks, &mut sampler, stats, stats_before);
         stats_before = stats;
         if stop {
+            sinks.drain(Instant::now() + settings.upload_timeout).await;
             return Ok(());
         }
         next_period += settings.period;
@@ -441,7 +529,7 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn finish_period(&mut self, sink: &LocalDir, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
+    fn finish_period(&mut self, sinks: &Sinks, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
         for in_use in self.heap.in_use() {
             let Origin { application, stack, thread } = in_use.origin;
             self.aggregator.add_inuse(application, stack, thread, in_use.objects, in_use.bytes);
@@ -480,15 +568,10 @@ impl<'a> Agent<'a> {
         }
         summary.threads = threads.into_iter().map(|(_, threads)| threads).collect();
         for profile in &profiles {
-            match sink.write(profile) {
-                Ok(written) => {
-                    log::debug!("wrote {} and {}", written.pprof.display(), written.flamegraph.display());
-                    summary.profiles_written += 1;
-                }
-                Err(error) => log::error!("cannot write the profile of {}: {error:#}", profile.application),
-            }
+            summary.profiles_written += u64::from(sinks.send(profile));
         }
-        summary.print(&profiles, self.settings.output_dir.as_path());
+        summary.sinks = sinks.report();
+        summary.print(&profiles);
         let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
         for pid in exited {
             if let Some((watch, _)) = self.processes.remove(&pid).and_then(|process| process.memory) {

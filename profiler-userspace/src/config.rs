@@ -11,9 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::sinks::Auth;
+
 pub const DEFAULT_FREQUENCY: u64 = 100;
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(45);
 pub const DEFAULT_OUTPUT_DIR: &str = "./profiles";
+pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// Mean bytes between two sampled allocations (Go's default).
 pub const DEFAULT_MEMORY_SAMPLE_BYTES: u64 = 512 * 1024;
 /// The kernel refuses cpu-clock sampling much faster than this.
@@ -64,9 +68,46 @@ pub struct AgentArgs {
     pub duration: Option<Duration>,
 
     /// Where profiles go: `<DIR>/<application>/<start>-<end>.pb.gz` (pprof)
-    /// and `.svg` (flame graph) [default: ./profiles]
+    /// and `.svg` (flame graph) [default: ./profiles, unless a backend is
+    /// set]
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
+
+    /// Send every profile to this Pyroscope (Grafana Pyroscope, Grafana
+    /// Cloud Profiles) over its HTTP ingest API, e.g.
+    /// `http://pyroscope:4040`
+    #[arg(long, value_name = "URL")]
+    pub pyroscope_url: Option<String>,
+
+    /// Pyroscope: basic auth user (Grafana Cloud: the stack's user id)
+    #[arg(long, value_name = "USER")]
+    pub pyroscope_user: Option<String>,
+
+    /// Pyroscope: basic auth password, better from the environment
+    #[arg(long, value_name = "PASSWORD", env = "FERROSCOPE_PYROSCOPE_PASSWORD", hide_env_values = true)]
+    pub pyroscope_password: Option<String>,
+
+    /// Pyroscope: bearer token, better from the environment
+    #[arg(long, value_name = "TOKEN", env = "FERROSCOPE_PYROSCOPE_TOKEN", hide_env_values = true)]
+    pub pyroscope_token: Option<String>,
+
+    /// Pyroscope: tenant (`X-Scope-OrgID`) of a multi-tenant backend
+    #[arg(long, value_name = "TENANT")]
+    pub pyroscope_tenant: Option<String>,
+
+    /// Time an upload may take before it is retried [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub upload_timeout: Option<Duration>,
+
+    /// Where profiles wait until a backend takes them, kept across restarts
+    /// [default: <output-dir>/.spool, or ./profiles/.spool]
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Bytes the spool may hold per backend; past it the oldest profiles go
+    /// (counted and reported) [default: 268435456]
+    #[arg(long, value_name = "BYTES")]
+    pub spool_max_bytes: Option<u64>,
 
     /// Name every profile with this application name, instead of each
     /// process's own (its entry script or module, such as `app.py` or
@@ -80,7 +121,9 @@ pub struct AgentArgs {
 
     /// Read settings from this TOML file; flags given on the command line win.
     /// Keys: pids, frequency, wall, memory, memory_sample_bytes, period,
-    /// duration, output_dir, application_name, and a [labels] table.
+    /// duration, output_dir, application_name, upload_timeout, spool_dir,
+    /// spool_max_bytes, a [labels] table and a [pyroscope] table (url, user,
+    /// password, token, tenant).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -99,8 +142,30 @@ struct FileConfig {
     duration: Option<String>,
     output_dir: Option<PathBuf>,
     application_name: Option<String>,
+    upload_timeout: Option<String>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    pyroscope: Option<FilePyroscope>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FilePyroscope {
+    url: String,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    tenant: Option<String>,
+}
+
+/// A Pyroscope to send profiles to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyroscopeSettings {
+    pub url: String,
+    pub auth: Auth,
+    pub tenant: Option<String>,
 }
 
 /// Settings after merging flags, file and defaults, all validated.
@@ -114,9 +179,14 @@ pub struct Settings {
     pub memory: Option<u64>,
     pub period: Duration,
     pub duration: Option<Duration>,
-    pub output_dir: PathBuf,
+    /// The local directory sink, if on.
+    pub output_dir: Option<PathBuf>,
     pub application_name: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub pyroscope: Option<PyroscopeSettings>,
+    pub upload_timeout: Duration,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
 }
 
 impl Settings {
@@ -207,6 +277,19 @@ impl AgentArgs {
         if application_name.as_deref().is_some_and(|name| name.trim().is_empty()) {
             bail!("{}: the application name is empty", origin("application_name"));
         }
+        let pyroscope = self.pyroscope(file.pyroscope, &origin)?;
+        // The local directory is the default sink: with a backend, only if asked for.
+        let output_dir = self.output_dir.clone().or(file.output_dir);
+        let spool_dir = self
+            .spool_dir
+            .clone()
+            .or(file.spool_dir)
+            .unwrap_or_else(|| output_dir.clone().unwrap_or_else(|| DEFAULT_OUTPUT_DIR.into()).join(".spool"));
+        let output_dir = match (output_dir, &pyroscope) {
+            (Some(dir), _) => Some(dir),
+            (None, None) => Some(DEFAULT_OUTPUT_DIR.into()),
+            (None, Some(_)) => None,
+        };
         Ok(Settings {
             pids: if self.pids.is_empty() { file.pids } else { self.pids.clone() },
             frequency,
@@ -220,10 +303,58 @@ impl AgentArgs {
                 Some(duration) => Some(duration),
                 None => file_duration("duration", &file.duration)?,
             },
-            output_dir: self.output_dir.clone().or(file.output_dir).unwrap_or_else(|| DEFAULT_OUTPUT_DIR.into()),
+            output_dir,
             application_name,
             labels,
+            pyroscope,
+            upload_timeout: match self.upload_timeout {
+                Some(timeout) => timeout,
+                None => file_duration("upload_timeout", &file.upload_timeout)?.unwrap_or(DEFAULT_UPLOAD_TIMEOUT),
+            },
+            spool_dir,
+            spool_max_bytes: self.spool_max_bytes.or(file.spool_max_bytes).unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
         })
+    }
+
+    /// The Pyroscope backend from the flags, else from the file's
+    /// `[pyroscope]` table; its URL and credentials checked.
+    fn pyroscope(
+        &self,
+        file: Option<FilePyroscope>,
+        origin: &dyn Fn(&str) -> String,
+    ) -> Result<Option<PyroscopeSettings>> {
+        let (url, user, password, token, tenant, origin) = match (&self.pyroscope_url, file) {
+            (Some(url), _) => (
+                url.clone(),
+                self.pyroscope_user.clone(),
+                self.pyroscope_password.clone(),
+                self.pyroscope_token.clone(),
+                self.pyroscope_tenant.clone(),
+                Box::new(|key: &str| format!("`--pyroscope-{}`", key.replace('_', "-"))) as Box<dyn Fn(&str) -> String>,
+            ),
+            (None, Some(file)) => (
+                file.url,
+                file.user,
+                file.password,
+                file.token,
+                file.tenant,
+                Box::new(|key: &str| origin(&format!("pyroscope.{key}"))) as Box<dyn Fn(&str) -> String>,
+            ),
+            (None, None) => return Ok(None),
+        };
+        match reqwest::Url::parse(&url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {}
+            _ => bail!("{}: `{url}` is not an http:// or https:// URL", origin("url")),
+        }
+        let auth = match (user, password, token) {
+            (None, None, None) => Auth::None,
+            (Some(user), Some(password), None) => Auth::Basic { user, password },
+            (None, None, Some(token)) => Auth::Bearer(token),
+            (Some(_), None, None) => bail!("{}: a user needs a password", origin("password")),
+            (None, Some(_), None) => bail!("{}: a password needs a user", origin("user")),
+            _ => bail!("{}: give either a user and password or a token, not both", origin("token")),
+        };
+        Ok(Some(PyroscopeSettings { url, auth, tenant }))
     }
 }
 
@@ -249,11 +380,53 @@ mod tests {
         let settings = AgentArgs::default().settings().unwrap();
         assert_eq!(settings.frequency, 100);
         assert_eq!(settings.period, Duration::from_secs(45));
-        assert_eq!(settings.output_dir, PathBuf::from("./profiles"));
+        assert_eq!(settings.output_dir, Some(PathBuf::from("./profiles")));
+        assert_eq!(settings.pyroscope, None);
+        assert_eq!(settings.upload_timeout, Duration::from_secs(10));
+        assert_eq!(settings.spool_dir, PathBuf::from("./profiles/.spool"));
         assert_eq!(settings.sample_period_ns(), 10_000_000);
         assert_eq!(settings.duration, None);
         assert!(settings.wall);
         assert_eq!(settings.memory, None);
+    }
+
+    #[test]
+    fn a_backend_replaces_the_local_directory_unless_both_are_asked_for() {
+        let args = AgentArgs { pyroscope_url: Some("http://pyroscope:4040".into()), ..Default::default() };
+        let settings = args.settings().unwrap();
+        assert_eq!(settings.output_dir, None);
+        let pyroscope = settings.pyroscope.unwrap();
+        assert_eq!((pyroscope.url.as_str(), &pyroscope.auth), ("http://pyroscope:4040", &Auth::None));
+        let both = AgentArgs {
+            pyroscope_url: Some("https://profiles.example".into()),
+            pyroscope_token: Some("t".into()),
+            output_dir: Some("/var/lib/ferroscope".into()),
+            ..Default::default()
+        };
+        let settings = both.settings().unwrap();
+        assert_eq!(settings.output_dir, Some(PathBuf::from("/var/lib/ferroscope")));
+        assert_eq!(settings.spool_dir, PathBuf::from("/var/lib/ferroscope/.spool"));
+        assert_eq!(settings.pyroscope.unwrap().auth, Auth::Bearer("t".into()));
+        let file =
+            config_file("[pyroscope]\nurl = \"http://p:4040\"\nuser = \"u\"\npassword = \"p\"\ntenant = \"t1\"\n");
+        let from_file = AgentArgs { config: Some(file), ..Default::default() }.settings().unwrap().pyroscope.unwrap();
+        assert_eq!(from_file.auth, Auth::Basic { user: "u".into(), password: "p".into() });
+        assert_eq!(from_file.tenant.as_deref(), Some("t1"));
+    }
+
+    #[test]
+    fn backend_errors_name_the_flag_or_key() {
+        let bad_url = AgentArgs { pyroscope_url: Some("pyroscope:4040".into()), ..Default::default() };
+        assert!(bad_url.settings().unwrap_err().to_string().contains("`--pyroscope-url`"));
+        let lonely_user = AgentArgs {
+            pyroscope_url: Some("http://p".into()),
+            pyroscope_user: Some("u".into()),
+            ..Default::default()
+        };
+        assert!(lonely_user.settings().unwrap_err().to_string().contains("`--pyroscope-password`"));
+        let file = config_file("[pyroscope]\nurl = \"ftp://p\"\n");
+        let error = AgentArgs { config: Some(file), ..Default::default() }.settings().unwrap_err();
+        assert!(error.to_string().contains("`pyroscope.url`"), "{error}");
     }
 
     #[test]

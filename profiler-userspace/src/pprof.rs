@@ -18,24 +18,38 @@ pub fn encode(profile: &PeriodProfile) -> Vec<u8> {
     build(profile).encode_to_vec()
 }
 
-fn build(profile: &PeriodProfile) -> proto::Profile {
-    let mut tables = Tables::new();
-    let samples = tables.value_type("samples", "count");
-    let cpu = tables.value_type("cpu", "nanoseconds");
-    let default_sample_type = cpu.r#type;
-    let mut sample_type = vec![samples, cpu.clone()];
+/// `(type, unit)` of each value of the profile's samples, in order.
+pub fn sample_types(profile: &PeriodProfile) -> Vec<(&'static str, &'static str)> {
+    let mut types = vec![("samples", "count"), ("cpu", "nanoseconds")];
     if profile.wall {
-        sample_type.push(tables.value_type("wall", "nanoseconds"));
-        sample_type.push(tables.value_type("off_cpu", "nanoseconds"));
+        types.extend([("wall", "nanoseconds"), ("off_cpu", "nanoseconds")]);
     }
     if profile.memory {
         // Go's names and units, which pprof viewers and Pyroscope know.
-        for (name, unit) in
-            [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"), ("inuse_space", "bytes")]
-        {
-            sample_type.push(tables.value_type(name, unit));
-        }
+        types.extend([
+            ("alloc_objects", "count"),
+            ("alloc_space", "bytes"),
+            ("inuse_objects", "count"),
+            ("inuse_space", "bytes"),
+        ]);
     }
+    types
+}
+
+/// The profile as a gzipped pprof, as files and backends want it.
+pub fn encode_gzipped(profile: &PeriodProfile) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&encode(profile))?;
+    gzip.finish()
+}
+
+fn build(profile: &PeriodProfile) -> proto::Profile {
+    let mut tables = Tables::new();
+    let sample_type: Vec<_> =
+        sample_types(profile).into_iter().map(|(kind, unit)| tables.value_type(kind, unit)).collect();
+    let cpu = sample_type[1].clone();
+    let default_sample_type = cpu.r#type;
 
     // Frames are interned already: one location each, shared by every stack.
     let locations: Vec<u64> = profile.frames.iter().map(|frame| tables.location(frame)).collect();

@@ -2,7 +2,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::Path,
     time::{Duration, SystemTime},
 };
 
@@ -35,16 +34,18 @@ pub struct PeriodSummary {
     pub live_overflow: u64,
     pub live_followed: usize,
     pub memory_unwatched: u64,
+    /// What each sink did, a line each.
+    pub sinks: Vec<String>,
     /// Per profiled process, by pid.
     pub threads: Vec<ProcessThreads>,
 }
 
 impl PeriodSummary {
-    pub fn print(&self, profiles: &[PeriodProfile], output_dir: &Path) {
-        eprint!("{}", self.render(profiles, output_dir));
+    pub fn print(&self, profiles: &[PeriodProfile]) {
+        eprint!("{}", self.render(profiles));
     }
 
-    fn render(&self, profiles: &[PeriodProfile], output_dir: &Path) -> String {
+    fn render(&self, profiles: &[PeriodProfile]) -> String {
         let (start, end) =
             profiles.first().map_or((SystemTime::now(), SystemTime::now()), |profile| (profile.start, profile.end));
         let processes: std::collections::HashSet<u32> =
@@ -113,7 +114,7 @@ impl PeriodSummary {
                 text += &format!("  note: {count} {what}\n");
             }
         }
-        text += &format!("  wrote {} profiles to {}\n", self.profiles_written, output_dir.display());
+        text += &format!("  {} profiles: {}\n", self.profiles_written, self.sinks.join("; "));
         text
     }
 }
@@ -207,11 +208,12 @@ mod tests {
         let summary = PeriodSummary {
             samples: 4,
             profiles_written: 1,
+            sinks: vec!["wrote to ./profiles".into(), "pyroscope: 1 delivered, 0 waiting".into()],
             off_cpu_samples: 3,
             threads: vec![ProcessThreads { pid: 1, process_name: "python".into(), counts }],
             ..Default::default()
         };
-        let text = summary.render(&[profile], Path::new("./profiles"));
+        let text = summary.render(&[profile]);
         assert!(
             text.starts_with("ferroscope: 01:00:00 to 01:00:45: 1 processes in 1 applications, 4 samples, 0 dropped\n"),
             "{text}"
@@ -220,6 +222,6 @@ mod tests {
         assert!(text.contains(" 25.0%  _PyEval_EvalFrameDefault  libpython3.11.so\n"), "{text}");
         assert!(text.contains("  off-CPU 2.5s (sleep 2.0s, io 0.5s) from 3 off-CPU samples\n"), "{text}");
         assert!(text.contains("  threads of pid 1 (python): 3 live, 2 started, 1 ended\n"), "{text}");
-        assert!(text.ends_with("  wrote 1 profiles to ./profiles\n"), "{text}");
+        assert!(text.ends_with("  1 profiles: wrote to ./profiles; pyroscope: 1 delivered, 0 waiting\n"), "{text}");
     }
 }

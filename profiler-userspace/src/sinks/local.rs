@@ -9,9 +9,8 @@ use std::{
 };
 
 use anyhow::Context;
-use flate2::{write::GzEncoder, Compression};
 
-use crate::{aggregate::PeriodProfile, flamegraph, pprof};
+use crate::{aggregate::PeriodProfile, flamegraph};
 
 /// A directory with one subdirectory per application.
 pub struct LocalDir {
@@ -30,17 +29,18 @@ impl LocalDir {
         LocalDir { root: root.into() }
     }
 
-    pub fn write(&self, profile: &PeriodProfile) -> anyhow::Result<Written> {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Writes `profile`, whose gzipped pprof is `pprof_gz`, and its flame
+    /// graph.
+    pub fn write(&self, profile: &PeriodProfile, pprof_gz: &[u8]) -> anyhow::Result<Written> {
         let dir = self.root.join(dir_name(&profile.application));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let stem = format!("{}-{}", compact_utc(profile.start), compact_utc(profile.end));
-        let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
-        let pprof = gzip
-            .write_all(&pprof::encode(profile))
-            .and_then(|()| gzip.finish())
-            .context("cannot compress the pprof profile")?;
         Ok(Written {
-            pprof: write_atomically(&dir, &format!("{stem}.pb.gz"), &pprof)?,
+            pprof: write_atomically(&dir, &format!("{stem}.pb.gz"), pprof_gz)?,
             flamegraph: write_atomically(&dir, &format!("{stem}.svg"), &flamegraph::svg(profile)?)?,
         })
     }
@@ -95,7 +95,10 @@ mod tests {
     use std::{collections::BTreeMap, io::Read, time::Duration};
 
     use super::*;
-    use crate::aggregate::{Frame, FrameKind, Thread};
+    use crate::{
+        aggregate::{Frame, FrameKind, Thread},
+        pprof,
+    };
 
     #[test]
     fn dir_names_stay_one_readable_directory() {
@@ -144,7 +147,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let sink = LocalDir::new(root.path().join("profiles"));
         let profile = profile("../web");
-        let written = sink.write(&profile).unwrap();
+        let written = sink.write(&profile, &pprof::encode_gzipped(&profile).unwrap()).unwrap();
 
         let dir = root.path().join("profiles/_.._web");
         assert_eq!(written.pprof, dir.join("20261118T110640Z-20261118T110650Z.pb.gz"));
@@ -154,7 +157,7 @@ mod tests {
         assert_eq!(pprof, pprof::encode(&profile));
         assert_eq!(fs::read(&written.flamegraph).unwrap(), flamegraph::svg(&profile).unwrap());
 
-        sink.write(&profile).expect("a second write replaces the files");
+        sink.write(&profile, &pprof::encode_gzipped(&profile).unwrap()).expect("a second write replaces the files");
         let mut names: Vec<_> = fs::read_dir(&dir).unwrap().map(|entry| entry.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, ["20261118T110640Z-20261118T110650Z.pb.gz", "20261118T110640Z-20261118T110650Z.svg"]);
@@ -165,7 +168,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let file = root.path().join("file");
         fs::write(&file, "").unwrap();
-        let error = LocalDir::new(&file).write(&profile("web")).unwrap_err();
+        let error = LocalDir::new(&file).write(&profile("web"), &[]).unwrap_err();
         assert_eq!(error.to_string(), format!("cannot create {}", file.join("web").display()));
     }
 }
