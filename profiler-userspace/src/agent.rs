@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Thread, ThreadCounts, Wait},
+    aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Series, Thread, ThreadCounts, Wait},
     config::Settings,
     cpython::{FrameSymbolizer, Pymalloc},
     discovery::{self, PythonStatus},
@@ -130,8 +130,8 @@ fn on_allocation(
     pymalloc: Option<Pymalloc>,
 ) {
     let weight = memory::weight(sample.bytes, mean);
-    let Origin { application, stack, thread } = &origin;
-    aggregator.add_alloc(application, stack, thread, weight, sample.bytes as f64 * weight);
+    let Origin { series, stack, thread } = &origin;
+    aggregator.add_alloc(series, stack, thread, weight, sample.bytes as f64 * weight);
     match (sample.kind, sample.address, pymalloc) {
         (_, 0, _) => {}
         (kind::ARENA, address, Some(pymalloc)) => {
@@ -143,7 +143,8 @@ fn on_allocation(
 
 /// What the agent knows of one process.
 struct Process {
-    application: Arc<str>,
+    /// The application it is profiled as, with its own labels.
+    series: Series,
     process_name: Arc<str>,
     /// Its pid in its own PID namespace, when that differs.
     container_pid: Option<u32>,
@@ -361,7 +362,7 @@ impl<'a> Agent<'a> {
                 self.summary.vanished_processes += 1;
                 let name = comm_text(comm);
                 let process = Process {
-                    application: name.clone(),
+                    series: Series::new(self.settings.application_name.as_deref().unwrap_or(&name)),
                     process_name: name,
                     container_pid: None,
                     python: None,
@@ -443,8 +444,12 @@ impl<'a> Agent<'a> {
         // Looked at again (still starting, or new code): its threads were
         // counted up to the last period end all the same.
         let threads_seen = self.processes.get(&pid).map_or_else(ThreadTally::default, |known| known.threads_seen);
+        // A process's own name for itself wins over the agent's.
+        let application = info.own.application.as_deref().or(self.settings.application_name.as_deref());
+        let series =
+            Series { application: application.map_or(info.application, Arc::from), labels: Arc::new(info.own.labels) };
         let process = Process {
-            application: info.application,
+            series,
             process_name: info.process_name,
             container_pid: info.namespace_pid,
             python,
@@ -506,7 +511,7 @@ impl<'a> Agent<'a> {
             // Sampled as it got the CPU back: its stacks are not known.
             stack.push(Frame::marker("[preempted]"));
         }
-        let application = self.settings.application_name.as_deref().unwrap_or(&process.application);
+        let series = &process.series;
         let thread = Thread {
             pid,
             container_pid: process.container_pid,
@@ -515,24 +520,24 @@ impl<'a> Agent<'a> {
             process_name: process.process_name.clone(),
         };
         match (sample.kind, wait) {
-            (_, Some(wait)) => self.aggregator.add_off_cpu(application, stack, &thread, wait, sample.off_cpu_ns),
+            (_, Some(wait)) => self.aggregator.add_off_cpu(series, stack, &thread, wait, sample.off_cpu_ns),
             (kind::ALLOC | kind::ARENA, _) => {
                 let Some(mean) = self.settings.memory else { return };
-                let origin = Origin { application: application.into(), stack: stack.as_slice().into(), thread };
+                let origin = Origin { series: series.clone(), stack: stack.as_slice().into(), thread };
                 let pymalloc = process.memory.as_ref().and_then(|(_, pymalloc)| *pymalloc);
                 on_allocation(&mut self.aggregator, &mut self.heap, sample, origin, mean, pymalloc);
             }
             _ => {
                 self.summary.samples += 1;
-                self.aggregator.add(application, stack, &thread);
+                self.aggregator.add(series, stack, &thread);
             }
         }
     }
 
     fn finish_period(&mut self, sinks: &Sinks, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
         for in_use in self.heap.in_use() {
-            let Origin { application, stack, thread } = in_use.origin;
-            self.aggregator.add_inuse(application, stack, thread, in_use.objects, in_use.bytes);
+            let Origin { series, stack, thread } = in_use.origin;
+            self.aggregator.add_inuse(series, stack, thread, in_use.objects, in_use.bytes);
         }
         let end = SystemTime::now();
         let mut profiles = self.aggregator.finish_period(end);
@@ -552,17 +557,17 @@ impl<'a> Agent<'a> {
                 let live = if process.exited { 0 } else { discovery::live_threads(pid).unwrap_or(0) };
                 let counts = ThreadCounts::between(process.threads_seen, tally, live);
                 process.threads_seen = tally;
-                (
-                    process.application.clone(),
-                    ProcessThreads { pid, process_name: process.process_name.clone(), counts },
-                )
+                (process.series.clone(), ProcessThreads { pid, process_name: process.process_name.clone(), counts })
             })
             .collect();
         threads.sort_by_key(|(_, threads)| threads.pid);
         for profile in &mut profiles {
             profile.threads = threads
                 .iter()
-                .filter(|(application, _)| **application == *profile.application)
+                .filter(|(series, _)| {
+                    *series.application == *profile.application
+                        && series.labels.iter().all(|(key, value)| profile.labels.get(key) == Some(value))
+                })
                 .map(|(_, threads)| threads.clone())
                 .collect();
         }
@@ -604,7 +609,7 @@ mod tests {
 
     fn process(code: Vec<Range<u64>>) -> Process {
         Process {
-            application: "app".into(),
+            series: Series::new("app"),
             process_name: "app".into(),
             container_pid: None,
             python: None,

@@ -143,6 +143,20 @@ impl ThreadCounts {
     }
 }
 
+/// What a profile is of: an application, and the labels its processes give
+/// themselves (`FERROSCOPE_LABELS`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Series {
+    pub application: Arc<str>,
+    pub labels: Arc<BTreeMap<String, String>>,
+}
+
+impl Series {
+    pub fn new(application: &str) -> Self {
+        Series { application: application.into(), labels: Arc::default() }
+    }
+}
+
 /// The threads of one process of an application, over a period.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessThreads {
@@ -246,14 +260,14 @@ impl PeriodProfile {
     }
 }
 
-/// The profiles of the current period, one per application.
+/// The profiles of the current period, one per series.
 pub struct Aggregator {
     labels: BTreeMap<String, String>,
     sample_period_ns: u64,
     wall: bool,
     memory: bool,
     start: SystemTime,
-    profiles: HashMap<String, PeriodProfile>,
+    profiles: HashMap<Series, PeriodProfile>,
 }
 
 impl Aggregator {
@@ -268,41 +282,45 @@ impl Aggregator {
         Aggregator { labels, sample_period_ns, wall, memory, start, profiles: HashMap::new() }
     }
 
-    fn profile(&mut self, application: &str) -> &mut PeriodProfile {
-        if !self.profiles.contains_key(application) {
+    fn profile(&mut self, series: &Series) -> &mut PeriodProfile {
+        if !self.profiles.contains_key(series) {
+            // A process's own labels are more specific than the agent's.
+            let mut labels = self.labels.clone();
+            labels.extend(series.labels.iter().map(|(key, value)| (key.clone(), value.clone())));
             let mut profile =
-                PeriodProfile::new(application.to_owned(), self.labels.clone(), self.start, self.sample_period_ns);
+                PeriodProfile::new(series.application.to_string(), labels, self.start, self.sample_period_ns);
             profile.wall = self.wall;
             profile.memory = self.memory;
-            self.profiles.insert(application.to_owned(), profile);
+            self.profiles.insert(series.clone(), profile);
         }
-        self.profiles.get_mut(application).expect("inserted above")
+        self.profiles.get_mut(series).expect("inserted above")
     }
 
-    pub fn add(&mut self, application: &str, stack: &[Frame], thread: &Thread) {
-        self.profile(application).add(stack, thread);
+    pub fn add(&mut self, series: &Series, stack: &[Frame], thread: &Thread) {
+        self.profile(series).add(stack, thread);
     }
 
-    pub fn add_off_cpu(&mut self, application: &str, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
-        self.profile(application).add_off_cpu(stack, thread, wait, ns);
+    pub fn add_off_cpu(&mut self, series: &Series, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
+        self.profile(series).add_off_cpu(stack, thread, wait, ns);
     }
 
-    pub fn add_alloc(&mut self, application: &str, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
-        self.profile(application).add_alloc(stack, thread, objects, bytes);
+    pub fn add_alloc(&mut self, series: &Series, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
+        self.profile(series).add_alloc(stack, thread, objects, bytes);
     }
 
-    pub fn add_inuse(&mut self, application: &str, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
-        self.profile(application).add_inuse(stack, thread, objects, bytes);
+    pub fn add_inuse(&mut self, series: &Series, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
+        self.profile(series).add_inuse(stack, thread, objects, bytes);
     }
 
-    /// Ends the period at `end`: returns its profiles, sorted by application,
+    /// Ends the period at `end`: returns its profiles, sorted by application
+    /// and labels,
     /// and starts the next period there.
     pub fn finish_period(&mut self, end: SystemTime) -> Vec<PeriodProfile> {
         let mut profiles: Vec<_> = self.profiles.drain().map(|(_, profile)| profile).collect();
         for profile in &mut profiles {
             profile.end = end;
         }
-        profiles.sort_by(|a, b| a.application.cmp(&b.application));
+        profiles.sort_by(|a, b| (&a.application, &a.labels).cmp(&(&b.application, &b.labels)));
         self.start = end;
         profiles
     }
@@ -335,12 +353,13 @@ mod tests {
         let start = SystemTime::UNIX_EPOCH;
         let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, true, false, start);
         let stack = [python("crunch", 5), python("<module>", 9)];
-        aggregator.add("app.py", &stack, &thread(10));
-        aggregator.add("app.py", &stack, &thread(10));
-        aggregator.add("app.py", &stack, &thread(11));
-        aggregator.add_off_cpu("app.py", &stack, &thread(10), Wait::Sleep, 5_000_000_000);
-        aggregator.add_off_cpu("app.py", &stack, &thread(10), Wait::Sleep, 1_000_000_000);
-        aggregator.add("other", &stack[1..], &thread(11));
+        let app = Series::new("app.py");
+        aggregator.add(&app, &stack, &thread(10));
+        aggregator.add(&app, &stack, &thread(10));
+        aggregator.add(&app, &stack, &thread(11));
+        aggregator.add_off_cpu(&app, &stack, &thread(10), Wait::Sleep, 5_000_000_000);
+        aggregator.add_off_cpu(&app, &stack, &thread(10), Wait::Sleep, 1_000_000_000);
+        aggregator.add(&Series::new("other"), &stack[1..], &thread(11));
         let end = start + std::time::Duration::from_secs(45);
         let profiles = aggregator.finish_period(end);
         assert_eq!(profiles.len(), 2);

@@ -216,7 +216,7 @@ const RESERVED_LABELS: [&str; 5] = ["pid", "container_pid", "tid", "thread_name"
 
 /// Label names follow Prometheus' rules, which Pyroscope and pprof tools
 /// accept; values must be non-empty single-line text.
-fn validate_label(key: &str, value: &str) -> Result<(), String> {
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
     let mut chars = key.chars();
     let valid_key = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
@@ -262,6 +262,13 @@ impl AgentArgs {
             validate_label(key, value).map_err(|error| anyhow::anyhow!("{}: {error}", origin("labels")))?;
         }
         labels.extend(self.labels.iter().cloned());
+        // Which machine a profile comes from, unless the user says otherwise.
+        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let host = host.trim();
+            if !host.is_empty() {
+                labels.entry("host".to_owned()).or_insert_with(|| host.to_owned());
+            }
+        }
         let memory_sample_bytes =
             self.memory_sample_bytes.or(file.memory_sample_bytes).unwrap_or(DEFAULT_MEMORY_SAMPLE_BYTES);
         if memory_sample_bytes == 0 {

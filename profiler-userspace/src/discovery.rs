@@ -11,7 +11,7 @@ use crate::{
 use anyhow::{ensure, Context};
 use object::{Object, ObjectSegment, ObjectSymbol};
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs::{self, File},
     io,
     ops::Range,
@@ -36,6 +36,40 @@ pub struct ProcessInfo {
     pub namespace_pid: Option<u32>,
     /// The C library it maps (`libc.so.6`), as the process sees its path.
     pub libc: Option<String>,
+    /// What it says of itself in its environment.
+    pub own: OwnLabels,
+}
+
+/// An application's name and labels for itself, from its environment:
+/// `FERROSCOPE_APPLICATION_NAME=checkout`, `FERROSCOPE_LABELS=tier=web,zone=b`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OwnLabels {
+    pub application: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Reads [`OwnLabels`] from the NUL-separated `environ`; a bad label is
+/// reported and left out, never fatal.
+fn own_labels(pid: u32, environ: &[u8]) -> OwnLabels {
+    let mut own = OwnLabels::default();
+    for variable in environ.split(|&byte| byte == 0) {
+        let variable = String::from_utf8_lossy(variable);
+        if let Some(name) = variable.strip_prefix("FERROSCOPE_APPLICATION_NAME=") {
+            own.application = Some(name.trim().to_owned()).filter(|name| !name.is_empty());
+        } else if let Some(labels) = variable.strip_prefix("FERROSCOPE_LABELS=") {
+            for pair in labels.split(',').filter(|pair| !pair.trim().is_empty()) {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let (key, value) = (key.trim(), value.trim());
+                match crate::config::validate_label(key, value) {
+                    Ok(()) => {
+                        own.labels.insert(key.to_owned(), value.to_owned());
+                    }
+                    Err(error) => log::warn!("pid {pid}: FERROSCOPE_LABELS: {error}: left out"),
+                }
+            }
+        }
+    }
+    own
 }
 
 #[derive(Debug)]
@@ -73,6 +107,8 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         code: executable_ranges(&maps),
         namespace_pid: namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status"))?),
         libc,
+        // Unreadable (another user's process without CAP_SYS_PTRACE): no labels of its own.
+        own: own_labels(pid, &fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()),
     })
 }
 
@@ -430,6 +466,18 @@ fn find_version(mem: &ProcessMemory, facts: &ElfFacts, bias: u64) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_name_and_label_themselves_through_their_environment() {
+        let environ =
+            b"PATH=/bin\0FERROSCOPE_APPLICATION_NAME=checkout\0FERROSCOPE_LABELS=tier=web, zone=b,pid=3,bad\0";
+        let own = own_labels(1, environ);
+        assert_eq!(own.application.as_deref(), Some("checkout"));
+        // `pid` is the agent's own label, `bad` has no value: both left out.
+        let expected = BTreeMap::from([("tier".to_owned(), "web".to_owned()), ("zone".to_owned(), "b".to_owned())]);
+        assert_eq!(own.labels, expected);
+        assert_eq!(own_labels(1, b"HOME=/root\0"), OwnLabels::default());
+    }
 
     #[test]
     fn the_c_library_is_known_by_its_file_name() {

@@ -15,7 +15,7 @@ use std::{collections::HashMap, sync::Arc};
 use profiler_common::ALLOC_BUDGETS;
 
 use crate::{
-    aggregate::{Frame, Thread},
+    aggregate::{Frame, Series, Thread},
     cpython::Pymalloc,
     procmem::ProcessMemory,
 };
@@ -65,7 +65,7 @@ fn arena_in_use(mem: &ProcessMemory, arena: u64, arena_bytes: u64, pymalloc: Pym
 /// Where a sampled allocation was made.
 #[derive(Clone, Debug)]
 pub struct Origin {
-    pub application: Arc<str>,
+    pub series: Series,
     pub stack: Arc<[Frame]>,
     pub thread: Thread,
 }

@@ -1,0 +1,71 @@
+"""A Pyroscope ingest endpoint for the tests: takes `POST /ingest` the way
+Pyroscope's HTTP API does (query: name, from, until, format, sampleRate,
+spyName; multipart body with `profile` and `sample_type_config`) and saves
+each upload in DIR as `NNNN.json` (query, headers, the parts' names and the
+sample type config) and `NNNN.pprof` (the profile part as sent).
+
+Usage: pyroscope.py DIR PORT [--fail-first N]. Prints `listening PORT` once
+it accepts connections. The first N uploads get a 503, as from a backend
+that is starting.
+"""
+import argparse
+import email.parser
+import email.policy
+import http.server
+import json
+import pathlib
+import urllib.parse
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dir", type=pathlib.Path)
+    parser.add_argument("port", type=int)
+    parser.add_argument("--fail-first", type=int, default=0)
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    state = {"requests": 0, "saved": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            url = urllib.parse.urlsplit(self.path)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state["requests"] += 1
+            if url.path != "/ingest":
+                return self.answer(404, b"not found")
+            if state["requests"] <= args.fail_first:
+                return self.answer(503, b"starting")
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body
+            )
+            parts = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                     for part in message.iter_parts()}
+            number = state["saved"]
+            state["saved"] += 1
+            record = {
+                "query": dict(urllib.parse.parse_qsl(url.query)),
+                "authorization": self.headers.get("Authorization"),
+                "tenant": self.headers.get("X-Scope-OrgID"),
+                "parts": sorted(parts),
+                "sample_type_config": json.loads(parts.get("sample_type_config") or b"{}"),
+            }
+            (args.dir / f"{number:04}.pprof").write_bytes(parts.get("profile") or b"")
+            (args.dir / f"{number:04}.json").write_text(json.dumps(record))
+            self.answer(200, b"")
+
+        def answer(self, status, text):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    print("listening", server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

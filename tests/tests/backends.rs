@@ -1,0 +1,156 @@
+//! Profiles shipped to a backend: a Pyroscope ingest endpoint on loopback
+//! (`tests/receivers/pyroscope.py`) takes them the way Pyroscope's HTTP API does, and the
+//! test reads what arrived: series name and labels, time range, sample types, credentials,
+//! and the pprof itself with `go tool pprof`.
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use e2e::{Agent, Profile, Workload, PYENV_PYTHON_3_11};
+use serde_json::Value;
+
+/// A receiver on loopback, saving what it takes into a directory.
+struct Receiver {
+    _process: Workload,
+    dir: PathBuf,
+}
+
+impl Receiver {
+    fn start(dir: &Path, port: u16, fail_first: u32) -> Result<Receiver> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("receivers/pyroscope.py");
+        let mut process = Workload::start_program(
+            Path::new(PYENV_PYTHON_3_11),
+            &[
+                script.to_str().unwrap(),
+                dir.to_str().unwrap(),
+                &port.to_string(),
+                "--fail-first",
+                &fail_first.to_string(),
+            ],
+            &[],
+        )?;
+        process.wait_for_line(&format!("listening {port}"), Duration::from_secs(10))?;
+        Ok(Receiver { _process: process, dir: dir.to_owned() })
+    }
+
+    /// What arrived, in order: the request's record and the profile's file.
+    fn uploads(&self) -> Result<Vec<(Value, PathBuf)>> {
+        let mut records: Vec<PathBuf> =
+            fs::read_dir(&self.dir)?.map(|entry| entry.map(|entry| entry.path())).collect::<std::io::Result<_>>()?;
+        records.retain(|path| path.extension().is_some_and(|extension| extension == "json"));
+        records.sort();
+        records
+            .into_iter()
+            .map(|path| Ok((serde_json::from_str(&fs::read_to_string(&path)?)?, path.with_extension("pprof"))))
+            .collect()
+    }
+}
+
+/// A port nobody listens on (yet).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn query<'a>(record: &'a Value, key: &str) -> &'a str {
+    record["query"][key].as_str().unwrap_or_default()
+}
+
+/// The uploads of the series whose name starts with `application{`.
+fn of_application(uploads: Vec<(Value, PathBuf)>, application: &str) -> Vec<(Value, PathBuf)> {
+    uploads.into_iter().filter(|(record, _)| query(record, "name").starts_with(&format!("{application}{{"))).collect()
+}
+
+#[test]
+fn profiles_arrive_with_their_name_labels_time_range_and_credentials() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let receiver = Receiver::start(dir.path(), port, 0)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let agent = Agent::start(&[
+        "--period",
+        "2s",
+        "--label",
+        "env=e2e",
+        "--pyroscope-url",
+        &url,
+        "--pyroscope-user",
+        "user",
+        "--pyroscope-password",
+        "secret",
+        "--pyroscope-tenant",
+        "team-1",
+    ])?;
+    // The application names and labels itself through its environment.
+    let script = e2e::workload("spin.py");
+    let workload = Workload::start_program(
+        Path::new(PYENV_PYTHON_3_11),
+        &[script.to_str().unwrap(), "3"],
+        &[("FERROSCOPE_APPLICATION_NAME", "checkout"), ("FERROSCOPE_LABELS", "tier=web")],
+    )?;
+    let pid = workload.pid();
+    workload.wait()?;
+    let run = agent.stop()?;
+    let uploads = of_application(receiver.uploads()?, "checkout");
+    ensure!(!uploads.is_empty(), "no upload of checkout arrived; agent output:\n{}", run.log);
+    let mut files = Vec::new();
+    for (record, file) in &uploads {
+        let name = query(record, "name");
+        for label in ["env=e2e", "tier=web", "host="] {
+            ensure!(name.contains(label), "series {name} lacks {label}");
+        }
+        let (from, until): (u64, u64) = (query(record, "from").parse()?, query(record, "until").parse()?);
+        ensure!(from < until && until - from <= 4, "time range {from}..{until} for a 2 s period");
+        ensure!(query(record, "format") == "pprof" && query(record, "sampleRate") == "100", "query {record}");
+        // `user:secret` in base64.
+        ensure!(record["authorization"] == "Basic dXNlcjpzZWNyZXQ=", "authorization {}", record["authorization"]);
+        ensure!(record["tenant"] == "team-1", "tenant {}", record["tenant"]);
+        ensure!(record["sample_type_config"]["cpu"]["units"] == "nanoseconds", "config {record}");
+        files.push(file.clone());
+    }
+    let profile = Profile::load(&files)?;
+    ensure!(profile.sample_types.contains(&"cpu/nanoseconds".to_owned()), "sample types {:?}", profile.sample_types);
+    let spinning = profile.samples_of_pid(pid).filter(|sample| sample.has_function("spin")).count();
+    ensure!(spinning > 0, "no sample of spin in pid {pid} arrived; agent output:\n{}", run.log);
+    ensure!(run.log.contains("pyroscope: "), "the summary says nothing of the backend:\n{}", run.log);
+    Ok(())
+}
+
+/// A backend down for a whole agent run: the profiles wait in the spool and arrive, in
+/// order, once it is back (after one more refusal with a 503).
+#[test]
+fn a_backend_that_is_down_costs_no_profile() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool");
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let spool_arg = spool.to_str().unwrap();
+    let agent_args = ["--period", "1s", "--pyroscope-url", &url, "--spool-dir", spool_arg, "--upload-timeout", "1s"];
+    let agent = Agent::start(&agent_args)?;
+    let workload = Workload::start(PYENV_PYTHON_3_11, "spin.py", &["3"])?;
+    workload.wait()?;
+    let first_run = agent.stop()?;
+    let spooled = fs::read_dir(spool.join("pyroscope"))?.count();
+    ensure!(spooled >= 3, "{spooled} uploads spooled; agent output:\n{}", first_run.log);
+
+    let receiver = Receiver::start(&dir.path().join("received"), port, 1)?;
+    let second_run = Agent::start(&agent_args)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(spool.join("pyroscope"))?.count() > 0 {
+        ensure!(std::time::Instant::now() < deadline, "the spool did not empty; agent output:\n{}", second_run.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = second_run.stop()?.log;
+    let uploads = of_application(receiver.uploads()?, "spin.py");
+    ensure!(uploads.len() >= 3, "{} uploads of spin.py arrived; agent output:\n{log}", uploads.len());
+    let starts: Vec<u64> =
+        uploads.iter().map(|(record, _)| query(record, "from").parse().context("from")).collect::<Result<_>>()?;
+    ensure!(starts.windows(2).all(|pair| pair[0] <= pair[1]), "uploads out of order: {starts:?}");
+    ensure!(log.contains("retrying"), "the 503 was not retried; agent output:\n{log}");
+    Profile::load(&[uploads[0].1.clone()])?;
+    Ok(())
+}
