@@ -27,7 +27,7 @@ use crate::{
     ebpf::{KernelStats, MemoryWatch, Sampler},
     memory::{self, LiveHeap, Origin},
     pprof,
-    sinks::{Backend, LocalDir, Pyroscope, Shipper, Upload},
+    sinks::{Backend, Datadog, LocalDir, Pyroscope, Shipper, Upload},
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
@@ -40,13 +40,24 @@ struct Sinks {
 
 impl Sinks {
     fn start(settings: &Settings) -> Result<Sinks> {
-        let mut remote = Vec::new();
+        let mut backends = Vec::new();
         if let Some(pyroscope) = &settings.pyroscope {
-            let backend =
-                Backend::Pyroscope(Pyroscope::new(&pyroscope.url, pyroscope.auth.clone(), pyroscope.tenant.clone())?);
-            let spool = settings.spool_dir.join(backend.name());
-            remote.push(Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout)?);
+            backends.push(Backend::Pyroscope(Pyroscope::new(
+                &pyroscope.url,
+                pyroscope.auth.clone(),
+                pyroscope.tenant.clone(),
+            )?));
         }
+        if let Some((endpoint, api_key)) = &settings.datadog {
+            backends.push(Backend::Datadog(Datadog::new(endpoint.clone(), api_key.clone())));
+        }
+        let remote = backends
+            .into_iter()
+            .map(|backend| {
+                let spool = settings.spool_dir.join(backend.name());
+                Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout)
+            })
+            .collect::<Result<_>>()?;
         Ok(Sinks { local: settings.output_dir.as_deref().map(LocalDir::new), remote })
     }
 

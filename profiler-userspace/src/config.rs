@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::sinks::Auth;
+use crate::sinks::{Auth, Endpoint};
 
 pub const DEFAULT_FREQUENCY: u64 = 100;
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(45);
@@ -95,6 +95,16 @@ pub struct AgentArgs {
     #[arg(long, value_name = "TENANT")]
     pub pyroscope_tenant: Option<String>,
 
+    /// Send every profile to a Datadog-style profiling intake: the Datadog
+    /// agent (`http://localhost:8126`) or the Blackfire agent
+    /// (`unix:///var/run/blackfire/agent.sock`)
+    #[arg(long, value_name = "URL")]
+    pub datadog_url: Option<String>,
+
+    /// Datadog: `DD-API-KEY`, for an intake that wants one
+    #[arg(long, value_name = "KEY", env = "FERROSCOPE_DATADOG_API_KEY", hide_env_values = true)]
+    pub datadog_api_key: Option<String>,
+
     /// Time an upload may take before it is retried [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upload_timeout: Option<Duration>,
@@ -122,8 +132,8 @@ pub struct AgentArgs {
     /// Read settings from this TOML file; flags given on the command line win.
     /// Keys: pids, frequency, wall, memory, memory_sample_bytes, period,
     /// duration, output_dir, application_name, upload_timeout, spool_dir,
-    /// spool_max_bytes, a [labels] table and a [pyroscope] table (url, user,
-    /// password, token, tenant).
+    /// spool_max_bytes, a [labels] table, a [pyroscope] table (url, user,
+    /// password, token, tenant) and a [datadog] table (url, api_key).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -148,6 +158,14 @@ struct FileConfig {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     pyroscope: Option<FilePyroscope>,
+    datadog: Option<FileDatadog>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileDatadog {
+    url: String,
+    api_key: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -184,6 +202,8 @@ pub struct Settings {
     pub application_name: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub pyroscope: Option<PyroscopeSettings>,
+    /// A Datadog-style intake, and its API key.
+    pub datadog: Option<(Endpoint, Option<String>)>,
     pub upload_timeout: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -285,6 +305,18 @@ impl AgentArgs {
             bail!("{}: the application name is empty", origin("application_name"));
         }
         let pyroscope = self.pyroscope(file.pyroscope, &origin)?;
+        let datadog = match (&self.datadog_url, file.datadog) {
+            (Some(url), _) => Some((url.clone(), self.datadog_api_key.clone(), "`--datadog-url`".to_owned())),
+            (None, Some(file)) => Some((file.url, file.api_key, origin("datadog.url"))),
+            (None, None) => None,
+        };
+        let datadog = match datadog {
+            Some((url, key, origin)) => match Endpoint::parse(&url) {
+                Some(endpoint) => Some((endpoint, key)),
+                None => bail!("{origin}: `{url}` is not an http://, https:// or unix:///path URL"),
+            },
+            None => None,
+        };
         // The local directory is the default sink: with a backend, only if asked for.
         let output_dir = self.output_dir.clone().or(file.output_dir);
         let spool_dir = self
@@ -292,10 +324,9 @@ impl AgentArgs {
             .clone()
             .or(file.spool_dir)
             .unwrap_or_else(|| output_dir.clone().unwrap_or_else(|| DEFAULT_OUTPUT_DIR.into()).join(".spool"));
-        let output_dir = match (output_dir, &pyroscope) {
-            (Some(dir), _) => Some(dir),
-            (None, None) => Some(DEFAULT_OUTPUT_DIR.into()),
-            (None, Some(_)) => None,
+        let output_dir = match output_dir {
+            None if pyroscope.is_none() && datadog.is_none() => Some(DEFAULT_OUTPUT_DIR.into()),
+            dir => dir,
         };
         Ok(Settings {
             pids: if self.pids.is_empty() { file.pids } else { self.pids.clone() },
@@ -314,6 +345,7 @@ impl AgentArgs {
             application_name,
             labels,
             pyroscope,
+            datadog,
             upload_timeout: match self.upload_timeout {
                 Some(timeout) => timeout,
                 None => file_duration("upload_timeout", &file.upload_timeout)?.unwrap_or(DEFAULT_UPLOAD_TIMEOUT),

@@ -1,7 +1,7 @@
-//! Profiles shipped to a backend: a Pyroscope ingest endpoint on loopback
-//! (`tests/receivers/pyroscope.py`) takes them the way Pyroscope's HTTP API does, and the
-//! test reads what arrived: series name and labels, time range, sample types, credentials,
-//! and the pprof itself with `go tool pprof`.
+//! Profiles shipped to backends: intakes on loopback or a Unix socket
+//! (`tests/receivers/intake.py`) take them the way Pyroscope's HTTP API and the Datadog
+//! agent do, and the tests read what arrived: names and labels, time range, sample types,
+//! credentials, and the pprof itself with `go tool pprof`.
 
 use std::{
     fs,
@@ -21,20 +21,23 @@ struct Receiver {
 }
 
 impl Receiver {
+    /// Listening on 127.0.0.1:`port`.
     fn start(dir: &Path, port: u16, fail_first: u32) -> Result<Receiver> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("receivers/pyroscope.py");
-        let mut process = Workload::start_program(
-            Path::new(PYENV_PYTHON_3_11),
-            &[
-                script.to_str().unwrap(),
-                dir.to_str().unwrap(),
-                &port.to_string(),
-                "--fail-first",
-                &fail_first.to_string(),
-            ],
-            &[],
-        )?;
-        process.wait_for_line(&format!("listening {port}"), Duration::from_secs(10))?;
+        Receiver::start_with(dir, &[&port.to_string(), "--fail-first", &fail_first.to_string()], &port.to_string())
+    }
+
+    /// Listening on the Unix socket `socket`.
+    fn start_unix(dir: &Path, socket: &Path) -> Result<Receiver> {
+        let socket = socket.to_str().unwrap();
+        Receiver::start_with(dir, &["--unix", socket], socket)
+    }
+
+    fn start_with(dir: &Path, args: &[&str], address: &str) -> Result<Receiver> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("receivers/intake.py");
+        let mut argv = vec![script.to_str().unwrap(), dir.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        let mut process = Workload::start_program(Path::new(PYENV_PYTHON_3_11), &argv, &[])?;
+        process.wait_for_line(&format!("listening {address}"), Duration::from_secs(10))?;
         Ok(Receiver { _process: process, dir: dir.to_owned() })
     }
 
@@ -152,5 +155,38 @@ fn a_backend_that_is_down_costs_no_profile() -> Result<()> {
     ensure!(starts.windows(2).all(|pair| pair[0] <= pair[1]), "uploads out of order: {starts:?}");
     ensure!(log.contains("retrying"), "the 503 was not retried; agent output:\n{log}");
     Profile::load(&[uploads[0].1.clone()])?;
+    Ok(())
+}
+
+/// The Datadog agent's intake, as the Blackfire agent also serves it, on a Unix socket: the
+/// event names the service and tags and the attachment, which `go tool pprof` reads.
+#[test]
+fn profiles_arrive_at_a_datadog_style_intake_on_a_unix_socket() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("agent.sock");
+    let receiver = Receiver::start_unix(&dir.path().join("received"), &socket)?;
+    let url = format!("unix://{}", socket.display());
+    let agent = Agent::start(&["--period", "2s", "--label", "env=e2e", "--datadog-url", &url])?;
+    let workload = Workload::start(PYENV_PYTHON_3_11, "spin.py", &["2"])?;
+    let pid = workload.pid();
+    workload.wait()?;
+    let run = agent.stop()?;
+    let uploads: Vec<_> = receiver
+        .uploads()?
+        .into_iter()
+        .filter(|(record, _)| {
+            record["event"]["tags_profiler"].as_str().unwrap_or_default().starts_with("service:spin.py,")
+        })
+        .collect();
+    ensure!(!uploads.is_empty(), "no upload of spin.py arrived; agent output:\n{}", run.log);
+    for (record, _) in &uploads {
+        ensure!(record["path"] == "/profiling/v1/input", "path {}", record["path"]);
+        let event = &record["event"];
+        ensure!(event["tags_profiler"].as_str().unwrap_or_default().contains("env:e2e"), "event {event}");
+        ensure!(event["attachments"][0] == "auto.pprof" && event["family"] == "python", "event {event}");
+        ensure!(record["parts"] == serde_json::json!(["auto.pprof", "event"]), "parts {}", record["parts"]);
+    }
+    let profile = Profile::load(&uploads.iter().map(|(_, file)| file.clone()).collect::<Vec<_>>())?;
+    ensure!(profile.samples_of_pid(pid).any(|sample| sample.has_function("spin")), "no sample of spin arrived");
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! to disk first and delivers in order, retrying, so that a backend that is
 //! down costs no profile.
 
+mod datadog;
 mod local;
 mod pyroscope;
 mod shipper;
@@ -13,6 +14,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub use datadog::{Datadog, Endpoint};
 pub use local::LocalDir;
 pub use pyroscope::{Auth, Pyroscope};
 use serde::{Deserialize, Serialize};
@@ -60,6 +62,7 @@ impl Upload {
 /// A backend that takes uploads.
 pub enum Backend {
     Pyroscope(Pyroscope),
+    Datadog(Datadog),
 }
 
 /// Why a delivery failed: worth retrying (the backend is down, slow or
@@ -76,12 +79,38 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Pyroscope(_) => "pyroscope",
+            Backend::Datadog(_) => "datadog",
         }
     }
 
     async fn deliver(&self, upload: &Upload) -> Result<(), DeliveryError> {
         match self {
             Backend::Pyroscope(pyroscope) => pyroscope.deliver(upload).await,
+            Backend::Datadog(datadog) => datadog.deliver(upload).await,
         }
     }
+}
+
+/// What an HTTP answer means for an upload: overloaded or failing backends
+/// may take it later; other refusals (bad request, unauthorized) would
+/// repeat.
+fn outcome(status: u16, body: &str) -> Result<(), DeliveryError> {
+    let reason = format!("HTTP {status}: {}", body.trim());
+    match status {
+        200..=299 => Ok(()),
+        408 | 429 | 500..=599 => Err(DeliveryError::Retry(reason)),
+        _ => Err(DeliveryError::Refused(reason)),
+    }
+}
+
+/// The error and its causes: reqwest's own message is often just "error
+/// sending request".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
 }

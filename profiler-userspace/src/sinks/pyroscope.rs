@@ -3,7 +3,7 @@
 //! multipart with the profile and the units and aggregation of its sample
 //! types.
 
-use reqwest::{multipart, StatusCode};
+use reqwest::multipart;
 use serde_json::json;
 
 use super::{DeliveryError, Upload};
@@ -60,21 +60,9 @@ impl Pyroscope {
         if let Some(tenant) = &self.tenant {
             request = request.header("X-Scope-OrgID", tenant);
         }
-        let response = request.send().await.map_err(|error| DeliveryError::Retry(error_chain(&error)))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let body = response.text().await.unwrap_or_default();
-        let reason = format!("{status}: {}", body.trim());
-        // Overloaded or failing backends may take it later; other refusals
-        // (bad request, unauthorized) would repeat.
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
-        {
-            Err(DeliveryError::Retry(reason))
-        } else {
-            Err(DeliveryError::Refused(reason))
-        }
+        let response = request.send().await.map_err(|error| DeliveryError::Retry(super::error_chain(&error)))?;
+        let status = response.status().as_u16();
+        super::outcome(status, &response.text().await.unwrap_or_default())
     }
 }
 
@@ -101,18 +89,6 @@ fn sample_type_config(upload: &Upload) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Object(config)
-}
-
-/// The error and its causes: reqwest's own message is often just "error
-/// sending request".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text += &format!(": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

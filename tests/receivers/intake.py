@@ -1,12 +1,18 @@
-"""A Pyroscope ingest endpoint for the tests: takes `POST /ingest` the way
-Pyroscope's HTTP API does (query: name, from, until, format, sampleRate,
-spyName; multipart body with `profile` and `sample_type_config`) and saves
-each upload in DIR as `NNNN.json` (query, headers, the parts' names and the
-sample type config) and `NNNN.pprof` (the profile part as sent).
+"""Profile intakes for the tests, on loopback or a Unix socket:
 
-Usage: pyroscope.py DIR PORT [--fail-first N]. Prints `listening PORT` once
-it accepts connections. The first N uploads get a 503, as from a backend
-that is starting.
+- Pyroscope's `POST /ingest` (query: name, from, until, format, sampleRate,
+  spyName; multipart body with `profile` and `sample_type_config`);
+- the Datadog agent's `POST /profiling/v1/input` (multipart body with an
+  `event` JSON and the pprof it names in `attachments`), which the Blackfire
+  agent also takes.
+
+Each upload is saved in DIR as `NNNN.json` (path, query, headers, the parts'
+names, the sample type config or the event) and `NNNN.pprof` (the profile
+part as sent).
+
+Usage: intake.py DIR (PORT | --unix PATH) [--fail-first N]. Prints
+`listening PORT` (or `listening PATH`) once it accepts connections. The
+first N uploads get a 503, as from a backend that is starting.
 """
 import argparse
 import email.parser
@@ -14,13 +20,15 @@ import email.policy
 import http.server
 import json
 import pathlib
+import socketserver
 import urllib.parse
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("dir", type=pathlib.Path)
-    parser.add_argument("port", type=int)
+    parser.add_argument("port", type=int, nargs="?", default=0)
+    parser.add_argument("--unix", type=pathlib.Path)
     parser.add_argument("--fail-first", type=int, default=0)
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -31,7 +39,7 @@ def main():
             url = urllib.parse.urlsplit(self.path)
             body = self.rfile.read(int(self.headers["Content-Length"]))
             state["requests"] += 1
-            if url.path != "/ingest":
+            if url.path not in ("/ingest", "/profiling/v1/input"):
                 return self.answer(404, b"not found")
             if state["requests"] <= args.fail_first:
                 return self.answer(503, b"starting")
@@ -42,14 +50,18 @@ def main():
                      for part in message.iter_parts()}
             number = state["saved"]
             state["saved"] += 1
+            event = json.loads(parts.get("event") or b"{}")
+            attachments = event.get("attachments") or ["profile"]
             record = {
+                "path": url.path,
+                "event": event,
                 "query": dict(urllib.parse.parse_qsl(url.query)),
                 "authorization": self.headers.get("Authorization"),
                 "tenant": self.headers.get("X-Scope-OrgID"),
                 "parts": sorted(parts),
                 "sample_type_config": json.loads(parts.get("sample_type_config") or b"{}"),
             }
-            (args.dir / f"{number:04}.pprof").write_bytes(parts.get("profile") or b"")
+            (args.dir / f"{number:04}.pprof").write_bytes(parts.get(attachments[0]) or b"")
             (args.dir / f"{number:04}.json").write_text(json.dumps(record))
             self.answer(200, b"")
 
@@ -57,13 +69,26 @@ def main():
             self.send_response(status)
             self.send_header("Content-Length", str(len(text)))
             self.end_headers()
-            self.wfile.write(text)
+            if text:
+                self.wfile.write(text)
 
         def log_message(self, *_):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    print("listening", server.server_address[1], flush=True)
+    if args.unix:
+        class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        class UnixHandler(Handler):
+            # A Unix socket's peer has no (host, port).
+            def address_string(self):
+                return "unix"
+
+        server = UnixServer(str(args.unix), UnixHandler)
+        print("listening", args.unix, flush=True)
+    else:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+        print("listening", server.server_address[1], flush=True)
     server.serve_forever()
 
 
