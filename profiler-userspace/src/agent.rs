@@ -26,6 +26,7 @@ use crate::{
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, MemoryWatch, Sampler},
     memory::{self, LiveHeap, Origin},
+    metrics::{self, Metrics},
     pprof,
     sinks::{Backend, Datadog, LocalDir, Pyroscope, Shipper, Upload},
     summary::PeriodSummary,
@@ -35,7 +36,7 @@ use crate::{
 /// Where each period's profiles go.
 struct Sinks {
     local: Option<LocalDir>,
-    remote: Vec<Shipper>,
+    remote: Vec<Arc<Shipper>>,
 }
 
 impl Sinks {
@@ -55,7 +56,7 @@ impl Sinks {
             .into_iter()
             .map(|backend| {
                 let spool = settings.spool_dir.join(backend.name());
-                Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout)
+                Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout).map(Arc::new)
             })
             .collect::<Result<_>>()?;
         Ok(Sinks { local: settings.output_dir.as_deref().map(LocalDir::new), remote })
@@ -195,6 +196,8 @@ const STARTING_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How often the agent reads samples from the ring buffer.
 const READ_INTERVAL: Duration = Duration::from_millis(100);
+/// The kernel's counters are copied into the metrics every this many ticks.
+const METRICS_TICKS: u64 = 10;
 
 /// How often a process's executable ranges may be read again.
 const CODE_RANGES_REFRESH: Duration = Duration::from_secs(1);
@@ -235,6 +238,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
     let sinks = Sinks::start(&settings)?;
     let mut agent = Agent::new(&settings);
+    if let Some(address) = settings.metrics_address {
+        metrics::serve(address, agent.metrics.clone(), sinks.remote.clone()).await?;
+    }
     agent.native.load_kernel_symbols();
     eprintln!(
         "ferroscope: sampling {} at {} Hz on {} CPUs{}; a profile every {} to {}",
@@ -268,6 +274,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     // Samples don't wake the agent (see profiler-ebpf's WAKEUP_BYTES): it
     // reads them on this tick, and process events wake it at once.
     let mut read_tick = tokio::time::interval(READ_INTERVAL);
+    let mut ticks: u64 = 0;
     read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let period_end = deadline.map_or(next_period, |deadline| next_period.min(deadline));
@@ -280,6 +287,10 @@ pub async fn run(settings: Settings) -> Result<()> {
             }
             _ = read_tick.tick() => {
                 agent.drain(events.get_mut(), &mut sampler);
+                ticks += 1;
+                if ticks.is_multiple_of(METRICS_TICKS) {
+                    agent.metrics.set_kernel(&sampler.stats()?);
+                }
                 continue;
             }
             _ = tokio::time::sleep_until(period_end.into()) => deadline.is_some_and(|deadline| Instant::now() >= deadline),
@@ -304,6 +315,7 @@ struct Agent<'a> {
     processes: HashMap<u32, Process>,
     native: NativeSymbolizer,
     aggregator: Aggregator,
+    metrics: Arc<Metrics>,
     /// Sampled allocations still in use, with `--memory`.
     heap: LiveHeap,
     summary: PeriodSummary,
@@ -325,6 +337,7 @@ impl<'a> Agent<'a> {
                 SystemTime::now(),
             ),
             heap: LiveHeap::default(),
+            metrics: Arc::default(),
             summary: PeriodSummary::default(),
             stack: Vec::with_capacity(256),
         }
@@ -472,6 +485,7 @@ impl<'a> Agent<'a> {
             memory,
         };
         self.processes.insert(pid, process);
+        self.metrics.set_python_processes(self.processes.values().filter(|process| process.python.is_some()).count());
     }
 
     /// Reports, once per process, a CPython that cannot be profiled.
@@ -587,6 +601,8 @@ impl<'a> Agent<'a> {
             summary.profiles_written += u64::from(sinks.send(profile));
         }
         summary.sinks = sinks.report();
+        self.metrics.add_profiles(profiles.len() as u64);
+        self.metrics.set_kernel(&stats);
         summary.print(&profiles);
         let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
         for pid in exited {
@@ -601,6 +617,7 @@ impl<'a> Agent<'a> {
         for python in self.processes.values_mut().filter_map(|process| process.python.as_mut()) {
             python.forget_code();
         }
+        self.metrics.set_python_processes(self.processes.values().filter(|process| process.python.is_some()).count());
     }
 }
 

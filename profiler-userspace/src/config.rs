@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -105,6 +106,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "KEY", env = "FERROSCOPE_DATADOG_API_KEY", hide_env_values = true)]
     pub datadog_api_key: Option<String>,
 
+    /// Serve the agent's own metrics (Prometheus text format) on
+    /// `http://ADDRESS/metrics`, and `/healthz`, e.g. `127.0.0.1:9464`
+    /// [default: not served]
+    #[arg(long, value_name = "ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+
     /// Time an upload may take before it is retried [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upload_timeout: Option<Duration>,
@@ -131,7 +138,8 @@ pub struct AgentArgs {
 
     /// Read settings from this TOML file; flags given on the command line win.
     /// Keys: pids, frequency, wall, memory, memory_sample_bytes, period,
-    /// duration, output_dir, application_name, upload_timeout, spool_dir,
+    /// duration, output_dir, application_name, upload_timeout,
+    /// metrics_address, spool_dir,
     /// spool_max_bytes, a [labels] table, a [pyroscope] table (url, user,
     /// password, token, tenant) and a [datadog] table (url, api_key).
     #[arg(long, value_name = "FILE")]
@@ -153,6 +161,7 @@ struct FileConfig {
     output_dir: Option<PathBuf>,
     application_name: Option<String>,
     upload_timeout: Option<String>,
+    metrics_address: Option<SocketAddr>,
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
     #[serde(default)]
@@ -205,6 +214,7 @@ pub struct Settings {
     /// A Datadog-style intake, and its API key.
     pub datadog: Option<(Endpoint, Option<String>)>,
     pub upload_timeout: Duration,
+    pub metrics_address: Option<SocketAddr>,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
 }
@@ -350,6 +360,7 @@ impl AgentArgs {
                 Some(timeout) => timeout,
                 None => file_duration("upload_timeout", &file.upload_timeout)?.unwrap_or(DEFAULT_UPLOAD_TIMEOUT),
             },
+            metrics_address: self.metrics_address.or(file.metrics_address),
             spool_dir,
             spool_max_bytes: self.spool_max_bytes.or(file.spool_max_bytes).unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
         })

@@ -8,6 +8,7 @@ mod discovery;
 mod ebpf;
 mod flamegraph;
 mod memory;
+mod metrics;
 mod pprof;
 mod probe_sites;
 mod procmem;

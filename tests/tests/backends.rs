@@ -190,3 +190,42 @@ fn profiles_arrive_at_a_datadog_style_intake_on_a_unix_socket() -> Result<()> {
     ensure!(profile.samples_of_pid(pid).any(|sample| sample.has_function("spin")), "no sample of spin arrived");
     Ok(())
 }
+
+/// `--metrics-address`: the agent's own counters in Prometheus' text format, per sink too.
+#[test]
+fn the_agent_reports_its_health_on_a_metrics_endpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let _receiver = Receiver::start(dir.path(), port, 0)?;
+    let metrics_port = free_port()?;
+    let metrics_address = format!("127.0.0.1:{metrics_port}");
+    let url = format!("http://127.0.0.1:{port}");
+    let agent = Agent::start(&["--period", "1s", "--pyroscope-url", &url, "--metrics-address", &metrics_address])?;
+    Workload::start(PYENV_PYTHON_3_11, "spin.py", &["2"])?.wait()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = http_get(&metrics_address, "/metrics")?;
+    let health = http_get(&metrics_address, "/healthz")?;
+    let run = agent.stop()?;
+    let value = |name: &str| -> Result<f64> {
+        let line =
+            text.lines().find(|line| line.starts_with(name)).with_context(|| format!("no {name} in:\n{text}"))?;
+        Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+    };
+    ensure!(value("ferroscope_samples_total ")? > 0.0, "no samples counted:\n{text}");
+    ensure!(value("ferroscope_profiles_total ")? > 0.0, "no profiles counted:\n{text}");
+    ensure!(value("ferroscope_uploads_delivered_total{sink=\"pyroscope\"}")? > 0.0, "nothing delivered:\n{text}");
+    ensure!(text.contains("# TYPE ferroscope_spool_bytes gauge"), "metrics:\n{text}");
+    ensure!(health.ends_with("ok\n"), "healthz: {health}; agent output:\n{}", run.log);
+    Ok(())
+}
+
+/// The body of `GET PATH` from `address`, with its status line checked.
+fn http_get(address: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    ensure!(response.starts_with("HTTP/1.1 200"), "GET {path}: {response}");
+    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}

@@ -1,0 +1,139 @@
+//! The agent's own health, in Prometheus' text format on `/metrics` (and
+//! `ok` on `/healthz`), for whoever runs it: samples taken and lost, CPython
+//! processes profiled, and per sink what was delivered, retried, refused,
+//! dropped and is waiting.
+
+use std::{
+    convert::Infallible,
+    fmt::Write,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::{ebpf::KernelStats, sinks::Shipper};
+
+/// Counters the agent keeps up to date.
+#[derive(Default)]
+pub struct Metrics {
+    samples: AtomicU64,
+    samples_dropped: AtomicU64,
+    events_dropped: AtomicU64,
+    off_cpu_samples: AtomicU64,
+    alloc_samples: AtomicU64,
+    python_processes: AtomicU64,
+    profiles: AtomicU64,
+}
+
+impl Metrics {
+    pub fn set_kernel(&self, stats: &KernelStats) {
+        self.samples.store(stats.samples, Ordering::Relaxed);
+        self.samples_dropped.store(stats.samples_dropped, Ordering::Relaxed);
+        self.events_dropped.store(stats.events_dropped, Ordering::Relaxed);
+        self.off_cpu_samples.store(stats.off_cpu_samples, Ordering::Relaxed);
+        self.alloc_samples.store(stats.alloc_samples, Ordering::Relaxed);
+    }
+
+    pub fn set_python_processes(&self, count: usize) {
+        self.python_processes.store(count as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_profiles(&self, count: u64) {
+        self.profiles.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// The text of `/metrics`.
+    fn render(&self, sinks: &[Arc<Shipper>]) -> String {
+        let mut text = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, values: &[(String, u64)]| {
+            let _ = writeln!(text, "# HELP ferroscope_{name} {help}\n# TYPE ferroscope_{name} {kind}");
+            for (labels, value) in values {
+                let _ = writeln!(text, "ferroscope_{name}{labels} {value}");
+            }
+        };
+        let one = |counter: &AtomicU64| vec![(String::new(), counter.load(Ordering::Relaxed))];
+        metric("samples_total", "counter", "CPU samples taken.", &one(&self.samples));
+        metric(
+            "samples_dropped_total",
+            "counter",
+            "Samples lost: the ring buffer was full.",
+            &one(&self.samples_dropped),
+        );
+        metric(
+            "events_dropped_total",
+            "counter",
+            "Process events lost: the ring buffer was full.",
+            &one(&self.events_dropped),
+        );
+        metric("off_cpu_samples_total", "counter", "Off-CPU samples (kept waits).", &one(&self.off_cpu_samples));
+        metric("alloc_samples_total", "counter", "Allocation samples (--memory).", &one(&self.alloc_samples));
+        metric("python_processes", "gauge", "CPython processes being profiled.", &one(&self.python_processes));
+        metric("profiles_total", "counter", "Profiles made (one per application and period).", &one(&self.profiles));
+        let per_sink = |value: &dyn Fn(&Shipper) -> u64| -> Vec<(String, u64)> {
+            sinks.iter().map(|sink| (format!("{{sink=\"{}\"}}", sink.name()), value(sink))).collect()
+        };
+        let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        metric(
+            "uploads_delivered_total",
+            "counter",
+            "Profiles a backend took.",
+            &per_sink(&|sink| count(&sink.stats.delivered)),
+        );
+        metric(
+            "upload_retries_total",
+            "counter",
+            "Failed deliveries, retried.",
+            &per_sink(&|sink| count(&sink.stats.retries)),
+        );
+        metric(
+            "uploads_refused_total",
+            "counter",
+            "Profiles a backend refused for good.",
+            &per_sink(&|sink| count(&sink.stats.refused)),
+        );
+        metric(
+            "uploads_dropped_total",
+            "counter",
+            "Profiles dropped from a full spool.",
+            &per_sink(&|sink| count(&sink.stats.dropped)),
+        );
+        metric("spool_uploads", "gauge", "Profiles waiting in the spool.", &per_sink(&|sink| sink.waiting().0));
+        metric("spool_bytes", "gauge", "Bytes waiting in the spool.", &per_sink(&|sink| sink.waiting().1));
+        text
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `address` until the agent stops.
+pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>, sinks: Vec<Arc<Shipper>>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot serve metrics on {address}: {error}"))?;
+    let sinks = Arc::new(sinks);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (metrics, sinks) = (metrics.clone(), sinks.clone());
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let response = match request.uri().path() {
+                    "/metrics" => Response::builder()
+                        .header("Content-Type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(metrics.render(&sinks)))),
+                    "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
+                    _ => Response::builder().status(404).body(Full::new(Bytes::from("not found\n"))),
+                };
+                async move { Ok::<_, Infallible>(response.expect("a valid response")) }
+            });
+            tokio::spawn(async move {
+                // A client that goes away is its own business.
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(())
+}
