@@ -28,7 +28,7 @@ use crate::{
     memory::{self, LiveHeap, Origin},
     metrics::{self, Metrics},
     pprof,
-    sinks::{Backend, Datadog, LocalDir, Pyroscope, Shipper, Upload},
+    sinks::{Backend, Datadog, LocalDir, Otlp, Pyroscope, Shipper, Upload},
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
@@ -51,6 +51,9 @@ impl Sinks {
         }
         if let Some((endpoint, api_key)) = &settings.datadog {
             backends.push(Backend::Datadog(Datadog::new(endpoint.clone(), api_key.clone())));
+        }
+        if let Some(url) = &settings.otlp_url {
+            backends.push(Backend::Otlp(Otlp::new(url)));
         }
         let remote = backends
             .into_iter()

@@ -106,6 +106,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "KEY", env = "FERROSCOPE_DATADOG_API_KEY", hide_env_values = true)]
     pub datadog_api_key: Option<String>,
 
+    /// Send every profile to an OpenTelemetry Collector, as OTLP profiles
+    /// over HTTP with protobuf (`POST <URL>/v1development/profiles`), e.g.
+    /// `http://collector:4318`
+    #[arg(long, value_name = "URL")]
+    pub otlp_url: Option<String>,
+
     /// Serve the agent's own metrics (Prometheus text format) on
     /// `http://ADDRESS/metrics`, and `/healthz`, e.g. `127.0.0.1:9464`
     /// [default: not served]
@@ -141,7 +147,8 @@ pub struct AgentArgs {
     /// duration, output_dir, application_name, upload_timeout,
     /// metrics_address, spool_dir,
     /// spool_max_bytes, a [labels] table, a [pyroscope] table (url, user,
-    /// password, token, tenant) and a [datadog] table (url, api_key).
+    /// password, token, tenant), a [datadog] table (url, api_key) and an
+    /// [otlp] table (url).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -168,6 +175,13 @@ struct FileConfig {
     labels: BTreeMap<String, String>,
     pyroscope: Option<FilePyroscope>,
     datadog: Option<FileDatadog>,
+    otlp: Option<FileOtlp>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileOtlp {
+    url: String,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -213,6 +227,8 @@ pub struct Settings {
     pub pyroscope: Option<PyroscopeSettings>,
     /// A Datadog-style intake, and its API key.
     pub datadog: Option<(Endpoint, Option<String>)>,
+    /// An OpenTelemetry Collector's OTLP/HTTP address.
+    pub otlp_url: Option<String>,
     pub upload_timeout: Duration,
     pub metrics_address: Option<SocketAddr>,
     pub spool_dir: PathBuf,
@@ -334,8 +350,19 @@ impl AgentArgs {
             .clone()
             .or(file.spool_dir)
             .unwrap_or_else(|| output_dir.clone().unwrap_or_else(|| DEFAULT_OUTPUT_DIR.into()).join(".spool"));
+        let otlp_url = match (&self.otlp_url, file.otlp) {
+            (Some(url), _) => Some((url.clone(), "`--otlp-url`".to_owned())),
+            (None, Some(file)) => Some((file.url, origin("otlp.url"))),
+            (None, None) => None,
+        };
+        if let Some((url, origin)) = &otlp_url {
+            if !reqwest::Url::parse(url).is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.has_host()) {
+                bail!("{origin}: `{url}` is not an http:// or https:// URL");
+            }
+        }
+        let otlp_url = otlp_url.map(|(url, _)| url);
         let output_dir = match output_dir {
-            None if pyroscope.is_none() && datadog.is_none() => Some(DEFAULT_OUTPUT_DIR.into()),
+            None if pyroscope.is_none() && datadog.is_none() && otlp_url.is_none() => Some(DEFAULT_OUTPUT_DIR.into()),
             dir => dir,
         };
         Ok(Settings {
@@ -356,6 +383,7 @@ impl AgentArgs {
             labels,
             pyroscope,
             datadog,
+            otlp_url,
             upload_timeout: match self.upload_timeout {
                 Some(timeout) => timeout,
                 None => file_duration("upload_timeout", &file.upload_timeout)?.unwrap_or(DEFAULT_UPLOAD_TIMEOUT),

@@ -1,7 +1,7 @@
 //! Profiles in the pprof format (google/pprof `proto/profile.proto`), which
 //! `go tool pprof`, Pyroscope, Grafana and most profile viewers read.
 
-mod proto;
+pub mod proto;
 
 use std::{
     collections::HashMap,

@@ -5,6 +5,7 @@
 
 mod datadog;
 mod local;
+mod otlp;
 mod pyroscope;
 mod shipper;
 mod spool;
@@ -16,6 +17,7 @@ use std::{
 
 pub use datadog::{Datadog, Endpoint};
 pub use local::LocalDir;
+pub use otlp::Otlp;
 pub use pyroscope::{Auth, Pyroscope};
 use serde::{Deserialize, Serialize};
 pub use shipper::Shipper;
@@ -63,6 +65,7 @@ impl Upload {
 pub enum Backend {
     Pyroscope(Pyroscope),
     Datadog(Datadog),
+    Otlp(Otlp),
 }
 
 /// Why a delivery failed: worth retrying (the backend is down, slow or
@@ -80,6 +83,7 @@ impl Backend {
         match self {
             Backend::Pyroscope(_) => "pyroscope",
             Backend::Datadog(_) => "datadog",
+            Backend::Otlp(_) => "otlp",
         }
     }
 
@@ -87,6 +91,7 @@ impl Backend {
         match self {
             Backend::Pyroscope(pyroscope) => pyroscope.deliver(upload).await,
             Backend::Datadog(datadog) => datadog.deliver(upload).await,
+            Backend::Otlp(otlp) => otlp.deliver(upload).await,
         }
     }
 }
