@@ -4,11 +4,15 @@
   spyName; multipart body with `profile` and `sample_type_config`);
 - the Datadog agent's `POST /profiling/v1/input` (multipart body with an
   `event` JSON and the pprof it names in `attachments`), which the Blackfire
-  agent also takes.
+  agent also takes;
+- an OpenTelemetry Collector's `POST /v1development/profiles` (an OTLP
+  `ExportProfilesServiceRequest`, decoded with the official protos of the
+  `opentelemetry-proto` package: run this with the tools' Python).
 
 Each upload is saved in DIR as `NNNN.json` (path, query, headers, the parts'
-names, the sample type config or the event) and `NNNN.pprof` (the profile
-part as sent).
+names, the sample type config or the event; for OTLP, the resource and per
+profile its sample type and the value of each function, summed over the
+stacks it is in) and `NNNN.pprof` (the profile part as sent).
 
 Usage: intake.py DIR (PORT | --unix PATH) [--fail-first N]. Prints
 `listening PORT` (or `listening PATH`) once it accepts connections. The
@@ -39,10 +43,12 @@ def main():
             url = urllib.parse.urlsplit(self.path)
             body = self.rfile.read(int(self.headers["Content-Length"]))
             state["requests"] += 1
-            if url.path not in ("/ingest", "/profiling/v1/input"):
+            if url.path not in ("/ingest", "/profiling/v1/input", "/v1development/profiles"):
                 return self.answer(404, b"not found")
             if state["requests"] <= args.fail_first:
                 return self.answer(503, b"starting")
+            if url.path == "/v1development/profiles":
+                return self.otlp(body)
             message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                 b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body
             )
@@ -62,6 +68,43 @@ def main():
                 "sample_type_config": json.loads(parts.get("sample_type_config") or b"{}"),
             }
             (args.dir / f"{number:04}.pprof").write_bytes(parts.get(attachments[0]) or b"")
+            (args.dir / f"{number:04}.json").write_text(json.dumps(record))
+            self.answer(200, b"")
+
+        def otlp(self, body):
+            from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2
+
+            request = profiles_service_pb2.ExportProfilesServiceRequest.FromString(body)
+            dictionary = request.dictionary
+            strings = dictionary.string_table
+
+            def function_names(stack_index):
+                stack = dictionary.stack_table[stack_index]
+                for location_index in stack.location_indices:
+                    for line in dictionary.location_table[location_index].lines:
+                        yield strings[dictionary.function_table[line.function_index].name_strindex]
+
+            record = {"path": "/v1development/profiles", "resources": []}
+            for resource_profiles in request.resource_profiles:
+                resource = {kv.key: kv.value.string_value for kv in resource_profiles.resource.attributes}
+                profiles = []
+                for scope in resource_profiles.scope_profiles:
+                    for profile in scope.profiles:
+                        functions = {}
+                        for sample in profile.samples:
+                            for name in set(function_names(sample.stack_index)):
+                                functions[name] = functions.get(name, 0) + sum(sample.values)
+                        profiles.append({
+                            "type": strings[profile.sample_type.type_strindex],
+                            "unit": strings[profile.sample_type.unit_strindex],
+                            "time_unix_nano": profile.time_unix_nano,
+                            "samples": len(profile.samples),
+                            "functions": functions,
+                        })
+                resource_entry = {"attributes": resource, "profiles": profiles}
+                record["resources"].append(resource_entry)
+            number = state["saved"]
+            state["saved"] += 1
             (args.dir / f"{number:04}.json").write_text(json.dumps(record))
             self.answer(200, b"")
 

@@ -36,7 +36,7 @@ impl Receiver {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("receivers/intake.py");
         let mut argv = vec![script.to_str().unwrap(), dir.to_str().unwrap()];
         argv.extend_from_slice(args);
-        let mut process = Workload::start_program(Path::new(PYENV_PYTHON_3_11), &argv, &[])?;
+        let mut process = Workload::start_program(&tools_python()?, &argv, &[])?;
         process.wait_for_line(&format!("listening {address}"), Duration::from_secs(10))?;
         Ok(Receiver { _process: process, dir: dir.to_owned() })
     }
@@ -52,6 +52,13 @@ impl Receiver {
             .map(|path| Ok((serde_json::from_str(&fs::read_to_string(&path)?)?, path.with_extension("pprof"))))
             .collect()
     }
+}
+
+/// The tools' Python (`cargo xtask setup --test`), which has the official OTLP protos.
+fn tools_python() -> Result<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/python");
+    ensure!(python.exists(), "{} is missing: run `cargo xtask setup --test`", python.display());
+    Ok(python)
 }
 
 /// A port nobody listens on (yet).
@@ -228,4 +235,45 @@ fn http_get(address: &str, path: &str) -> Result<String> {
     stream.read_to_string(&mut response)?;
     ensure!(response.starts_with("HTTP/1.1 200"), "GET {path}: {response}");
     Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}
+
+/// OTLP profiles for an OpenTelemetry Collector, decoded on arrival with the official protos
+/// (`opentelemetry-proto` from PyPI): the resource names the service and host, there is a
+/// profile per sample type, and the CPU of `spin` is there.
+#[test]
+fn profiles_arrive_as_otlp_at_a_collector() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let receiver = Receiver::start(dir.path(), port, 0)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let agent = Agent::start(&["--period", "2s", "--label", "env=e2e", "--otlp-url", &url])?;
+    Workload::start(PYENV_PYTHON_3_11, "spin.py", &["2"])?.wait()?;
+    let run = agent.stop()?;
+    let mut spin_cpu = 0.0;
+    let mut types = std::collections::BTreeSet::new();
+    for (record, _) in receiver.uploads()? {
+        ensure!(record["path"] == "/v1development/profiles", "path {}", record["path"]);
+        for resource in record["resources"].as_array().context("resources")? {
+            let attributes = &resource["attributes"];
+            if attributes["service.name"] != "spin.py" {
+                continue;
+            }
+            ensure!(attributes["env"] == "e2e" && attributes["host.name"].is_string(), "resource {attributes}");
+            for profile in resource["profiles"].as_array().context("profiles")? {
+                types.insert(format!(
+                    "{}/{}",
+                    profile["type"].as_str().unwrap_or("?"),
+                    profile["unit"].as_str().unwrap_or("?")
+                ));
+                if profile["type"] == "cpu" {
+                    spin_cpu += profile["functions"]["spin"].as_f64().unwrap_or(0.0);
+                }
+            }
+        }
+    }
+    ensure!(spin_cpu >= 0.5e9, "{spin_cpu} ns of CPU in spin arrived, for 2 s burnt; agent output:\n{}", run.log);
+    for expected in ["samples/count", "cpu/nanoseconds", "wall/nanoseconds", "off_cpu/nanoseconds"] {
+        ensure!(types.contains(expected), "no {expected} profile: {types:?}");
+    }
+    Ok(())
 }

@@ -12,8 +12,6 @@ use crate::{cargo, run, step, tools_dir};
 
 /// The bpf-linker release the eBPF build uses.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// The py-spy release the benchmark compares against.
-const PY_SPY_VERSION: &str = "0.4.3";
 
 /// Installs the build's tools; returns the path of `bpf-linker`.
 pub fn build_tools() -> Result<PathBuf> {
@@ -25,7 +23,7 @@ pub fn build_tools() -> Result<PathBuf> {
 /// Installs the tools of the end-to-end tests and the benchmark.
 pub fn test_tools() -> Result<()> {
     go()?;
-    py_spy_venv()?;
+    venv_packages(&TEST_PACKAGES)?;
     debian_root()
 }
 
@@ -166,7 +164,7 @@ fn apt_install(package: &str) -> Result<()> {
     Ok(())
 }
 
-/// The virtual environment holding py-spy.
+/// The tools' Python virtual environment: py-spy, the OTLP protos, the benchmark's peers.
 fn venv() -> PathBuf {
     tools_dir().join("venv")
 }
@@ -176,38 +174,35 @@ pub fn py_spy() -> PathBuf {
     venv().join("bin/py-spy")
 }
 
-/// A Python virtual environment with py-spy, for the benchmark.
-fn py_spy_venv() -> Result<()> {
-    let installed = Command::new(py_spy()).arg("--version").output();
-    if installed
-        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == format!("py-spy {PY_SPY_VERSION}"))
-    {
-        step(format!("setup: py-spy {PY_SPY_VERSION}: present, skipped"));
-        return Ok(());
-    }
-    step(format!("setup: py-spy {PY_SPY_VERSION}: installing into {}", venv().display()));
-    if !venv().join("bin/pip").is_file() {
-        run(Command::new(e2e::PYENV_PYTHON_3_11).args(["-m", "venv"]).arg(venv()))?;
-    }
-    run(Command::new(venv().join("bin/pip")).args(["install", "--quiet", &format!("py-spy=={PY_SPY_VERSION}")]))
-}
+/// What the end-to-end tests need from PyPI: py-spy for the benchmark's comparison, and the
+/// official OTLP protos, which the tests decode what the agent sends with.
+const TEST_PACKAGES: [&str; 2] = ["py-spy==0.4.3", "opentelemetry-proto==1.45.2"];
 
 /// The benchmark's peers and programs beside py-spy: memray, and pyperformance's benchmarks.
 const BENCH_PACKAGES: [&str; 2] = ["memray==1.20.0", "pyperformance==1.14.0"];
 
-/// Installs `BENCH_PACKAGES` into the benchmark's environment, unless there already.
+/// Installs `BENCH_PACKAGES` into the tools' environment, unless there already.
 pub fn bench_tools() -> Result<()> {
-    let listed = Command::new(venv().join("bin/pip")).args(["freeze"]).output()?;
-    let installed = String::from_utf8_lossy(&listed.stdout).into_owned();
-    if BENCH_PACKAGES.iter().all(|package| installed.lines().any(|line| line == *package)) {
-        step(format!("setup: {}: present, skipped", BENCH_PACKAGES.join(", ")));
-        return Ok(());
-    }
-    step(format!("setup: installing {} into {}", BENCH_PACKAGES.join(", "), venv().display()));
-    run(Command::new(venv().join("bin/pip")).args(["install", "--quiet"]).args(BENCH_PACKAGES))
+    venv_packages(&BENCH_PACKAGES)
 }
 
-/// The benchmark environment's Python (CPython 3.11.7 of pyenv), which has pyperf.
+/// Installs `packages` (pinned) into the tools' Python environment, made with CPython 3.11,
+/// unless all are there already.
+fn venv_packages(packages: &[&str]) -> Result<()> {
+    if !venv().join("bin/pip").is_file() {
+        run(Command::new(e2e::PYENV_PYTHON_3_11).args(["-m", "venv"]).arg(venv()))?;
+    }
+    let listed = Command::new(venv().join("bin/pip")).args(["freeze"]).output()?;
+    let installed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    if packages.iter().all(|package| installed.lines().any(|line| line == *package)) {
+        step(format!("setup: {}: present, skipped", packages.join(", ")));
+        return Ok(());
+    }
+    step(format!("setup: installing {} into {}", packages.join(", "), venv().display()));
+    run(Command::new(venv().join("bin/pip")).args(["install", "--quiet"]).args(packages))
+}
+
+/// The tools' Python (CPython 3.11.7 of pyenv): pyperf, memray and the OTLP protos.
 pub fn bench_python() -> PathBuf {
     venv().join("bin/python")
 }
