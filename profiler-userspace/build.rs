@@ -1,6 +1,6 @@
 //! Embeds the eBPF object built by `cargo xtask build` into the agent, and
-//! compiles the official OTLP profiles .proto files (`proto/`) into prost
-//! types.
+//! compiles the official .proto files of pprof and OTLP profiles (`proto/`)
+//! into prost types.
 use std::{env, path::PathBuf};
 
 fn main() {
@@ -23,6 +23,7 @@ fn main() {
 fn compile_protos() {
     let service = "opentelemetry/proto/collector/profiles/v1development/profiles_service.proto";
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile([service], ["proto"]).expect("the .proto files of proto/ compile");
+    let descriptors =
+        protox::compile(["perftools/profile.proto", service], ["proto"]).expect("the .proto files of proto/ compile");
     prost_build::Config::new().compile_fds(descriptors).expect("prost generates the OTLP types");
 }

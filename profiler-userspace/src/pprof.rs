@@ -48,7 +48,7 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
     let mut tables = Tables::new();
     let sample_type: Vec<_> =
         sample_types(profile).into_iter().map(|(kind, unit)| tables.value_type(kind, unit)).collect();
-    let cpu = sample_type[1].clone();
+    let cpu = sample_type[1];
     let default_sample_type = cpu.r#type;
 
     // Frames are interned already: one location each, shared by every stack.
