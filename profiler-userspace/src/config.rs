@@ -18,6 +18,7 @@ pub const DEFAULT_FREQUENCY: u64 = 100;
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(45);
 pub const DEFAULT_OUTPUT_DIR: &str = "./profiles";
 pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9464";
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// Mean bytes between two sampled allocations (Go's default).
 pub const DEFAULT_MEMORY_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -113,9 +114,9 @@ pub struct AgentArgs {
     pub otlp_url: Option<String>,
 
     /// Serve the agent's own metrics (Prometheus text format) on
-    /// `http://ADDRESS/metrics`, and `/healthz`, e.g. `127.0.0.1:9464`
-    /// [default: not served]
-    #[arg(long, value_name = "ADDRESS")]
+    /// `http://ADDRESS/metrics`, and `/healthz`; without ADDRESS on loopback,
+    /// `127.0.0.1:9464` [default: not served]
+    #[arg(long, value_name = "ADDRESS", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_ADDRESS)]
     pub metrics_address: Option<SocketAddr>,
 
     /// Time an upload may take before it is retried [default: 10s]
@@ -505,6 +506,20 @@ mod tests {
         let file = config_file("[pyroscope]\nurl = \"ftp://p\"\n");
         let error = AgentArgs { config: Some(file), ..Default::default() }.settings().unwrap_err();
         assert!(error.to_string().contains("`pyroscope.url`"), "{error}");
+    }
+
+    #[test]
+    fn metrics_are_served_on_loopback_unless_told_otherwise() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AgentArgs,
+        }
+        let parse = |flags: &[&str]| Cli::try_parse_from(["agent"].iter().chain(flags)).unwrap().args.metrics_address;
+        assert_eq!(parse(&[]), None);
+        assert_eq!(parse(&["--metrics-address"]), Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(parse(&["--metrics-address", "0.0.0.0:9100"]), Some("0.0.0.0:9100".parse().unwrap()));
     }
 
     #[test]

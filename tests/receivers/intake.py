@@ -14,9 +14,11 @@ names, the sample type config or the event; for OTLP, the resource and per
 profile its sample type and the value of each function, summed over the
 stacks it is in) and `NNNN.pprof` (the profile part as sent).
 
-Usage: intake.py DIR (PORT | --unix PATH) [--fail-first N]. Prints
-`listening PORT` (or `listening PATH`) once it accepts connections. The
-first N uploads get a 503, as from a backend that is starting.
+Usage: intake.py DIR (PORT | --unix PATH) [--fail-first N] [--hang-first N].
+Prints `listening PORT` (or `listening PATH`) once it accepts connections.
+The first N uploads get a 503, as from a backend that is starting; with
+`--hang-first`, the first N wait 5 s and get nothing, as from a backend that
+hangs.
 """
 import argparse
 import email.parser
@@ -25,6 +27,7 @@ import http.server
 import json
 import pathlib
 import socketserver
+import time
 import urllib.parse
 
 
@@ -34,6 +37,7 @@ def main():
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--unix", type=pathlib.Path)
     parser.add_argument("--fail-first", type=int, default=0)
+    parser.add_argument("--hang-first", type=int, default=0)
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     state = {"requests": 0, "saved": 0}
@@ -45,6 +49,10 @@ def main():
             state["requests"] += 1
             if url.path not in ("/ingest", "/profiling/v1/input", "/v1development/profiles"):
                 return self.answer(404, b"not found")
+            if state["requests"] <= args.hang_first:
+                time.sleep(5)
+                self.close_connection = True
+                return
             if state["requests"] <= args.fail_first:
                 return self.answer(503, b"starting")
             if url.path == "/v1development/profiles":

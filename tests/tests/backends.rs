@@ -21,7 +21,7 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Listening on 127.0.0.1:`port`.
+    /// Listening on 127.0.0.1:`port`; the first `fail_first` uploads get a 503.
     fn start(dir: &Path, port: u16, fail_first: u32) -> Result<Receiver> {
         Receiver::start_with(dir, &[&port.to_string(), "--fail-first", &fail_first.to_string()], &port.to_string())
     }
@@ -275,5 +275,25 @@ fn profiles_arrive_as_otlp_at_a_collector() -> Result<()> {
     for expected in ["samples/count", "cpu/nanoseconds", "wall/nanoseconds", "off_cpu/nanoseconds"] {
         ensure!(types.contains(expected), "no {expected} profile: {types:?}");
     }
+    Ok(())
+}
+
+/// A backend that takes an upload and never answers: the agent gives up after
+/// `--upload-timeout`, retries, and the upload arrives all the same.
+#[test]
+fn a_backend_that_hangs_is_retried_after_the_upload_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let receiver = Receiver::start_with(dir.path(), &[&port.to_string(), "--hang-first", "1"], &port.to_string())?;
+    let url = format!("http://127.0.0.1:{port}");
+    let agent = Agent::start(&["--period", "1s", "--pyroscope-url", &url, "--upload-timeout", "1s"])?;
+    Workload::start(PYENV_PYTHON_3_11, "spin.py", &["1"])?.wait()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while of_application(receiver.uploads()?, "spin.py").is_empty() {
+        ensure!(std::time::Instant::now() < deadline, "nothing arrived; agent output:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent.stop()?.log;
+    ensure!(log.contains("no answer within 1s"), "the hung upload was not timed out; agent output:\n{log}");
     Ok(())
 }
