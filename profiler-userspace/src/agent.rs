@@ -22,6 +22,7 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Series, Thread, ThreadCounts, Wait},
     config::Settings,
+    control::{self, Request},
     cpython::{FrameSymbolizer, Pymalloc},
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, MemoryWatch, Sampler},
@@ -32,6 +33,14 @@ use crate::{
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
 };
+
+/// The next request on the control socket, if there is one.
+async fn recv(control: &mut Option<tokio::sync::mpsc::Receiver<control::Command>>) -> Option<control::Command> {
+    match control {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Where each period's profiles go.
 struct Sinks {
@@ -174,6 +183,8 @@ struct Process {
     exited: bool,
     /// The kernel's thread tally at the end of the last period.
     threads_seen: ThreadTally,
+    /// It asked, on the control socket, not to be profiled any more.
+    stopped: bool,
     /// With `--memory`, for CPython: the allocation probes and, when its
     /// arenas are probed, the geometry of its pools.
     memory: Option<(MemoryWatch, Option<Pymalloc>)>,
@@ -278,6 +289,14 @@ pub async fn run(settings: Settings) -> Result<()> {
     // reads them on this tick, and process events wake it at once.
     let mut read_tick = tokio::time::interval(READ_INTERVAL);
     let mut ticks: u64 = 0;
+    // Without the control socket (no right to create it), the rest works.
+    let mut control = match control::listen(&settings.control_socket) {
+        Ok(receiver) => Some(receiver),
+        Err(error) => {
+            log::warn!("no control socket, so processes cannot register themselves: {error:#}");
+            None
+        }
+    };
     read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let period_end = deadline.map_or(next_period, |deadline| next_period.min(deadline));
@@ -294,6 +313,13 @@ pub async fn run(settings: Settings) -> Result<()> {
                 if ticks.is_multiple_of(METRICS_TICKS) {
                     agent.metrics.set_kernel(&sampler.stats()?);
                 }
+                continue;
+            }
+            Some(command) = recv(&mut control) => {
+                // Its samples so far belong to what it asks about.
+                agent.drain(events.get_mut(), &mut sampler);
+                let answer = agent.control(command.pid, command.request, &sinks, &mut sampler);
+                let _ = command.reply.send(answer);
                 continue;
             }
             _ = tokio::time::sleep_until(period_end.into()) => deadline.is_some_and(|deadline| Instant::now() >= deadline),
@@ -398,6 +424,7 @@ impl<'a> Agent<'a> {
                     code_read: Instant::now(),
                     exited: true,
                     threads_seen: ThreadTally::default(),
+                    stopped: false,
                     memory: None,
                 };
                 self.processes.insert(pid, process);
@@ -485,6 +512,7 @@ impl<'a> Agent<'a> {
             code_read: Instant::now(),
             exited: false,
             threads_seen,
+            stopped: false,
             memory,
         };
         self.processes.insert(pid, process);
@@ -513,7 +541,7 @@ impl<'a> Agent<'a> {
         if recheck {
             self.inspect(pid, &sample.comm, sampler);
         }
-        let Some(process) = self.processes.get_mut(&pid) else { return };
+        let Some(process) = self.processes.get_mut(&pid).filter(|process| !process.stopped) else { return };
         let stack = &mut self.stack;
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
@@ -560,6 +588,38 @@ impl<'a> Agent<'a> {
                 self.aggregator.add(series, stack, &thread);
             }
         }
+    }
+
+    /// A process's request on the control socket.
+    fn control(&mut self, pid: u32, request: Request, sinks: &Sinks, sampler: &mut Sampler) -> Result<(), String> {
+        if !self.processes.contains_key(&pid) {
+            self.inspect(pid, &[0; 16], sampler);
+        }
+        let process = self.processes.get_mut(&pid).ok_or("the agent cannot see this process")?;
+        match request {
+            Request::Start { application_name, labels } => {
+                for (key, value) in &labels {
+                    crate::config::validate_label(key, value)?;
+                }
+                let application = match application_name {
+                    Some(name) if name.trim().is_empty() => return Err("the application name is empty".into()),
+                    Some(name) => Arc::from(name),
+                    None => process.series.application.clone(),
+                };
+                process.series = Series { application, labels: Arc::new(labels) };
+                process.stopped = false;
+                log::info!("pid {pid}: registered as {}", process.series.application);
+            }
+            Request::Stop => {
+                process.stopped = true;
+                let series = process.series.clone();
+                if let Some(profile) = self.aggregator.take(&series, SystemTime::now()) {
+                    sinks.send(&profile);
+                }
+                log::info!("pid {pid}: profiling stopped, {} flushed", series.application);
+            }
+        }
+        Ok(())
     }
 
     fn finish_period(&mut self, sinks: &Sinks, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
@@ -649,6 +709,7 @@ mod tests {
             code_read: Instant::now(),
             exited: false,
             threads_seen: ThreadTally::default(),
+            stopped: false,
             memory: None,
         }
     }

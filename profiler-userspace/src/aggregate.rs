@@ -312,6 +312,14 @@ impl Aggregator {
         self.profile(series).add_inuse(stack, thread, objects, bytes);
     }
 
+    /// Ends the period of one series early, at `end` (its process stopped
+    /// being profiled): its profile so far, if it has one.
+    pub fn take(&mut self, series: &Series, end: SystemTime) -> Option<PeriodProfile> {
+        let mut profile = self.profiles.remove(series)?;
+        profile.end = end;
+        Some(profile)
+    }
+
     /// Ends the period at `end`: returns its profiles, sorted by application
     /// and labels,
     /// and starts the next period there.

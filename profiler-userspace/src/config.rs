@@ -19,6 +19,7 @@ pub const DEFAULT_PERIOD: Duration = Duration::from_secs(45);
 pub const DEFAULT_OUTPUT_DIR: &str = "./profiles";
 pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9464";
+const DEFAULT_CONTROL_SOCKET: &str = "/run/ferroscope/control.sock";
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// Mean bytes between two sampled allocations (Go's default).
 pub const DEFAULT_MEMORY_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -119,6 +120,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDRESS", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_ADDRESS)]
     pub metrics_address: Option<SocketAddr>,
 
+    /// The Unix socket through which processes name and label themselves
+    /// and stop their profiling (the Python API) [default:
+    /// /run/ferroscope/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Time an upload may take before it is retried [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upload_timeout: Option<Duration>,
@@ -146,7 +153,7 @@ pub struct AgentArgs {
     /// Read settings from this TOML file; flags given on the command line win.
     /// Keys: pids, frequency, wall, memory, memory_sample_bytes, period,
     /// duration, output_dir, application_name, upload_timeout,
-    /// metrics_address, spool_dir,
+    /// control_socket, metrics_address, spool_dir,
     /// spool_max_bytes, a [labels] table, a [pyroscope] table (url, user,
     /// password, token, tenant), a [datadog] table (url, api_key) and an
     /// [otlp] table (url).
@@ -169,6 +176,7 @@ struct FileConfig {
     output_dir: Option<PathBuf>,
     application_name: Option<String>,
     upload_timeout: Option<String>,
+    control_socket: Option<PathBuf>,
     metrics_address: Option<SocketAddr>,
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
@@ -232,6 +240,7 @@ pub struct Settings {
     pub otlp_url: Option<String>,
     pub upload_timeout: Duration,
     pub metrics_address: Option<SocketAddr>,
+    pub control_socket: PathBuf,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
 }
@@ -261,15 +270,16 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 /// Labels that every sample carries already.
 const RESERVED_LABELS: [&str; 5] = ["pid", "container_pid", "tid", "thread_name", "process_name"];
 
-/// Label names follow Prometheus' rules, which Pyroscope and pprof tools
-/// accept; values must be non-empty single-line text.
+/// Label names follow Prometheus' rules, plus `-` (the Blackfire API's
+/// examples use it; the Pyroscope sink turns it into `_`); values must be
+/// non-empty single-line text.
 pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
     let mut chars = key.chars();
     let valid_key = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if !valid_key {
         return Err(format!(
-            "label name `{key}` must start with a letter or `_` and hold only letters, digits, `_` and `.`"
+            "label name `{key}` must start with a letter or `_` and hold only letters, digits, `_`, `.` and `-`"
         ));
     }
     if RESERVED_LABELS.contains(&key) {
@@ -390,6 +400,11 @@ impl AgentArgs {
                 None => file_duration("upload_timeout", &file.upload_timeout)?.unwrap_or(DEFAULT_UPLOAD_TIMEOUT),
             },
             metrics_address: self.metrics_address.or(file.metrics_address),
+            control_socket: self
+                .control_socket
+                .clone()
+                .or(file.control_socket)
+                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
             spool_dir,
             spool_max_bytes: self.spool_max_bytes.or(file.spool_max_bytes).unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
         })

@@ -3,6 +3,7 @@
 mod agent;
 mod aggregate;
 mod config;
+mod control;
 mod cpython;
 mod discovery;
 mod ebpf;

@@ -159,6 +159,11 @@ impl Agent {
         self.child.0.id()
     }
 
+    /// Where it writes its profiles.
+    pub fn output_dir(&self) -> &Path {
+        self.output_dir.path()
+    }
+
     /// Everything the agent printed so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

@@ -72,7 +72,12 @@ fn series_name(upload: &Upload) -> String {
     let labels: Vec<String> = upload
         .labels
         .iter()
-        .map(|(key, value)| format!("{key}={}", value.replace([',', '{', '}', '='], "_")))
+        .map(|(key, value)| {
+            // Pyroscope's label names are Prometheus': no `-`.
+            let key: String =
+                key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+            format!("{key}={}", value.replace([',', '{', '}', '='], "_"))
+        })
         .collect();
     format!("{}{{{}}}", upload.application.replace(['{', '}'], "_"), labels.join(","))
 }
@@ -100,7 +105,7 @@ mod tests {
     fn upload() -> Upload {
         Upload {
             application: "checkout".into(),
-            labels: BTreeMap::from([("env".into(), "prod".into()), ("region".into(), "eu{1}".into())]),
+            labels: BTreeMap::from([("env".into(), "prod".into()), ("my-region".into(), "eu{1}".into())]),
             from: 1_795_000_000,
             until: 1_795_000_045,
             sample_rate: 100,
@@ -111,7 +116,7 @@ mod tests {
 
     #[test]
     fn series_names_carry_the_labels() {
-        assert_eq!(series_name(&upload()), "checkout{env=prod,region=eu_1_}");
+        assert_eq!(series_name(&upload()), "checkout{env=prod,my_region=eu_1_}");
     }
 
     #[test]

@@ -1,0 +1,67 @@
+//! The Python API (`python/ferroscope`): a process names and labels itself through the
+//! agent's control socket, and `stop()` ships what its period holds at once.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{ensure, Result};
+use e2e::{profile_files, Agent, Profile, Workload, PYENV_PYTHON_3_11};
+
+#[test]
+fn the_example_profiles_under_its_name_and_labels_and_stop_flushes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("control.sock");
+    let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let script = e2e::workload("api_example.py");
+    let mut workload = Workload::start_program(
+        Path::new(PYENV_PYTHON_3_11),
+        &[script.to_str().unwrap()],
+        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
+    )?;
+    let pid = workload.pid();
+    workload.wait_for_line("done", Duration::from_secs(30))?;
+    // Both stop() calls shipped their profile, long before the 60 s period ends.
+    let files = profile_files(agent.output_dir(), "my-python-app")?;
+    ensure!(files.len() == 2, "{} profiles of my-python-app after two stop(): {files:?}", files.len());
+    let run = agent.stop()?;
+    drop(workload);
+    let first = Profile::load(&files[..1])?;
+    let spin_samples = |profile: &Profile| -> i64 {
+        profile.samples_of_pid(pid).filter(|sample| sample.has_function("spin")).map(|sample| sample.count()).sum()
+    };
+    ensure!(spin_samples(&first) >= 100, "{} samples of spin in the first profile", spin_samples(&first));
+    ensure!(
+        first.samples.iter().all(|sample| sample.label("my-extra-label") == Some("data")),
+        "a sample of my-python-app lacks my-extra-label=data; agent output:\n{}",
+        run.log
+    );
+    let second = Profile::load(&files[1..])?;
+    ensure!(second.samples.iter().all(|sample| sample.label("round") == Some("2")), "second start's label missing");
+    // About 2 s and 1 s of CPU at 100 Hz: the 0.5 s between stop and start is not in them.
+    let (a, b) = (spin_samples(&first) as f64, spin_samples(&second) as f64);
+    ensure!((150.0..=250.0).contains(&a) && (70.0..=130.0).contains(&b), "spin samples {a} and {b}");
+    Ok(())
+}
+
+#[test]
+fn without_an_agent_start_warns_or_raises_when_required() -> Result<()> {
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let code = "import warnings\n\
+                from ferroscope import Profiler, AgentUnavailable\n\
+                with warnings.catch_warnings(record=True) as caught:\n\
+                \x20   warnings.simplefilter('always')\n\
+                \x20   assert Profiler('app', socket_path='/nonexistent.sock').start() is False\n\
+                assert 'no agent' in str(caught[0].message), caught\n\
+                try:\n\
+                \x20   Profiler('app', socket_path='/nonexistent.sock', required=True).start()\n\
+                except AgentUnavailable:\n\
+                \x20   print('raised')\n";
+    let output =
+        std::process::Command::new(PYENV_PYTHON_3_11).args(["-c", code]).env("PYTHONPATH", &package).output()?;
+    ensure!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "raised",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
