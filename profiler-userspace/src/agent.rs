@@ -169,6 +169,10 @@ fn on_allocation(
 struct Process {
     /// The application it is profiled as, with its own labels.
     series: Series,
+    /// The application name discovery gave it.
+    discovered: Arc<str>,
+    /// What it registered as on the control socket, if it did.
+    registered: Option<Series>,
     process_name: Arc<str>,
     /// Its pid in its own PID namespace, when that differs.
     container_pid: Option<u32>,
@@ -416,6 +420,8 @@ impl<'a> Agent<'a> {
                 let name = comm_text(comm);
                 let process = Process {
                     series: Series::new(self.settings.application_name.as_deref().unwrap_or(&name)),
+                    discovered: name.clone(),
+                    registered: None,
                     process_name: name,
                     container_pid: None,
                     python: None,
@@ -500,10 +506,21 @@ impl<'a> Agent<'a> {
         let threads_seen = self.processes.get(&pid).map_or_else(ThreadTally::default, |known| known.threads_seen);
         // A process's own name for itself wins over the agent's.
         let application = info.own.application.as_deref().or(self.settings.application_name.as_deref());
+        let discovered = application.map_or(info.application, Arc::from);
+        // A registration (control socket) made before this look, as by a
+        // forked child before its first sample, holds unless the process now
+        // runs another program.
+        let registered = self
+            .processes
+            .get(&pid)
+            .and_then(|known| known.registered.clone().filter(|_| known.discovered == discovered));
         let series =
-            Series { application: application.map_or(info.application, Arc::from), labels: Arc::new(info.own.labels) };
+            registered.clone().unwrap_or(Series { application: discovered.clone(), labels: Arc::new(info.own.labels) });
+        let stopped = self.processes.get(&pid).is_some_and(|known| known.stopped && known.discovered == discovered);
         let process = Process {
             series,
+            discovered,
+            registered,
             process_name: info.process_name,
             container_pid: info.namespace_pid,
             python,
@@ -512,7 +529,7 @@ impl<'a> Agent<'a> {
             code_read: Instant::now(),
             exited: false,
             threads_seen,
-            stopped: false,
+            stopped,
             memory,
         };
         self.processes.insert(pid, process);
@@ -607,6 +624,7 @@ impl<'a> Agent<'a> {
                     None => process.series.application.clone(),
                 };
                 process.series = Series { application, labels: Arc::new(labels) };
+                process.registered = Some(process.series.clone());
                 process.stopped = false;
                 log::info!("pid {pid}: registered as {}", process.series.application);
             }
@@ -701,6 +719,8 @@ mod tests {
     fn process(code: Vec<Range<u64>>) -> Process {
         Process {
             series: Series::new("app"),
+            discovered: "app".into(),
+            registered: None,
             process_name: "app".into(),
             container_pid: None,
             python: None,

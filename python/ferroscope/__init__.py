@@ -59,18 +59,31 @@ class Profiler:
         self.socket_path = socket_path or os.environ.get("FERROSCOPE_SOCKET", DEFAULT_SOCKET)
         self.required = required
         self._lock = threading.Lock()
+        self._started = False
+        self._fork_hook = False
 
     def start(self) -> bool:
-        """Profile this process under ``application_name`` and ``labels``.
+        """Profile this process under ``application_name`` and ``labels``,
+        and the children it forks from now on, until ``stop()``.
 
         Returns whether the agent took it."""
-        request = {"op": "start", "application_name": self.application_name, "labels": self.labels}
-        return self._ask(request)
+        self._started = True
+        if not self._fork_hook:
+            # The agent knows processes by pid: a child registers itself.
+            os.register_at_fork(after_in_child=self._after_fork)
+            self._fork_hook = True
+        return self._ask({"op": "start", "application_name": self.application_name, "labels": self.labels})
 
     def stop(self) -> bool:
         """End the profiling of this process; what its current period holds
         is shipped now. Returns whether the agent took it."""
+        self._started = False
         return self._ask({"op": "stop"})
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        if self._started:
+            self.start()
 
     def _ask(self, request: dict) -> bool:
         with self._lock:

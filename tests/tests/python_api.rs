@@ -43,6 +43,44 @@ fn the_example_profiles_under_its_name_and_labels_and_stop_flushes() -> Result<(
     Ok(())
 }
 
+/// A thread of a registered process, and a child it forks (which registers itself again
+/// through `os.register_at_fork`), are profiled under its name and labels.
+#[test]
+fn threads_and_forked_children_keep_the_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("control.sock");
+    let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let script = e2e::workload("api_fork.py");
+    let mut workload = Workload::start_program(
+        Path::new(PYENV_PYTHON_3_11),
+        &[script.to_str().unwrap()],
+        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
+    )?;
+    let parent = workload.pid();
+    workload.wait_for_line("done", Duration::from_secs(30))?;
+    let run = agent.stop()?;
+    drop(workload);
+    let profile = Profile::load(&profile_files(run.output_dir.path(), "forking-app")?)?;
+    let in_function = |function: &str| -> (i64, Vec<String>) {
+        let samples: Vec<_> = profile.samples.iter().filter(|sample| sample.has_function(function)).collect();
+        let pids = samples.iter().filter_map(|sample| sample.label("pid").map(str::to_owned)).collect();
+        (samples.iter().map(|sample| sample.count()).sum(), pids)
+    };
+    let (thread_samples, thread_pids) = in_function("in_thread");
+    let (child_samples, child_pids) = in_function("in_child");
+    ensure!(
+        thread_samples >= 50,
+        "{thread_samples} samples of the thread under forking-app; agent output:\n{}",
+        run.log
+    );
+    ensure!(thread_pids.iter().all(|pid| *pid == parent.to_string()), "thread samples from pids {thread_pids:?}");
+    ensure!(child_samples >= 50, "{child_samples} samples of the child under forking-app; agent output:\n{}", run.log);
+    ensure!(child_pids.iter().all(|pid| *pid != parent.to_string()), "child samples from pids {child_pids:?}");
+    ensure!(profile.samples.iter().all(|sample| sample.label("kind") == Some("api")), "a sample lacks kind=api");
+    Ok(())
+}
+
 #[test]
 fn without_an_agent_start_warns_or_raises_when_required() -> Result<()> {
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
