@@ -160,6 +160,10 @@ pub struct Sample {
     pub bytes: u64,
     /// [`kind::ALLOC`], [`kind::POOL`]: where.
     pub address: u64,
+    /// The thread's context label set (the Python API's
+    /// `profiler.labels(...)`), read from where the thread keeps it; 0 for
+    /// none.
+    pub label_set: u64,
     /// Thread id as the host sees it.
     pub tid: u32,
     pub cpu: u32,

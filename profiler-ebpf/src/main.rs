@@ -76,6 +76,21 @@ static PY_PROCS: HashMap<u32, PyProcess> = HashMap::with_max_entries(8192, 0);
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
+/// Thread id → where the thread keeps its context label set (a `u64` in its
+/// process's memory), filled by the agent when a thread tells it (the
+/// Python API's `profiler.labels(...)`).
+#[map]
+static LABEL_SLOTS: HashMap<u32, u64> = HashMap::with_max_entries(65536, 0);
+
+/// The current label set of thread `tid`, 0 for none: one map lookup, and
+/// one read of the thread's memory for threads that have a slot.
+fn label_set(tid: u32) -> u64 {
+    // SAFETY: a copy of a map value; user reads fault safely.
+    unsafe { LABEL_SLOTS.get(tid) }
+        .and_then(|&address| unsafe { aya_ebpf::helpers::bpf_probe_read_user(address as *const u64) }.ok())
+        .unwrap_or(0)
+}
+
 /// Threads started and ended per process, for every process on the host:
 /// counting from the start (not from when the agent first looks at a
 /// process) makes the counts exact, and threads start rarely enough that
@@ -175,6 +190,7 @@ fn capture(ctx: &impl EbpfContext, slot: u32, kind: u32, pid: u32, tid: u32) -> 
         (*sample).off_cpu_ns = 0;
         (*sample).bytes = 0;
         (*sample).address = 0;
+        (*sample).label_set = label_set(tid);
         (*sample).wait = 0;
         (*sample).cpu = bpf_get_smp_processor_id();
         (*sample).comm = bpf_get_current_comm().unwrap_or_default();
@@ -237,6 +253,7 @@ pub fn process_exec(_ctx: BtfTracePointContext) -> i32 {
 pub fn process_exit(_ctx: BtfTracePointContext) -> i32 {
     let (pid, tid) = pid_tid();
     offcpu::forget(tid);
+    let _ = LABEL_SLOTS.remove(tid);
     // Every thread exits through here; the process ends with its leader.
     if pid != tid {
         tally(pid, |tally| &mut tally.ended);

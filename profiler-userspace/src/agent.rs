@@ -2,9 +2,9 @@
 //! profiles out.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     ops::Range,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -189,6 +189,8 @@ struct Process {
     threads_seen: ThreadTally,
     /// It asked, on the control socket, not to be profiled any more.
     stopped: bool,
+    /// Its context label sets, by id (see `Sample::label_set`).
+    label_sets: HashMap<u64, Arc<BTreeMap<String, String>>>,
     /// With `--memory`, for CPython: the allocation probes and, when its
     /// arenas are probed, the geometry of its pools.
     memory: Option<(MemoryWatch, Option<Pymalloc>)>,
@@ -431,6 +433,7 @@ impl<'a> Agent<'a> {
                     exited: true,
                     threads_seen: ThreadTally::default(),
                     stopped: false,
+                    label_sets: HashMap::new(),
                     memory: None,
                 };
                 self.processes.insert(pid, process);
@@ -530,6 +533,7 @@ impl<'a> Agent<'a> {
             exited: false,
             threads_seen,
             stopped,
+            label_sets: self.processes.get(&pid).map(|known| known.label_sets.clone()).unwrap_or_default(),
             memory,
         };
         self.processes.insert(pid, process);
@@ -591,6 +595,7 @@ impl<'a> Agent<'a> {
             tid: sample.tid,
             thread_name: comm_text(&sample.comm),
             process_name: process.process_name.clone(),
+            context: process.label_sets.get(&sample.label_set).cloned(),
         };
         match (sample.kind, wait) {
             (_, Some(wait)) => self.aggregator.add_off_cpu(series, stack, &thread, wait, sample.off_cpu_ns),
@@ -627,6 +632,22 @@ impl<'a> Agent<'a> {
                 process.registered = Some(process.series.clone());
                 process.stopped = false;
                 log::info!("pid {pid}: registered as {}", process.series.application);
+            }
+            Request::Thread { tid, address } => {
+                // Only a thread of its own.
+                if !Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+                    return Err(format!("thread {tid} is not one of process {pid}"));
+                }
+                sampler.set_label_slot(tid, address).map_err(|error| format!("{error:#}"))?;
+            }
+            Request::LabelSet { id, labels } => {
+                if id == 0 {
+                    return Err("label set 0 means none".into());
+                }
+                for (key, value) in &labels {
+                    crate::config::validate_label(key, value)?;
+                }
+                process.label_sets.insert(id, Arc::new(labels));
             }
             Request::Stop => {
                 process.stopped = true;
@@ -730,6 +751,7 @@ mod tests {
             exited: false,
             threads_seen: ThreadTally::default(),
             stopped: false,
+            label_sets: HashMap::new(),
             memory: None,
         }
     }

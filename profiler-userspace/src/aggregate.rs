@@ -51,6 +51,9 @@ pub struct Thread {
     pub tid: u32,
     pub thread_name: Arc<str>,
     pub process_name: Arc<str>,
+    /// The labels the thread set for what it runs now (the Python API's
+    /// `profiler.labels(...)`), if any.
+    pub context: Option<Arc<BTreeMap<String, String>>>,
 }
 
 /// What a thread off the CPU waited for: the `wait` label of off-CPU time.
@@ -353,7 +356,14 @@ mod tests {
     }
 
     fn thread(tid: u32) -> Thread {
-        Thread { pid: 10, container_pid: None, tid, thread_name: "python".into(), process_name: "python3.11".into() }
+        Thread {
+            pid: 10,
+            container_pid: None,
+            tid,
+            thread_name: "python".into(),
+            process_name: "python3.11".into(),
+            context: None,
+        }
     }
 
     #[test]

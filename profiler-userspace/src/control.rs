@@ -26,6 +26,11 @@ pub enum Request {
     },
     /// Stop profiling me, and ship what my current period holds.
     Stop,
+    /// My thread `tid` keeps its current label set id, a `u64`, at
+    /// `address`.
+    Thread { tid: u32, address: u64 },
+    /// Label set `id` (never 0) stands for these labels.
+    LabelSet { id: u64, labels: BTreeMap<String, String> },
 }
 
 /// A request from process `pid`, with where to answer.
@@ -96,5 +101,7 @@ mod tests {
         assert_eq!(start, Request::Start { application_name: Some("shop".into()), labels });
         assert_eq!(serde_json::from_str::<Request>(r#"{"op": "stop"}"#).unwrap(), Request::Stop);
         assert!(serde_json::from_str::<Request>(r#"{"op": "explode"}"#).is_err());
+        let thread: Request = serde_json::from_str(r#"{"op": "thread", "tid": 7, "address": 4096}"#).unwrap();
+        assert_eq!(thread, Request::Thread { tid: 7, address: 4096 });
     }
 }

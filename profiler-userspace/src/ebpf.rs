@@ -27,6 +27,7 @@ pub struct Sampler {
     live: Option<HashMap<MapData, LiveKey, u8>>,
     py_procs: HashMap<MapData, u32, PyProcess>,
     thread_tally: PerCpuHashMap<MapData, u32, ThreadTally>,
+    label_slots: HashMap<MapData, u32, u64>,
     stats: PerCpuArray<MapData, u64>,
     pub cpus: usize,
 }
@@ -176,6 +177,7 @@ impl Sampler {
         let sampler = Sampler {
             live,
             py_procs: HashMap::try_from(ebpf.take_map("PY_PROCS").context("map PY_PROCS")?)?,
+            label_slots: HashMap::try_from(ebpf.take_map("LABEL_SLOTS").context("map LABEL_SLOTS")?)?,
             thread_tally: PerCpuHashMap::try_from(ebpf.take_map("THREAD_TALLY").context("map THREAD_TALLY")?)?,
             stats: PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS")?)?,
             ebpf,
@@ -274,6 +276,11 @@ impl Sampler {
                 let _ = live.remove(&LiveKey { pid, _pad: 0, address });
             }
         }
+    }
+
+    /// Tells the kernel where thread `tid` keeps its context label set.
+    pub fn set_label_slot(&mut self, tid: u32, address: u64) -> Result<()> {
+        self.label_slots.insert(tid, address, 0).context("the table of label slots is full")
     }
 
     /// Drops the thread tally of a process that exited, once read.

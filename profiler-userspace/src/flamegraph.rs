@@ -99,8 +99,14 @@ mod tests {
         };
         let kernel =
             Frame { kind: FrameKind::Kernel, function: "ksys_write".into(), file: "".into(), start_line: 0, line: 0 };
-        let one =
-            Thread { pid: 1, container_pid: None, tid: 1, thread_name: "main".into(), process_name: "python3".into() };
+        let one = Thread {
+            pid: 1,
+            container_pid: None,
+            tid: 1,
+            thread_name: "main".into(),
+            process_name: "python3".into(),
+            context: None,
+        };
         let two = Thread { tid: 2, thread_name: "worker;1".into(), ..one.clone() };
         profile.add(&[python("crunch", 10, 12), main.clone()], &one);
         profile.add(&[python("crunch", 10, 14), main.clone()], &one);

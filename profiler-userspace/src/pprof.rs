@@ -74,6 +74,9 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
             if let Some(wait) = key.wait {
                 label.push(tables.label("wait", wait.label()));
             }
+            for (key, value) in thread.context.iter().flat_map(|context| context.iter()) {
+                label.push(tables.label(key, value));
+            }
             label.extend_from_slice(&common_labels);
             let mut values = vec![int(value.samples), int(value.cpu_ns)];
             if profile.wall {
@@ -228,7 +231,14 @@ mod tests {
     }
 
     fn thread(tid: u32, name: &str) -> Thread {
-        Thread { pid: 42, container_pid: None, tid, thread_name: name.into(), process_name: "python3.12".into() }
+        Thread {
+            pid: 42,
+            container_pid: None,
+            tid,
+            thread_name: name.into(),
+            process_name: "python3.12".into(),
+            context: None,
+        }
     }
 
     const START: Duration = Duration::from_secs(1_795_000_000);

@@ -195,8 +195,14 @@ mod tests {
             start_line: 7,
             line: 9,
         };
-        let thread =
-            Thread { pid: 1, container_pid: None, tid: 1, thread_name: "python".into(), process_name: "python".into() };
+        let thread = Thread {
+            pid: 1,
+            container_pid: None,
+            tid: 1,
+            thread_name: "python".into(),
+            process_name: "python".into(),
+            context: None,
+        };
         for _ in 0..3 {
             profile.add(&[native.clone(), crunch.clone()], &thread);
         }

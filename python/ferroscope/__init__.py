@@ -10,7 +10,14 @@ profiling, in the style of the Blackfire continuous profiler:
     profiler = Profiler(application_name="my-python-app", labels={"my-extra-label": "data"})
     profiler.start()
     foo()
+    with profiler.labels(endpoint="/checkout"):
+        checkout()  # its samples carry endpoint=/checkout
     profiler.stop()
+
+``labels()`` costs a dictionary lookup and a write to a per-thread slot
+whose address the agent gave the kernel, which reads it with each sample;
+the first use on a thread, and each new set of labels, cost one round trip
+to the agent.
 
 It talks to the agent over its local control socket
 (``/run/ferroscope/control.sock``, or ``$FERROSCOPE_SOCKET``). Without an
@@ -18,12 +25,14 @@ agent, ``start()`` warns and the program goes on, unless ``required=True``.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import socket
 import threading
 import warnings
-from typing import Dict, Mapping, Optional
+from typing import Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
 
 __all__ = ["Profiler", "AgentUnavailable"]
 
@@ -55,12 +64,21 @@ class Profiler:
         self.application_name = application_name
         self.period = period
         self.upload_timeout = upload_timeout
-        self.labels: Dict[str, str] = {str(key): str(value) for key, value in (labels or {}).items()}
+        # The process's own labels; `labels()` is for blocks of code.
+        self.process_labels: Dict[str, str] = {str(key): str(value) for key, value in (labels or {}).items()}
         self.socket_path = socket_path or os.environ.get("FERROSCOPE_SOCKET", DEFAULT_SOCKET)
         self.required = required
         self._lock = threading.Lock()
         self._started = False
         self._fork_hook = False
+        self._reset_labels()
+
+    def _reset_labels(self) -> None:
+        # Per thread: the slot the kernel reads, and the labels in force.
+        self._local = threading.local()
+        # Label sets the agent knows, by content.
+        self._set_ids: Dict[FrozenSet[Tuple[str, str]], int] = {}
+        self._agent_missing = False
 
     def start(self) -> bool:
         """Profile this process under ``application_name`` and ``labels``,
@@ -72,7 +90,7 @@ class Profiler:
             # The agent knows processes by pid: a child registers itself.
             os.register_at_fork(after_in_child=self._after_fork)
             self._fork_hook = True
-        return self._ask({"op": "start", "application_name": self.application_name, "labels": self.labels})
+        return self._ask({"op": "start", "application_name": self.application_name, "labels": self.process_labels})
 
     def stop(self) -> bool:
         """End the profiling of this process; what its current period holds
@@ -82,8 +100,56 @@ class Profiler:
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
+        # Another process: other thread ids, and label sets it must tell anew.
+        self._reset_labels()
         if self._started:
             self.start()
+
+    @contextlib.contextmanager
+    def labels(self, **labels: str) -> Iterator[None]:
+        """Label the samples of this thread inside the block, e.g.
+        ``with profiler.labels(endpoint="/checkout"):``. Blocks nest: inner
+        labels add to (and override) outer ones."""
+        slot = self._thread_slot()
+        outer: Dict[str, str] = getattr(self._local, "labels", {})
+        merged = {**outer, **{str(key): str(value) for key, value in labels.items()}}
+        previous = slot.value if slot is not None else 0
+        if slot is not None:
+            slot.value = self._label_set_id(merged)
+        self._local.labels = merged
+        try:
+            yield
+        finally:
+            self._local.labels = outer
+            if slot is not None:
+                slot.value = previous
+
+    def _thread_slot(self) -> Optional[ctypes.c_uint64]:
+        """This thread's slot, told to the agent on first use; None
+        without an agent."""
+        slot = getattr(self._local, "slot", None)
+        if slot is None and not self._agent_missing:
+            slot = ctypes.c_uint64(0)
+            request = {"op": "thread", "tid": threading.get_native_id(), "address": ctypes.addressof(slot)}
+            if self._ask(request):
+                self._local.slot = slot
+            else:
+                self._agent_missing = True
+                slot = None
+        return slot
+
+    def _label_set_id(self, labels: Dict[str, str]) -> int:
+        key = frozenset(labels.items())
+        with self._lock:
+            known = self._set_ids.get(key)
+        if known is not None:
+            return known
+        label_set = len(self._set_ids) + 1
+        if not self._ask({"op": "label_set", "id": label_set, "labels": labels}):
+            return 0
+        with self._lock:
+            self._set_ids[key] = label_set
+        return label_set
 
     def _ask(self, request: dict) -> bool:
         with self._lock:

@@ -137,6 +137,7 @@ mod tests {
             tid: 7,
             thread_name: "python3".into(),
             process_name: "python3".into(),
+            context: None,
         };
         profile.add(&[frame], &thread);
         profile

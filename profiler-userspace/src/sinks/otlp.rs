@@ -238,8 +238,14 @@ mod tests {
             start_line: 1,
             line,
         };
-        let thread =
-            Thread { pid: 7, container_pid: None, tid: 8, thread_name: "w".into(), process_name: "python".into() };
+        let thread = Thread {
+            pid: 7,
+            container_pid: None,
+            tid: 8,
+            thread_name: "w".into(),
+            process_name: "python".into(),
+            context: None,
+        };
         profile.add(&[frame("crunch", 3), frame("main", 9)], &thread);
         profile.add(&[frame("crunch", 3), frame("main", 9)], &thread);
         profile.add(&[frame("main", 10)], &thread);
