@@ -4,17 +4,32 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{ensure, Result};
-use e2e::{profile_files, Agent, Profile, Workload, PYENV_PYTHON_3_11};
+use e2e::{profile_files, Agent, Profile, Workload, PYENV_PYTHON_3_11, PYENV_PYTHON_3_13};
+
+/// The oldest CPython the package supports.
+const PYENV_PYTHON_3_8: &str = "/root/.pyenv/versions/3.8.18/bin/python3.8";
 
 #[test]
-fn the_example_profiles_under_its_name_and_labels_and_stop_flushes() -> Result<()> {
+fn the_example_profiles_under_its_name_and_labels_and_stop_flushes_on_3_8() -> Result<()> {
+    check_example(PYENV_PYTHON_3_8)
+}
+
+#[test]
+fn the_example_profiles_under_its_name_and_labels_and_stop_flushes_on_3_13() -> Result<()> {
+    check_example(PYENV_PYTHON_3_13)
+}
+
+fn check_example(python: &str) -> Result<()> {
+    if !e2e::installed(None, python) {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("control.sock");
     let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
     let script = e2e::workload("api_example.py");
     let mut workload = Workload::start_program(
-        Path::new(PYENV_PYTHON_3_11),
+        Path::new(python),
         &[script.to_str().unwrap()],
         &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
     )?;
