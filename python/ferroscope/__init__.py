@@ -20,8 +20,13 @@ the first use on a thread, and each new set of labels, cost one round trip
 to the agent.
 
 It talks to the agent over its local control socket
-(``/run/ferroscope/control.sock``, or ``$FERROSCOPE_SOCKET``). Without an
-agent, ``start()`` warns and the program goes on, unless ``required=True``.
+(``/run/ferroscope/control.sock``, or ``$FERROSCOPE_SOCKET``). When no agent
+runs, ``start()`` starts one for this process alone if it can: the
+``ferroscope`` binary (``$FERROSCOPE_BIN``, or on ``PATH``) and root, or its
+capabilities; that agent uses ``period`` and ``upload_timeout``, writes to
+``$FERROSCOPE_OUTPUT_DIR`` (default ``./profiles``) and stops with
+``stop()``. Otherwise ``start()`` warns, says what to do, and the program
+goes on, unless ``required=True``.
 """
 from __future__ import annotations
 
@@ -29,8 +34,12 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
+import time
 import warnings
 from typing import Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
 
@@ -48,8 +57,8 @@ class AgentUnavailable(RuntimeError):
 class Profiler:
     """Profiling of this process under an application name and labels.
 
-    ``period`` and ``upload_timeout`` (seconds) are kept for compatibility
-    with the Blackfire profiler's API; the agent's own settings apply.
+    ``period`` and ``upload_timeout`` (seconds) apply to an agent this
+    profiler starts itself; a host's agent keeps its own.
     """
 
     def __init__(
@@ -71,6 +80,7 @@ class Profiler:
         self._lock = threading.Lock()
         self._started = False
         self._fork_hook = False
+        self._own_agent: Optional[subprocess.Popen] = None
         self._reset_labels()
 
     def _reset_labels(self) -> None:
@@ -86,6 +96,8 @@ class Profiler:
 
         Returns whether the agent took it."""
         self._started = True
+        if not os.path.exists(self.socket_path) and self._own_agent is None:
+            self._start_own_agent()
         if not self._fork_hook:
             # The agent knows processes by pid: a child registers itself.
             os.register_at_fork(after_in_child=self._after_fork)
@@ -96,7 +108,37 @@ class Profiler:
         """End the profiling of this process; what its current period holds
         is shipped now. Returns whether the agent took it."""
         self._started = False
-        return self._ask({"op": "stop"})
+        stopped = self._ask({"op": "stop"})
+        if self._own_agent is not None:
+            # It ships what it holds as it exits.
+            self._own_agent.terminate()
+            self._own_agent.wait(timeout=self.upload_timeout + 5)
+            self._own_agent = None
+        return stopped
+
+    def _start_own_agent(self) -> None:
+        """Starts an agent for this process alone, if the binary is there
+        and this process may load eBPF programs; else leaves it to
+        ``start()`` to warn."""
+        binary = os.environ.get("FERROSCOPE_BIN") or shutil.which("ferroscope")
+        if binary is None or os.geteuid() != 0:
+            return
+        self.socket_path = os.path.join(tempfile.mkdtemp(prefix="ferroscope-"), "control.sock")
+        command = [
+            binary, "agent", "--pid", str(os.getpid()),
+            "--period", f"{self.period}s", "--upload-timeout", f"{self.upload_timeout}s",
+            "--control-socket", self.socket_path,
+            "--output-dir", os.environ.get("FERROSCOPE_OUTPUT_DIR", "profiles"),
+        ]
+        agent = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Loading its programs takes a moment; it listens once it samples.
+        deadline = time.monotonic() + 5
+        while not os.path.exists(self.socket_path) and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if os.path.exists(self.socket_path):
+            self._own_agent = agent
+        else:
+            agent.kill()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -156,7 +198,11 @@ class Profiler:
             try:
                 answer = _request(self.socket_path, request)
             except OSError as error:
-                message = f"ferroscope: no agent on {self.socket_path} ({error})"
+                message = (
+                    f"ferroscope: no agent on {self.socket_path} ({error}): run `ferroscope agent` on the host "
+                    "(as root, or with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE), or run this program as root "
+                    "with the ferroscope binary on PATH or in $FERROSCOPE_BIN"
+                )
                 if self.required:
                     raise AgentUnavailable(message) from error
                 warnings.warn(message, RuntimeWarning, stacklevel=3)

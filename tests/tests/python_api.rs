@@ -133,6 +133,37 @@ fn context_labels_split_the_samples_by_endpoint() -> Result<()> {
     Ok(())
 }
 
+/// With no agent on the host, a root process starts one for itself alone (the binary from
+/// `$FERROSCOPE_BIN`), with its own period, and `stop()` ends it after it has shipped.
+#[test]
+fn without_an_agent_a_privileged_process_starts_its_own() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = dir.path().join("profiles");
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let script = e2e::workload("api_example.py");
+    let binary = e2e::ferroscope_bin();
+    let mut workload = Workload::start_program(
+        Path::new(PYENV_PYTHON_3_11),
+        &[script.to_str().unwrap()],
+        &[
+            ("PYTHONPATH", package.to_str().unwrap()),
+            ("FERROSCOPE_SOCKET", dir.path().join("no-agent.sock").to_str().unwrap()),
+            ("FERROSCOPE_BIN", binary.to_str().unwrap()),
+            ("FERROSCOPE_OUTPUT_DIR", output.to_str().unwrap()),
+        ],
+    )?;
+    let pid = workload.pid();
+    workload.wait_for_line("done", Duration::from_secs(60))?;
+    drop(workload);
+    let files = profile_files(&output, "my-python-app")?;
+    ensure!(files.len() == 2, "{} profiles of my-python-app from its own agents: {files:?}", files.len());
+    let profile = Profile::load(&files)?;
+    let spinning: i64 =
+        profile.samples_of_pid(pid).filter(|sample| sample.has_function("spin")).map(|sample| sample.count()).sum();
+    ensure!(spinning >= 200, "{spinning} samples of spin");
+    Ok(())
+}
+
 #[test]
 fn without_an_agent_start_warns_or_raises_when_required() -> Result<()> {
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
@@ -140,14 +171,19 @@ fn without_an_agent_start_warns_or_raises_when_required() -> Result<()> {
                 from ferroscope import Profiler, AgentUnavailable\n\
                 with warnings.catch_warnings(record=True) as caught:\n\
                 \x20   warnings.simplefilter('always')\n\
-                \x20   assert Profiler('app', socket_path='/nonexistent.sock').start() is False\n\
+                \x20   started = Profiler('app', socket_path='/nonexistent.sock').start()\n\
+                assert started is False, started\n\
                 assert 'no agent' in str(caught[0].message), caught\n\
                 try:\n\
                 \x20   Profiler('app', socket_path='/nonexistent.sock', required=True).start()\n\
                 except AgentUnavailable:\n\
                 \x20   print('raised')\n";
-    let output =
-        std::process::Command::new(PYENV_PYTHON_3_11).args(["-c", code]).env("PYTHONPATH", &package).output()?;
+    let output = std::process::Command::new(PYENV_PYTHON_3_11)
+        .args(["-c", code])
+        .env("PYTHONPATH", &package)
+        // No binary to start an agent with.
+        .env_remove("FERROSCOPE_BIN")
+        .output()?;
     ensure!(
         output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "raised",
         "{}",
