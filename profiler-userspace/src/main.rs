@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 /// from the kernel (eBPF), with no code change, and writes one pprof profile
 /// and one flame graph per application and period.
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "ferroscope", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -22,8 +22,8 @@ to the agent.
 It talks to the agent over its local control socket
 (``/run/ferroscope/control.sock``, or ``$FERROSCOPE_SOCKET``). When no agent
 runs, ``start()`` starts one for this process alone if it can: the
-``ferroscope`` binary (``$FERROSCOPE_BIN``, or on ``PATH``) and root, or its
-capabilities; that agent uses ``period`` and ``upload_timeout``, writes to
+``ferroscope`` binary (``$FERROSCOPE_BIN``, the one the wheel installed, or
+on ``PATH``) and root; that agent uses ``period`` and ``upload_timeout``, writes to
 ``$FERROSCOPE_OUTPUT_DIR`` (default ``./profiles``) and stops with
 ``stop()``. Otherwise ``start()`` warns, says what to do, and the program
 goes on, unless ``required=True``.
@@ -37,6 +37,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import time
@@ -120,7 +121,7 @@ class Profiler:
         """Starts an agent for this process alone, if the binary is there
         and this process may load eBPF programs; else leaves it to
         ``start()`` to warn."""
-        binary = os.environ.get("FERROSCOPE_BIN") or shutil.which("ferroscope")
+        binary = os.environ.get("FERROSCOPE_BIN") or _bundled_binary() or shutil.which("ferroscope")
         if binary is None or os.geteuid() != 0:
             return
         self.socket_path = os.path.join(tempfile.mkdtemp(prefix="ferroscope-"), "control.sock")
@@ -210,6 +211,12 @@ class Profiler:
         if not answer.get("ok"):
             raise ValueError(f"ferroscope: the agent refused: {answer.get('error')}")
         return True
+
+
+def _bundled_binary() -> Optional[str]:
+    """The agent the wheel installed beside this package's environment."""
+    path = os.path.join(sysconfig.get_path("scripts"), "ferroscope")
+    return path if os.access(path, os.X_OK) else None
 
 
 def _request(path: str, request: dict) -> dict:

@@ -3,7 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use e2e::{profile_files, Agent, Profile, Workload, PYENV_PYTHON_3_11, PYENV_PYTHON_3_13};
 
 /// The oldest CPython the package supports.
@@ -190,4 +190,68 @@ fn without_an_agent_start_warns_or_raises_when_required() -> Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(())
+}
+
+/// The wheel (maturin, `python/pyproject.toml`) installs the package and the agent: in a
+/// fresh environment, with no agent on the host and nothing on `PATH`, the example starts the
+/// agent the wheel brought and its profiles arrive.
+#[test]
+fn the_wheel_brings_the_agent() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tools = root.join("target/tools/venv/bin");
+    ensure!(tools.join("maturin").exists(), "maturin is missing: run `cargo xtask setup --test`");
+    let dir = tempfile::tempdir()?;
+    // Run in `python/`, where maturin finds pyproject.toml.
+    let run = |program: &Path, args: &[&str], env: &[(&str, &Path)]| -> Result<()> {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .current_dir(root.join("python"))
+            .output()?;
+        let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        ensure!(output.status.success(), "{} {args:?} failed:\n{log}", program.display());
+        Ok(())
+    };
+    let wheels = dir.path().join("wheels");
+    let object = root.join("profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf");
+    run(
+        &tools.join("maturin"),
+        &["build", "--release", "--quiet", "-o", wheels.to_str().unwrap()],
+        &[("FERROSCOPE_EBPF_OBJECT", &object)],
+    )?;
+    let wheel = std::fs::read_dir(&wheels)?.next().context("no wheel built")??.path();
+    let venv = dir.path().join("venv");
+    run(Path::new(PYENV_PYTHON_3_11), &["-m", "venv", venv.to_str().unwrap()], &[])?;
+    run(&venv.join("bin/pip"), &["install", "--quiet", "--no-index", wheel.to_str().unwrap()], &[])?;
+
+    let output_dir = dir.path().join("profiles");
+    let script = e2e::workload("api_example.py");
+    let workload = std::process::Command::new(venv.join("bin/python"))
+        .arg(&script)
+        .env_remove("FERROSCOPE_BIN")
+        .env("PATH", "/usr/bin:/bin")
+        .env("FERROSCOPE_SOCKET", dir.path().join("no-agent.sock"))
+        .env("FERROSCOPE_OUTPUT_DIR", &output_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = workload.id();
+    let mut killer = KillOnDrop(workload);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(killer.0.stdout.take().context("stdout")?), &mut line)?;
+    ensure!(line.trim() == "done", "the example printed {line:?}");
+    drop(killer);
+    let files = profile_files(&output_dir, "my-python-app")?;
+    let profile = Profile::load(&files)?;
+    ensure!(profile.samples_of_pid(pid).any(|sample| sample.has_function("spin")), "no sample of spin arrived");
+    Ok(())
+}
+
+/// Kills the child when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -174,9 +174,10 @@ pub fn py_spy() -> PathBuf {
     venv().join("bin/py-spy")
 }
 
-/// What the end-to-end tests need from PyPI: py-spy for the benchmark's comparison, and the
-/// official OTLP protos, which the tests decode what the agent sends with.
-const TEST_PACKAGES: [&str; 2] = ["py-spy==0.4.3", "opentelemetry-proto==1.45.2"];
+/// What the end-to-end tests need from PyPI: py-spy for the benchmark's comparison, the
+/// official OTLP protos, which the tests decode what the agent sends with, and maturin, which
+/// builds the Python package's wheel with the agent inside.
+const TEST_PACKAGES: [&str; 3] = ["py-spy==0.4.3", "opentelemetry-proto==1.45.2", "maturin==1.9.6"];
 
 /// The benchmark's peers and programs beside py-spy: memray, and pyperformance's benchmarks.
 const BENCH_PACKAGES: [&str; 2] = ["memray==1.20.0", "pyperformance==1.14.0"];
