@@ -315,6 +315,9 @@ pub async fn run(settings: Settings) -> Result<()> {
             }
             _ = read_tick.tick() => {
                 agent.drain(events.get_mut(), &mut sampler);
+                for profile in agent.aggregator.finish_own_periods(SystemTime::now()) {
+                    sinks.send(&profile);
+                }
                 ticks += 1;
                 if ticks.is_multiple_of(METRICS_TICKS) {
                     agent.metrics.set_kernel(&sampler.stats()?);
@@ -335,7 +338,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         // Samples already in the ring belong to the period that ends now.
         agent.drain(events.get_mut(), &mut sampler);
         let stats = sampler.stats()?;
-        agent.finish_period(&sinks, &mut sampler, stats, stats_before);
+        agent.finish_period(&sinks, &mut sampler, stats, stats_before, stop);
         stats_before = stats;
         if stop {
             sinks.drain(Instant::now() + settings.upload_timeout).await;
@@ -619,7 +622,18 @@ impl<'a> Agent<'a> {
         }
         let process = self.processes.get_mut(&pid).ok_or("the agent cannot see this process")?;
         match request {
-            Request::Start { application_name, labels } => {
+            Request::Start { application_name, labels, period, upload_timeout } => {
+                let seconds = |value: Option<f64>, what: &str| -> Result<Option<Duration>, String> {
+                    value
+                        .map(|seconds| {
+                            Duration::try_from_secs_f64(seconds)
+                                .ok()
+                                .filter(|duration| *duration >= Duration::from_secs(1))
+                                .ok_or_else(|| format!("{what} must be at least 1 second"))
+                        })
+                        .transpose()
+                };
+                let (period, upload_timeout) = (seconds(period, "period")?, seconds(upload_timeout, "upload_timeout")?);
                 for (key, value) in &labels {
                     crate::config::validate_label(key, value)?;
                 }
@@ -630,6 +644,9 @@ impl<'a> Agent<'a> {
                 };
                 process.series = Series { application, labels: Arc::new(labels) };
                 process.registered = Some(process.series.clone());
+                if let Some(period) = period {
+                    self.aggregator.set_own_period(&process.series, period, upload_timeout, SystemTime::now());
+                }
                 process.stopped = false;
                 log::info!("pid {pid}: registered as {}", process.series.application);
             }
@@ -661,13 +678,22 @@ impl<'a> Agent<'a> {
         Ok(())
     }
 
-    fn finish_period(&mut self, sinks: &Sinks, sampler: &mut Sampler, stats: KernelStats, before: KernelStats) {
+    /// Ends the period; `last`: the agent stops, and the periods processes
+    /// have of their own end too.
+    fn finish_period(
+        &mut self,
+        sinks: &Sinks,
+        sampler: &mut Sampler,
+        stats: KernelStats,
+        before: KernelStats,
+        last: bool,
+    ) {
         for in_use in self.heap.in_use() {
             let Origin { series, stack, thread } = in_use.origin;
             self.aggregator.add_inuse(series, stack, thread, in_use.objects, in_use.bytes);
         }
         let end = SystemTime::now();
-        let mut profiles = self.aggregator.finish_period(end);
+        let mut profiles = if last { self.aggregator.finish_all(end) } else { self.aggregator.finish_period(end) };
         let mut summary = std::mem::take(&mut self.summary);
         summary.samples_dropped = stats.samples_dropped - before.samples_dropped;
         summary.events_dropped = stats.events_dropped - before.events_dropped;

@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use profiler_common::ThreadTally;
@@ -182,6 +182,8 @@ pub struct PeriodProfile {
     pub wall: bool,
     /// Whether allocations were sampled.
     pub memory: bool,
+    /// The upload timeout its process asked for, if it did.
+    pub upload_timeout: Option<Duration>,
     /// Interned frames; [`StackKey::frames`] index into it.
     pub frames: Vec<Frame>,
     frame_ids: HashMap<Frame, FrameId>,
@@ -205,6 +207,7 @@ impl PeriodProfile {
             sample_period_ns,
             wall: false,
             memory: false,
+            upload_timeout: None,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             stacks: HashMap::new(),
@@ -271,6 +274,16 @@ pub struct Aggregator {
     memory: bool,
     start: SystemTime,
     profiles: HashMap<Series, PeriodProfile>,
+    /// Series whose process asked for its own period and upload timeout
+    /// (the Python API), with the start of their current period.
+    own_periods: HashMap<Series, OwnPeriod>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct OwnPeriod {
+    period: Duration,
+    upload_timeout: Option<Duration>,
+    start: SystemTime,
 }
 
 impl Aggregator {
@@ -282,7 +295,15 @@ impl Aggregator {
         memory: bool,
         start: SystemTime,
     ) -> Self {
-        Aggregator { labels, sample_period_ns, wall, memory, start, profiles: HashMap::new() }
+        Aggregator {
+            labels,
+            sample_period_ns,
+            wall,
+            memory,
+            start,
+            profiles: HashMap::new(),
+            own_periods: HashMap::new(),
+        }
     }
 
     fn profile(&mut self, series: &Series) -> &mut PeriodProfile {
@@ -290,8 +311,10 @@ impl Aggregator {
             // A process's own labels are more specific than the agent's.
             let mut labels = self.labels.clone();
             labels.extend(series.labels.iter().map(|(key, value)| (key.clone(), value.clone())));
-            let mut profile =
-                PeriodProfile::new(series.application.to_string(), labels, self.start, self.sample_period_ns);
+            let own = self.own_periods.get(series);
+            let start = own.map_or(self.start, |own| own.start);
+            let mut profile = PeriodProfile::new(series.application.to_string(), labels, start, self.sample_period_ns);
+            profile.upload_timeout = own.and_then(|own| own.upload_timeout);
             profile.wall = self.wall;
             profile.memory = self.memory;
             self.profiles.insert(series.clone(), profile);
@@ -315,9 +338,36 @@ impl Aggregator {
         self.profile(series).add_inuse(stack, thread, objects, bytes);
     }
 
+    /// Gives `series` its own period and upload timeout, from `now`.
+    pub fn set_own_period(
+        &mut self,
+        series: &Series,
+        period: Duration,
+        upload_timeout: Option<Duration>,
+        now: SystemTime,
+    ) {
+        self.own_periods.insert(series.clone(), OwnPeriod { period, upload_timeout, start: now });
+    }
+
+    /// Ends the periods of their own that are over at `now`: their profiles.
+    pub fn finish_own_periods(&mut self, now: SystemTime) -> Vec<PeriodProfile> {
+        let mut finished = Vec::new();
+        for (series, own) in &mut self.own_periods {
+            if own.start + own.period <= now {
+                own.start = now;
+                if let Some(mut profile) = self.profiles.remove(series) {
+                    profile.end = now;
+                    finished.push(profile);
+                }
+            }
+        }
+        finished
+    }
+
     /// Ends the period of one series early, at `end` (its process stopped
     /// being profiled): its profile so far, if it has one.
     pub fn take(&mut self, series: &Series, end: SystemTime) -> Option<PeriodProfile> {
+        self.own_periods.remove(series);
         let mut profile = self.profiles.remove(series)?;
         profile.end = end;
         Some(profile)
@@ -327,7 +377,21 @@ impl Aggregator {
     /// and labels,
     /// and starts the next period there.
     pub fn finish_period(&mut self, end: SystemTime) -> Vec<PeriodProfile> {
+        self.finish(end, false)
+    }
+
+    /// Ends every period, those of their own included, at `end`: the agent
+    /// stops.
+    pub fn finish_all(&mut self, end: SystemTime) -> Vec<PeriodProfile> {
+        self.finish(end, true)
+    }
+
+    fn finish(&mut self, end: SystemTime, all: bool) -> Vec<PeriodProfile> {
+        let own: Vec<Series> = if all { Vec::new() } else { self.own_periods.keys().cloned().collect() };
+        let kept: Vec<(Series, PeriodProfile)> =
+            own.iter().filter_map(|series| Some((series.clone(), self.profiles.remove(series)?))).collect();
         let mut profiles: Vec<_> = self.profiles.drain().map(|(_, profile)| profile).collect();
+        self.profiles.extend(kept);
         for profile in &mut profiles {
             profile.end = end;
         }
@@ -340,6 +404,36 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_with_its_own_period_leaves_the_agents_schedule() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, false, false, start);
+        let own = Series::new("own");
+        let thread = Thread {
+            pid: 1,
+            container_pid: None,
+            tid: 1,
+            thread_name: "t".into(),
+            process_name: "p".into(),
+            context: None,
+        };
+        let frame = Frame::marker("[x]");
+        aggregator.set_own_period(&own, Duration::from_secs(2), Some(Duration::from_secs(5)), start);
+        aggregator.add(&own, std::slice::from_ref(&frame), &thread);
+        aggregator.add(&Series::new("other"), std::slice::from_ref(&frame), &thread);
+        let at = |seconds| start + Duration::from_secs(seconds);
+        let global: Vec<_> = aggregator.finish_period(at(1)).into_iter().map(|p| p.application).collect();
+        assert_eq!(global, ["other"]);
+        assert!(aggregator.finish_own_periods(at(1)).is_empty(), "its 2 s are not over");
+        let own_profiles = aggregator.finish_own_periods(at(2));
+        assert_eq!(own_profiles.len(), 1);
+        assert_eq!((own_profiles[0].start, own_profiles[0].end), (start, at(2)));
+        assert_eq!(own_profiles[0].upload_timeout, Some(Duration::from_secs(5)));
+        aggregator.add(&own, std::slice::from_ref(&frame), &thread);
+        let last = aggregator.finish_all(at(3));
+        assert_eq!((last.len(), last[0].start), (1, at(2)), "the agent's stop ends it too");
+    }
 
     #[test]
     fn thread_counts_are_the_difference_of_two_tallies() {

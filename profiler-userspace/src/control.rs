@@ -15,7 +15,7 @@ use tokio::{
 };
 
 /// What a process asks.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Profile me under this name, with these labels.
@@ -23,6 +23,10 @@ pub enum Request {
         application_name: Option<String>,
         #[serde(default)]
         labels: BTreeMap<String, String>,
+        /// Seconds: a profile of this process every `period`, each upload
+        /// given `upload_timeout`, instead of the agent's.
+        period: Option<f64>,
+        upload_timeout: Option<f64>,
     },
     /// Stop profiling me, and ship what my current period holds.
     Stop,
@@ -98,7 +102,10 @@ mod tests {
         let start: Request =
             serde_json::from_str(r#"{"op": "start", "application_name": "shop", "labels": {"tier": "web"}}"#).unwrap();
         let labels = BTreeMap::from([("tier".to_owned(), "web".to_owned())]);
-        assert_eq!(start, Request::Start { application_name: Some("shop".into()), labels });
+        assert_eq!(
+            start,
+            Request::Start { application_name: Some("shop".into()), labels, period: None, upload_timeout: None }
+        );
         assert_eq!(serde_json::from_str::<Request>(r#"{"op": "stop"}"#).unwrap(), Request::Stop);
         assert!(serde_json::from_str::<Request>(r#"{"op": "explode"}"#).is_err());
         let thread: Request = serde_json::from_str(r#"{"op": "thread", "tid": 7, "address": 4096}"#).unwrap();

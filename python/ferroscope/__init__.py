@@ -58,8 +58,8 @@ class AgentUnavailable(RuntimeError):
 class Profiler:
     """Profiling of this process under an application name and labels.
 
-    ``period`` and ``upload_timeout`` (seconds) apply to an agent this
-    profiler starts itself; a host's agent keeps its own.
+    Every ``period`` seconds the profile of this process is shipped, each
+    upload given ``upload_timeout`` seconds.
     """
 
     def __init__(
@@ -103,7 +103,15 @@ class Profiler:
             # The agent knows processes by pid: a child registers itself.
             os.register_at_fork(after_in_child=self._after_fork)
             self._fork_hook = True
-        return self._ask({"op": "start", "application_name": self.application_name, "labels": self.process_labels})
+        return self._ask(
+            {
+                "op": "start",
+                "application_name": self.application_name,
+                "labels": self.process_labels,
+                "period": self.period,
+                "upload_timeout": self.upload_timeout,
+            }
+        )
 
     def stop(self) -> bool:
         """End the profiling of this process; what its current period holds

@@ -164,6 +164,33 @@ fn without_an_agent_a_privileged_process_starts_its_own() -> Result<()> {
     Ok(())
 }
 
+/// `Profiler(period=1)` under an agent whose period is a minute: the process's profiles
+/// come every second all the same.
+#[test]
+fn a_process_gets_its_own_period() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("control.sock");
+    let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let script = e2e::workload("api_period.py");
+    let mut workload = Workload::start_program(
+        Path::new(PYENV_PYTHON_3_11),
+        &[script.to_str().unwrap()],
+        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
+    )?;
+    workload.wait_for_line("done", Duration::from_secs(30))?;
+    let files = profile_files(agent.output_dir(), "own-period")?;
+    let run = agent.stop()?;
+    drop(workload);
+    ensure!(
+        files.len() >= 3,
+        "{} profiles of own-period within 3.5 s: {files:?}; agent output:\n{}",
+        files.len(),
+        run.log
+    );
+    Ok(())
+}
+
 #[test]
 fn without_an_agent_start_warns_or_raises_when_required() -> Result<()> {
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");

@@ -163,6 +163,7 @@ mod tests {
             until: 1_795_000_045,
             sample_rate: 100,
             sample_types: vec![],
+            timeout_secs: None,
             pprof_gz: vec![],
         };
         let event = event(&upload);

@@ -38,6 +38,10 @@ pub struct Upload {
     pub sample_rate: u64,
     /// `(type, unit)` of each sample value, as in the pprof.
     pub sample_types: Vec<(String, String)>,
+    /// The upload timeout the profiled process asked for (seconds), if it
+    /// did.
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
     /// The gzipped pprof.
     #[serde(skip)]
     pub pprof_gz: Vec<u8>,
@@ -56,6 +60,7 @@ impl Upload {
                 .into_iter()
                 .map(|(kind, unit)| (kind.to_owned(), unit.to_owned()))
                 .collect(),
+            timeout_secs: profile.upload_timeout.map(|timeout| timeout.as_secs_f64()),
             pprof_gz,
         }
     }

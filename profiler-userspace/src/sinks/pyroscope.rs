@@ -110,6 +110,7 @@ mod tests {
             until: 1_795_000_045,
             sample_rate: 100,
             sample_types: vec![("cpu".into(), "nanoseconds".into()), ("inuse_space".into(), "bytes".into())],
+            timeout_secs: None,
             pprof_gz: vec![],
         }
     }

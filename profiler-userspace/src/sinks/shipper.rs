@@ -113,6 +113,7 @@ async fn deliver_all(
                 continue;
             }
         };
+        let timeout = upload.timeout_secs.map_or(timeout, Duration::from_secs_f64);
         let outcome = match tokio::time::timeout(timeout, backend.deliver(&upload)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(DeliveryError::Retry(format!("no answer within {}", humantime::format_duration(timeout)))),

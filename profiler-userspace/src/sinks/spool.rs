@@ -125,6 +125,7 @@ mod tests {
             until: 145,
             sample_rate: 100,
             sample_types: vec![("cpu".into(), "nanoseconds".into())],
+            timeout_secs: None,
             pprof_gz: vec![7; size],
         }
     }
