@@ -282,3 +282,36 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The package on the newest CPython here, Debian's 3.14 (in its root): it imports, and
+/// without an agent warns and returns False.
+#[test]
+fn the_package_runs_on_3_14() -> Result<()> {
+    let python = "/usr/bin/python3.14";
+    if !e2e::installed(Some(e2e::DEBIAN_ROOT), python) {
+        return Ok(());
+    }
+    let package = Path::new(e2e::DEBIAN_ROOT).join("tmp/ferroscope-e2e/package/ferroscope");
+    std::fs::create_dir_all(&package)?;
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/ferroscope/__init__.py");
+    std::fs::copy(source, package.join("__init__.py"))?;
+    let code = "import warnings, sys\n\
+                from ferroscope import Profiler\n\
+                with warnings.catch_warnings(record=True) as caught:\n\
+                \x20   warnings.simplefilter('always')\n\
+                \x20   assert Profiler('app', socket_path='/nonexistent.sock').start() is False\n\
+                assert 'no agent' in str(caught[0].message), caught\n\
+                print(sys.version_info[:2])\n";
+    let output = std::process::Command::new("chroot")
+        .args([e2e::DEBIAN_ROOT, python, "-c", code])
+        .env("PYTHONPATH", "/tmp/ferroscope-e2e/package")
+        .env_remove("FERROSCOPE_BIN")
+        .output()?;
+    ensure!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "(3, 14)",
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
