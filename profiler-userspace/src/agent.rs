@@ -321,8 +321,16 @@ pub async fn run(settings: Settings) -> Result<()> {
                 ticks += 1;
                 if ticks.is_multiple_of(METRICS_TICKS) {
                     agent.metrics.set_kernel(&sampler.stats()?);
+                    // With --pid, nothing is left to profile once they are all gone.
+                    if !settings.pids.is_empty() && settings.pids.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                        log::info!("the processes of --pid have exited: stopping");
+                        true
+                    } else {
+                        continue;
+                    }
+                } else {
+                    continue;
                 }
-                continue;
             }
             Some(command) = recv(&mut control) => {
                 // Its samples so far belong to what it asks about.

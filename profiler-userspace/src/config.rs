@@ -29,8 +29,9 @@ const MAX_FREQUENCY: u64 = 1000;
 /// Flags of `ferroscope agent`.
 #[derive(Args, Debug, Default)]
 pub struct AgentArgs {
-    /// Profile only this process (repeatable). Without it every process on
-    /// the host is profiled, including those started later.
+    /// Profile only this process (repeatable); the agent stops when they
+    /// have all exited. Without it every process on the host is profiled,
+    /// including those started later.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
