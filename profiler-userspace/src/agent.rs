@@ -485,8 +485,17 @@ impl<'a> Agent<'a> {
                     if self.settings.memory.is_some() {
                         let root = format!("/proc/{pid}/root");
                         let object = PathBuf::from(format!("{root}{}", interpreter.path));
-                        let libc = info.libc.as_ref().map(|libc| PathBuf::from(format!("{root}{libc}")));
-                        match sampler.watch_memory(pid, &object, libc.as_deref()) {
+                        let libc_path = |libc: &str| PathBuf::from(format!("{root}{libc}"));
+                        let mut watched =
+                            sampler.watch_memory(pid, &object, info.libc.as_deref().map(libc_path).as_deref());
+                        if watched.is_err() && info.libc.is_none() {
+                            // Looked at as it started, before the loader mapped libc: a
+                            // stripped build needs it, and it comes within milliseconds.
+                            if let Some(libc) = discovery::wait_for_libc(pid, Duration::from_millis(100)) {
+                                watched = sampler.watch_memory(pid, &object, Some(&libc_path(&libc)));
+                            }
+                        }
+                        match watched {
                             Ok(watch) => {
                                 let pymalloc = interpreter.pymalloc().filter(|_| watch.arenas);
                                 if pymalloc.is_none() {

@@ -112,6 +112,22 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
     })
 }
 
+/// The C library process `pid` maps, waiting up to `patience` for its
+/// loader to map it.
+pub fn wait_for_libc(pid: u32, patience: std::time::Duration) -> Option<String> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        if let Some(mapping) = parse_maps(&maps).into_iter().find(|mapping| is_libc(&mapping.path)) {
+            return Some(mapping.path);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// `/lib/x86_64-linux-gnu/libc.so.6`, `/lib/libc-2.31.so`; not `libcrypt`.
 fn is_libc(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
