@@ -6,6 +6,19 @@ use std::{path::Path, time::Duration};
 use anyhow::{ensure, Context, Result};
 use e2e::{profile_files, Agent, Profile, Workload, PYENV_PYTHON_3_11, PYENV_PYTHON_3_13};
 
+/// Starts `python tests/workloads/SCRIPT ARGS` with the package of `python/` importable and
+/// talking to the agent on `socket`.
+fn start_with_package(python: &str, script: &str, args: &[&str], socket: &Path) -> Result<Workload> {
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let script = e2e::workload(script);
+    let argv: Vec<&str> = [script.to_str().unwrap()].into_iter().chain(args.iter().copied()).collect();
+    Workload::start_program(
+        Path::new(python),
+        &argv,
+        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
+    )
+}
+
 /// The oldest CPython the package supports.
 const PYENV_PYTHON_3_8: &str = "/root/.pyenv/versions/3.8.18/bin/python3.8";
 
@@ -26,13 +39,7 @@ fn check_example(python: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("control.sock");
     let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
-    let script = e2e::workload("api_example.py");
-    let mut workload = Workload::start_program(
-        Path::new(python),
-        &[script.to_str().unwrap()],
-        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
-    )?;
+    let mut workload = start_with_package(python, "api_example.py", &[], &socket)?;
     let pid = workload.pid();
     workload.wait_for_line("done", Duration::from_secs(30))?;
     // Both stop() calls shipped their profile, long before the 60 s period ends.
@@ -65,13 +72,7 @@ fn threads_and_forked_children_keep_the_name() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("control.sock");
     let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
-    let script = e2e::workload("api_fork.py");
-    let mut workload = Workload::start_program(
-        Path::new(PYENV_PYTHON_3_11),
-        &[script.to_str().unwrap()],
-        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
-    )?;
+    let mut workload = start_with_package(PYENV_PYTHON_3_11, "api_fork.py", &[], &socket)?;
     let parent = workload.pid();
     workload.wait_for_line("done", Duration::from_secs(30))?;
     let run = agent.stop()?;
@@ -103,13 +104,7 @@ fn context_labels_split_the_samples_by_endpoint() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("control.sock");
     let agent = Agent::start(&["--period", "60s", "--frequency", "499", "--control-socket", socket.to_str().unwrap()])?;
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
-    let script = e2e::workload("api_labels.py");
-    let mut workload = Workload::start_program(
-        Path::new(PYENV_PYTHON_3_11),
-        &[script.to_str().unwrap(), "4"],
-        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
-    )?;
+    let mut workload = start_with_package(PYENV_PYTHON_3_11, "api_labels.py", &["4"], &socket)?;
     workload.wait_for_line("done", Duration::from_secs(30))?;
     let run = agent.stop()?;
     drop(workload);
@@ -171,13 +166,7 @@ fn a_process_gets_its_own_period() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("control.sock");
     let agent = Agent::start(&["--period", "60s", "--control-socket", socket.to_str().unwrap()])?;
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
-    let script = e2e::workload("api_period.py");
-    let mut workload = Workload::start_program(
-        Path::new(PYENV_PYTHON_3_11),
-        &[script.to_str().unwrap()],
-        &[("PYTHONPATH", package.to_str().unwrap()), ("FERROSCOPE_SOCKET", socket.to_str().unwrap())],
-    )?;
+    let mut workload = start_with_package(PYENV_PYTHON_3_11, "api_period.py", &[], &socket)?;
     workload.wait_for_line("done", Duration::from_secs(30))?;
     let files = profile_files(agent.output_dir(), "own-period")?;
     let run = agent.stop()?;

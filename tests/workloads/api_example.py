@@ -6,15 +6,7 @@ process's exit)."""
 import time
 
 from ferroscope import Profiler
-
-
-def spin(seconds):
-    deadline = time.process_time() + seconds
-    acc = 1
-    while time.process_time() < deadline:
-        for i in range(1000):
-            acc = (acc * 31 + i) % 1000003
-    return acc
+from spin import spin
 
 
 profiler = Profiler(application_name="my-python-app", labels={"my-extra-label": "data"}, required=True)

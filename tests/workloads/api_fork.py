@@ -6,15 +6,7 @@ import threading
 import time
 
 from ferroscope import Profiler
-
-
-def spin(seconds):
-    deadline = time.process_time() + seconds
-    acc = 1
-    while time.process_time() < deadline:
-        for i in range(1000):
-            acc = (acc * 31 + i) % 1000003
-    return acc
+from spin import spin
 
 
 def in_thread():

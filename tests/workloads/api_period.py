@@ -3,15 +3,7 @@ a minute: burns 3.5 s of CPU, prints `done`, stays until killed."""
 import time
 
 from ferroscope import Profiler
-
-
-def spin(seconds):
-    deadline = time.process_time() + seconds
-    acc = 1
-    while time.process_time() < deadline:
-        for i in range(1000):
-            acc = (acc * 31 + i) % 1000003
-    return acc
+from spin import spin
 
 
 Profiler(application_name="own-period", period=1, upload_timeout=5, required=True).start()
