@@ -17,9 +17,10 @@ def short_lived():
 
 if __name__ == "__main__":
     seconds = float(sys.argv[1])
-    # Let the agent look at the process first: its first look, and naming
-    # the first frames, must not fall in the periods this counts.
-    time.sleep(1)
+    # Let the agent finish starting up first (naming its first frames loads
+    # symbol tables, which can hold its first periods for seconds): that
+    # must not fall in the periods this counts.
+    time.sleep(3)
     release = threading.Event()
     rounds = int(seconds / 0.25)
     for _ in range(rounds):
