@@ -464,8 +464,11 @@ fn read_config(path: &Path) -> Result<FileConfig> {
 mod tests {
     use super::*;
 
+    /// Each call gets its own file: tests run in parallel.
     fn config_file(text: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("ferroscope-config-{}-{:x}.toml", std::process::id(), text.len()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ferroscope-config-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, text).unwrap();
         path
     }
