@@ -22,10 +22,12 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Series, Thread, ThreadCounts, Wait},
     config::Settings,
+    containers::Container,
     control::{self, Request},
     cpython::{FrameSymbolizer, Pymalloc},
     discovery::{self, PythonStatus},
     ebpf::{KernelStats, MemoryWatch, Sampler},
+    kubernetes::Pods,
     memory::{self, LiveHeap, Origin},
     metrics::{self, Metrics},
     pprof,
@@ -165,6 +167,19 @@ fn on_allocation(
     }
 }
 
+/// `series` with the labels of the pod `container` belongs to, if known; the
+/// process's own labels win.
+fn with_pod_labels(pods: Option<&Pods>, series: Series, container: Option<&Container>) -> Series {
+    let Some(mut pod_labels) = pods.zip(container).and_then(|(pods, container)| pods.labels(container)) else {
+        return series;
+    };
+    if pod_labels.keys().all(|key| series.labels.contains_key(key)) {
+        return series;
+    }
+    pod_labels.extend(series.labels.iter().map(|(key, value)| (key.clone(), value.clone())));
+    Series { application: series.application, labels: Arc::new(pod_labels) }
+}
+
 /// What the agent knows of one process.
 struct Process {
     /// The application it is profiled as, with its own labels.
@@ -176,6 +191,8 @@ struct Process {
     process_name: Arc<str>,
     /// Its pid in its own PID namespace, when that differs.
     container_pid: Option<u32>,
+    /// The container it runs in, from its cgroup.
+    container: Option<Container>,
     python: Option<FrameSymbolizer>,
     /// Whether and when to look at it again.
     recheck: Recheck,
@@ -258,6 +275,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
     let sinks = Sinks::start(&settings)?;
     let mut agent = Agent::new(&settings);
+    if let Some(kubernetes) = &settings.kubernetes {
+        agent.pods = Some(Pods::watch(kubernetes).await?);
+    }
     if let Some(address) = settings.metrics_address {
         metrics::serve(address, agent.metrics.clone(), sinks.remote.clone()).await?;
     }
@@ -315,6 +335,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             }
             _ = read_tick.tick() => {
                 agent.drain(events.get_mut(), &mut sampler);
+                agent.label_new_pods();
                 for profile in agent.aggregator.finish_own_periods(SystemTime::now()) {
                     sinks.send(&profile);
                 }
@@ -367,6 +388,10 @@ struct Agent<'a> {
     summary: PeriodSummary,
     /// Reused for every sample.
     stack: Vec<Frame>,
+    /// With `--kubernetes`: this node's pods.
+    pods: Option<Pods>,
+    /// The pods' generation the processes' labels were last set from.
+    pods_seen: u64,
 }
 
 impl<'a> Agent<'a> {
@@ -386,6 +411,21 @@ impl<'a> Agent<'a> {
             metrics: Arc::default(),
             summary: PeriodSummary::default(),
             stack: Vec::with_capacity(256),
+            pods: None,
+            pods_seen: 0,
+        }
+    }
+
+    /// Labels the processes in pods that have become known since last time.
+    fn label_new_pods(&mut self) {
+        let Some(pods) = &self.pods else { return };
+        let generation = pods.generation();
+        if generation == self.pods_seen {
+            return;
+        }
+        self.pods_seen = generation;
+        for process in self.processes.values_mut().filter(|process| process.container.is_some()) {
+            process.series = with_pod_labels(Some(pods), process.series.clone(), process.container.as_ref());
         }
     }
 
@@ -437,6 +477,7 @@ impl<'a> Agent<'a> {
                     registered: None,
                     process_name: name,
                     container_pid: None,
+                    container: None,
                     python: None,
                     recheck: Recheck::Never,
                     code: Vec::new(),
@@ -539,6 +580,7 @@ impl<'a> Agent<'a> {
             .and_then(|known| known.registered.clone().filter(|_| known.discovered == discovered));
         let series =
             registered.clone().unwrap_or(Series { application: discovered.clone(), labels: Arc::new(info.own.labels) });
+        let series = with_pod_labels(self.pods.as_ref(), series, info.container.as_ref());
         let stopped = self.processes.get(&pid).is_some_and(|known| known.stopped && known.discovered == discovered);
         let process = Process {
             series,
@@ -546,6 +588,7 @@ impl<'a> Agent<'a> {
             registered,
             process_name: info.process_name,
             container_pid: info.namespace_pid,
+            container: info.container,
             python,
             recheck,
             code: info.code,
@@ -612,6 +655,7 @@ impl<'a> Agent<'a> {
         let thread = Thread {
             pid,
             container_pid: process.container_pid,
+            container_id: process.container.as_ref().and_then(|container| container.id.clone()),
             tid: sample.tid,
             thread_name: comm_text(&sample.comm),
             process_name: process.process_name.clone(),
@@ -659,8 +703,8 @@ impl<'a> Agent<'a> {
                     Some(name) => Arc::from(name),
                     None => process.series.application.clone(),
                 };
-                process.series = Series { application, labels: Arc::new(labels) };
-                process.registered = Some(process.series.clone());
+                process.registered = Some(Series { application, labels: Arc::new(labels) });
+                process.series = with_pod_labels(self.pods.as_ref(), process.registered.clone().unwrap(), process.container.as_ref());
                 if let Some(period) = period {
                     self.aggregator.set_own_period(&process.series, period, upload_timeout, SystemTime::now());
                 }
@@ -787,6 +831,7 @@ mod tests {
             registered: None,
             process_name: "app".into(),
             container_pid: None,
+            container: None,
             python: None,
             recheck: Recheck::OnNewCode,
             code,

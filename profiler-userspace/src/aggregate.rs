@@ -48,6 +48,8 @@ pub struct Thread {
     /// The process's pid in its own PID namespace (a container), when it
     /// differs from `pid`.
     pub container_pid: Option<u32>,
+    /// The ID of the container it runs in, from its cgroup.
+    pub container_id: Option<Arc<str>>,
     pub tid: u32,
     pub thread_name: Arc<str>,
     pub process_name: Arc<str>,
@@ -413,6 +415,7 @@ mod tests {
         let thread = Thread {
             pid: 1,
             container_pid: None,
+            container_id: None,
             tid: 1,
             thread_name: "t".into(),
             process_name: "p".into(),
@@ -453,6 +456,7 @@ mod tests {
         Thread {
             pid: 10,
             container_pid: None,
+            container_id: None,
             tid,
             thread_name: "python".into(),
             process_name: "python3.11".into(),

@@ -12,7 +12,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::sinks::{Auth, Endpoint};
+use crate::{
+    kubernetes::KubernetesSettings,
+    sinks::{Auth, Endpoint},
+};
 
 pub const DEFAULT_FREQUENCY: u64 = 100;
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(45);
@@ -23,6 +26,8 @@ const DEFAULT_CONTROL_SOCKET: &str = "/run/ferroscope/control.sock";
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// Mean bytes between two sampled allocations (Go's default).
 pub const DEFAULT_MEMORY_SAMPLE_BYTES: u64 = 512 * 1024;
+/// Pod labels that `--kubernetes` copies onto profiles unless told which.
+const DEFAULT_POD_LABELS: [&str; 2] = ["app", "app.kubernetes.io/name"];
 /// The kernel refuses cpu-clock sampling much faster than this.
 const MAX_FREQUENCY: u64 = 1000;
 
@@ -151,13 +156,34 @@ pub struct AgentArgs {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 
+    /// Label the profiles of processes in Kubernetes pods with `namespace`,
+    /// `pod`, `container` and the pod labels of `--kubernetes-pod-label`,
+    /// from the API server (the pod's service account, or KUBECONFIG),
+    /// watching only this node's pods. Every profile gets a `node` label.
+    /// Without an answer from the API server, profiles ship with what is
+    /// known (`container_id`, `node`)
+    #[arg(long)]
+    pub kubernetes: bool,
+
+    /// With `--kubernetes`: this node's name (the DaemonSet passes
+    /// `spec.nodeName`) [default: the host name]
+    #[arg(long, value_name = "NAME", env = "FERROSCOPE_NODE_NAME")]
+    pub kubernetes_node: Option<String>,
+
+    /// With `--kubernetes`: a pod label to copy onto profiles (repeatable);
+    /// `app.kubernetes.io/name` becomes the label `app_kubernetes_io_name`
+    /// [default: app, app.kubernetes.io/name]
+    #[arg(long = "kubernetes-pod-label", value_name = "KEY")]
+    pub kubernetes_pod_labels: Vec<String>,
+
     /// Read settings from this TOML file; flags given on the command line win.
     /// Keys: pids, frequency, wall, memory, memory_sample_bytes, period,
     /// duration, output_dir, application_name, upload_timeout,
     /// control_socket, metrics_address, spool_dir,
     /// spool_max_bytes, a [labels] table, a [pyroscope] table (url, user,
-    /// password, token, tenant), a [datadog] table (url, api_key) and an
-    /// [otlp] table (url).
+    /// password, token, tenant), a [datadog] table (url, api_key), an
+    /// [otlp] table (url) and a [kubernetes] table (enabled, node,
+    /// pod_labels).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -186,6 +212,16 @@ struct FileConfig {
     pyroscope: Option<FilePyroscope>,
     datadog: Option<FileDatadog>,
     otlp: Option<FileOtlp>,
+    kubernetes: Option<FileKubernetes>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileKubernetes {
+    #[serde(default)]
+    enabled: bool,
+    node: Option<String>,
+    pod_labels: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -244,6 +280,7 @@ pub struct Settings {
     pub control_socket: PathBuf,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    pub kubernetes: Option<KubernetesSettings>,
 }
 
 impl Settings {
@@ -269,7 +306,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 /// Labels that every sample carries already.
-const RESERVED_LABELS: [&str; 5] = ["pid", "container_pid", "tid", "thread_name", "process_name"];
+const RESERVED_LABELS: [&str; 6] = ["pid", "container_pid", "container_id", "tid", "thread_name", "process_name"];
 
 /// Label names follow Prometheus' rules, plus `-` (the Blackfire API's
 /// examples use it; the Pyroscope sink turns it into `_`); values must be
@@ -320,11 +357,28 @@ impl AgentArgs {
             validate_label(key, value).map_err(|error| anyhow::anyhow!("{}: {error}", origin("labels")))?;
         }
         labels.extend(self.labels.iter().cloned());
-        // Which machine a profile comes from, unless the user says otherwise.
-        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-            let host = host.trim();
-            if !host.is_empty() {
-                labels.entry("host".to_owned()).or_insert_with(|| host.to_owned());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|host| host.trim().to_owned()).ok();
+        let file_kubernetes = file.kubernetes.unwrap_or_default();
+        let kubernetes = (self.kubernetes || file_kubernetes.enabled).then(|| KubernetesSettings {
+            node: self.kubernetes_node.clone().or(file_kubernetes.node).or(host.clone()).unwrap_or_default(),
+            pod_labels: match (&self.kubernetes_pod_labels[..], file_kubernetes.pod_labels) {
+                ([], Some(file)) => file,
+                ([], None) => DEFAULT_POD_LABELS.iter().map(|key| key.to_string()).collect(),
+                (flags, _) => flags.to_vec(),
+            },
+        });
+        // Which machine a profile comes from, unless the user says otherwise:
+        // in a pod, the host name is the pod's.
+        let host = kubernetes.as_ref().map(|kubernetes| kubernetes.node.clone()).or(host);
+        if let Some(host) = host.filter(|host| !host.is_empty()) {
+            if kubernetes.is_some() {
+                labels.entry("node".to_owned()).or_insert_with(|| host.clone());
+            }
+            labels.entry("host".to_owned()).or_insert(host);
+        }
+        if let Some(kubernetes) = &kubernetes {
+            if kubernetes.node.is_empty() {
+                bail!("{}: the node name is empty", origin("kubernetes.node"));
             }
         }
         let memory_sample_bytes =
@@ -408,6 +462,7 @@ impl AgentArgs {
                 .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
             spool_dir,
             spool_max_bytes: self.spool_max_bytes.or(file.spool_max_bytes).unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
+            kubernetes,
         })
     }
 
@@ -486,6 +541,23 @@ mod tests {
         assert_eq!(settings.duration, None);
         assert!(settings.wall);
         assert_eq!(settings.memory, None);
+    }
+
+    #[test]
+    fn kubernetes_labels_profiles_with_the_node() {
+        assert_eq!(AgentArgs::default().settings().unwrap().kubernetes, None);
+        let flags = AgentArgs { kubernetes: true, kubernetes_node: Some("node-a".into()), ..Default::default() };
+        let settings = flags.settings().unwrap();
+        let kubernetes = settings.kubernetes.unwrap();
+        assert_eq!(kubernetes.node, "node-a");
+        assert_eq!(kubernetes.pod_labels, ["app", "app.kubernetes.io/name"]);
+        assert_eq!(settings.labels["node"], "node-a");
+        assert_eq!(settings.labels["host"], "node-a");
+        let file = config_file("[kubernetes]\nenabled = true\nnode = \"n\"\npod_labels = [\"team\"]\n");
+        let from_file = AgentArgs { config: Some(file), ..Default::default() }.settings().unwrap();
+        assert_eq!(from_file.kubernetes.unwrap().pod_labels, ["team"]);
+        let typo = AgentArgs { config: Some(config_file("[kubernetes]\nnodes = \"n\"\n")), ..Default::default() };
+        assert!(format!("{:#}", typo.settings().unwrap_err()).contains("nodes"));
     }
 
     #[test]

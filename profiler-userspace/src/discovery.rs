@@ -5,6 +5,7 @@
 //! object that embeds CPython under another name.
 
 use crate::{
+    containers::{self, Container},
     cpython::{Interpreter, Version},
     procmem::ProcessMemory,
 };
@@ -34,6 +35,8 @@ pub struct ProcessInfo {
     /// The process's id in its own PID namespace (a container's), when it
     /// differs from the host's.
     pub namespace_pid: Option<u32>,
+    /// The container it runs in, from its cgroup.
+    pub container: Option<Container>,
     /// The C library it maps (`libc.so.6`), as the process sees its path.
     pub libc: Option<String>,
     /// What it says of itself in its environment.
@@ -106,6 +109,7 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
         python,
         code: executable_ranges(&maps),
         namespace_pid: namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status"))?),
+        container: containers::of_process(pid),
         libc,
         // Unreadable (another user's process without CAP_SYS_PTRACE): no labels of its own.
         own: own_labels(pid, &fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()),

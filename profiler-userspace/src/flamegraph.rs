@@ -102,6 +102,7 @@ mod tests {
         let one = Thread {
             pid: 1,
             container_pid: None,
+            container_id: None,
             tid: 1,
             thread_name: "main".into(),
             process_name: "python3".into(),

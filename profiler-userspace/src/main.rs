@@ -3,11 +3,13 @@
 mod agent;
 mod aggregate;
 mod config;
+mod containers;
 mod control;
 mod cpython;
 mod discovery;
 mod ebpf;
 mod flamegraph;
+mod kubernetes;
 mod memory;
 mod metrics;
 mod pprof;

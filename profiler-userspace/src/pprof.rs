@@ -71,6 +71,9 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
             if let Some(container_pid) = thread.container_pid {
                 label.push(tables.label("container_pid", &container_pid.to_string()));
             }
+            if let Some(container_id) = &thread.container_id {
+                label.push(tables.label("container_id", container_id));
+            }
             if let Some(wait) = key.wait {
                 label.push(tables.label("wait", wait.label()));
             }
@@ -234,6 +237,7 @@ mod tests {
         Thread {
             pid: 42,
             container_pid: None,
+            container_id: None,
             tid,
             thread_name: name.into(),
             process_name: "python3.12".into(),

@@ -198,6 +198,7 @@ mod tests {
         let thread = Thread {
             pid: 1,
             container_pid: None,
+            container_id: None,
             tid: 1,
             thread_name: "python".into(),
             process_name: "python".into(),

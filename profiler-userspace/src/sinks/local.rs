@@ -134,6 +134,7 @@ mod tests {
         let thread = Thread {
             pid: 7,
             container_pid: None,
+            container_id: None,
             tid: 7,
             thread_name: "python3".into(),
             process_name: "python3".into(),

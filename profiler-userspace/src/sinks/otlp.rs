@@ -241,6 +241,7 @@ mod tests {
         let thread = Thread {
             pid: 7,
             container_pid: None,
+            container_id: None,
             tid: 8,
             thread_name: "w".into(),
             process_name: "python".into(),
