@@ -73,7 +73,7 @@ impl Sinks {
                 Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout).map(Arc::new)
             })
             .collect::<Result<_>>()?;
-        Ok(Sinks { local: settings.output_dir.as_deref().map(LocalDir::new), remote })
+        Ok(Sinks { local: settings.output_dir.as_deref().map(|dir| LocalDir::new(dir, settings.labels.clone())), remote })
     }
 
     /// `./profiles and pyroscope`.

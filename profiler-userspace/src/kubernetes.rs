@@ -84,7 +84,7 @@ impl Pods {
                         continue;
                     }
                 };
-                if failing {
+                if failing && matches!(event, watcher::Event::InitDone) {
                     log::info!("kubernetes: watching pods again");
                     failing = false;
                 }

@@ -40,8 +40,11 @@ enum Command {
     Agent(config::AgentArgs),
 }
 
+/// `info`, but for the Kubernetes client's retries, which the agent reports once per outage.
+const LOG_FILTER: &str = "info,kube_runtime=off,kube_client=warn";
+
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(LOG_FILTER))
         .format_target(false)
         .format_timestamp(None)
         .init();

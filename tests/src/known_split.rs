@@ -50,7 +50,7 @@ pub fn check_in(container_root: Option<&str>, python: &str, names: Names, cpu_se
     let agent = Agent::start(&["--frequency", &FREQUENCY.to_string(), "--label", "suite=e2e"])?;
     let args = ["--cpu-seconds", &cpu_seconds.to_string()];
     let split = match container_root {
-        Some(root) => Workload::start_in_container(root, python, "split.py", &args)?,
+        Some(root) => Workload::start_in_container(root, None, python, "split.py", &args)?,
         None => Workload::start(python, "split.py", &args)?,
     };
     let pid = split.pid();

@@ -34,6 +34,14 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for the agent to write its last profiles after SIGINT.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Held by a test whose known answer needs the CPUs to itself (threads that burn CPU
+/// or contend for the GIL): the tests of one file run in parallel, each with its own
+/// agent, and on a 2-core machine they would take each other's CPU time.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static CPUS: Mutex<()> = Mutex::new(());
+    CPUS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The agent binary under test, from `FERROSCOPE_BIN`.
 pub fn ferroscope_bin() -> PathBuf {
     let bin = std::env::var_os("FERROSCOPE_BIN").expect(
@@ -120,8 +128,14 @@ impl Agent {
 
     /// Starts `BINARY agent ARGS --output-dir <temp dir>` and waits until it samples.
     pub fn start_binary(binary: &Path, args: &[&str]) -> Result<Agent> {
+        Agent::start_command(Command::new(binary), args)
+    }
+
+    /// Starts `COMMAND agent ARGS --output-dir <temp dir>` and waits until it samples:
+    /// `command` runs the agent with its own environment, or through a wrapper.
+    pub fn start_command(mut command: Command, args: &[&str]) -> Result<Agent> {
         let output_dir = tempfile::tempdir()?;
-        let mut child = Command::new(binary)
+        let mut child = command
             .arg("agent")
             .args(args)
             .arg("--output-dir")
@@ -252,6 +266,59 @@ pub fn installed(container_root: Option<&str>, python: &str) -> bool {
     complete && path.exists()
 }
 
+/// A port on loopback that nobody listens on (yet).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A container ID for a test: 64 hex digits, new at each call.
+pub fn new_container_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{:032x}{nanos:032x}", std::process::id())
+}
+
+/// A cgroup (v2) made for a test under the name a container runtime gives its
+/// containers', removed with the directories it made when dropped (after its processes).
+pub struct Cgroup {
+    path: PathBuf,
+    made: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// `relative` (such as `system.slice/docker-<id>.scope`) in the cgroup v2 hierarchy:
+    /// `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a host with v1 controllers.
+    pub fn create(relative: &str) -> Result<Cgroup> {
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(Path::new)
+            .find(|root| root.join("cgroup.controllers").exists())
+            .context("no cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified")?;
+        let mut cgroup = Cgroup { path: root.to_owned(), made: Vec::new() };
+        for component in relative.split('/') {
+            cgroup.path.push(component);
+            if !cgroup.path.exists() {
+                fs::create_dir(&cgroup.path).with_context(|| format!("making the cgroup {}", cgroup.path.display()))?;
+                cgroup.made.push(cgroup.path.clone());
+            }
+        }
+        Ok(cgroup)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for dir in self.made.iter().rev() {
+            // Its last process may take a moment to leave it.
+            for _ in 0..50 {
+                if fs::remove_dir(dir).is_ok() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A running Python workload.
 pub struct Workload {
     child: KillOnDrop,
@@ -286,11 +353,27 @@ impl Workload {
     /// Starts `python SCRIPT ARGS` in a container: in new PID and mount namespaces, chrooted
     /// in `root` (which holds `python`), with a copy of `script` at
     /// [`Workload::container_script`]. The Python process is the namespace's pid 1.
-    pub fn start_in_container(root: &str, python: &str, script: &str, args: &[&str]) -> Result<Workload> {
+    /// In `cgroup`, if given, as a container runtime would put it.
+    pub fn start_in_container(
+        root: &str,
+        cgroup: Option<&Cgroup>,
+        python: &str,
+        script: &str,
+        args: &[&str],
+    ) -> Result<Workload> {
         let dir = Path::new(root).join(CONTAINER_WORKLOADS);
         fs::create_dir_all(&dir)?;
         fs::copy(workload(script), dir.join(script))?;
-        let child = Command::new("unshare")
+        let mut command = match cgroup {
+            Some(cgroup) => {
+                let mut shell = Command::new("sh");
+                shell.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#]).arg(&cgroup.path);
+                shell.arg("unshare");
+                shell
+            }
+            None => Command::new("unshare"),
+        };
+        let child = command
             .args(["--pid", "--mount", "--fork", "--kill-child", "chroot", root, python])
             .arg(Workload::container_script(script))
             .args(args)

@@ -5,13 +5,12 @@
 
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{ensure, Context, Result};
-use e2e::{Agent, Profile, Workload, PYENV_PYTHON_3_11};
+use e2e::{free_port, Agent, Profile, Workload, PYENV_PYTHON_3_11};
 use serde_json::Value;
 
 /// A receiver on loopback, saving what it takes into a directory.
@@ -59,11 +58,6 @@ fn tools_python() -> Result<PathBuf> {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/python");
     ensure!(python.exists(), "{} is missing: run `cargo xtask setup --test`", python.display());
     Ok(python)
-}
-
-/// A port nobody listens on (yet).
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn query<'a>(record: &'a Value, key: &str) -> &'a str {

@@ -1,22 +1,26 @@
 //! A Python process in a container (its own PID and mount namespaces, chrooted in Debian
-//! unstable's root, with another glibc) is profiled: its samples carry the host's pid as
-//! `pid` and its own as `container_pid`, and its Python frames are named.
+//! unstable's root, with another glibc, in a cgroup named as Docker names its
+//! containers') is profiled: its samples carry the host's pid as `pid`, its own as
+//! `container_pid` and the container's ID as `container_id`, and its Python frames are
+//! named.
 
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use e2e::{installed, Agent, Workload, DEBIAN_ROOT};
+use e2e::{installed, new_container_id, Agent, Cgroup, Workload, DEBIAN_ROOT};
 
 const PYTHON: &str = "/usr/bin/python3.13";
 
 #[test]
-fn container_samples_carry_both_pids() -> Result<()> {
+fn container_samples_carry_both_pids_and_the_container_id() -> Result<()> {
     if !installed(Some(DEBIAN_ROOT), PYTHON) {
         return Ok(());
     }
+    let id = new_container_id();
+    let cgroup = Cgroup::create(&format!("system.slice/docker-{id}.scope"))?;
     let agent = Agent::start(&[])?;
-    let spin = Workload::start_in_container(DEBIAN_ROOT, PYTHON, "spin.py", &["2"])?;
+    let spin = Workload::start_in_container(DEBIAN_ROOT, Some(&cgroup), PYTHON, "spin.py", &["2"])?;
     let pid = spin.pid();
     spin.wait()?;
     // Let the last samples reach the agent.
@@ -30,7 +34,11 @@ fn container_samples_carry_both_pids() -> Result<()> {
     ensure!(spinning >= 50, "only {spinning} samples of host pid {pid} in spin; agent output:\n{}", run.log);
     for sample in samples {
         // `unshare --fork` makes it its namespace's first process.
-        ensure!(sample.label("container_pid") == Some("1"), "pid {pid}: labels {:?}", sample.labels);
+        ensure!(
+            sample.label("container_pid") == Some("1") && sample.label("container_id") == Some(id.as_str()),
+            "pid {pid} in container {id}: labels {:?}",
+            sample.labels
+        );
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{ensure, Context, Result};
 use e2e::{
-    comments, installed, profile_files, Agent, Profile, Sample, Workload, DEBIAN_ROOT, PYENV_PYTHON_3_11,
+    comments, installed, one_at_a_time, profile_files, Agent, Profile, Sample, Workload, DEBIAN_ROOT, PYENV_PYTHON_3_11,
     PYENV_PYTHON_3_13,
 };
 
@@ -27,6 +27,7 @@ fn seconds<'a>(samples: impl Iterator<Item = &'a Sample>, value: usize) -> f64 {
 /// pipe read, all along.
 #[test]
 fn waiting_threads_add_up_to_their_wall_time_with_their_reasons() -> Result<()> {
+    let _cpus = one_at_a_time();
     let agent = Agent::start(&["--period", "60s"])?;
     let workload = Workload::start(PYENV_PYTHON_3_11, "waits.py", &["--seconds", &SECONDS.to_string()])?;
     let pid = workload.pid();
@@ -109,11 +110,12 @@ fn check_gil_contention(container_root: Option<&str>, python: &str) -> Result<()
     if !installed(container_root, python) {
         return Ok(());
     }
+    let _cpus = one_at_a_time();
     let agent = Agent::start(&["--period", "60s"])?;
     let args = [SECONDS.to_string()];
     let args = [args[0].as_str()];
     let workload = match container_root {
-        Some(root) => Workload::start_in_container(root, python, "gil_contention.py", &args)?,
+        Some(root) => Workload::start_in_container(root, None, python, "gil_contention.py", &args)?,
         None => Workload::start(python, "gil_contention.py", &args)?,
     };
     let pid = workload.pid();

@@ -1,7 +1,10 @@
 //! Profiles as files: `<root>/<application>/<start>-<end>.pb.gz` (gzipped
-//! pprof) for tools, and `.svg` (flame graph) beside it for people.
+//! pprof) for tools, and `.svg` (flame graph) beside it for people. Processes
+//! of one application with labels of their own (a pod's, say) make profiles
+//! of their own: `<start>-<end>-<hash of those labels>.pb.gz`.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::Write,
     path::{Path, PathBuf},
@@ -15,6 +18,8 @@ use crate::{aggregate::PeriodProfile, flamegraph};
 /// A directory with one subdirectory per application.
 pub struct LocalDir {
     root: PathBuf,
+    /// The agent's labels, which every profile has.
+    common_labels: BTreeMap<String, String>,
 }
 
 /// The files written for one profile.
@@ -25,8 +30,8 @@ pub struct Written {
 }
 
 impl LocalDir {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalDir { root: root.into() }
+    pub fn new(root: impl Into<PathBuf>, common_labels: BTreeMap<String, String>) -> Self {
+        LocalDir { root: root.into(), common_labels }
     }
 
     pub fn root(&self) -> &Path {
@@ -38,7 +43,12 @@ impl LocalDir {
     pub fn write(&self, profile: &PeriodProfile, pprof_gz: &[u8]) -> anyhow::Result<Written> {
         let dir = self.root.join(dir_name(&profile.application));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let stem = format!("{}-{}", compact_utc(profile.start), compact_utc(profile.end));
+        let mut stem = format!("{}-{}", compact_utc(profile.start), compact_utc(profile.end));
+        let own_labels: Vec<_> =
+            profile.labels.iter().filter(|(key, value)| self.common_labels.get(*key) != Some(*value)).collect();
+        if !own_labels.is_empty() {
+            stem.push_str(&format!("-{:08x}", fnv1a(format!("{own_labels:?}").as_bytes()) as u32));
+        }
         Ok(Written {
             pprof: write_atomically(&dir, &format!("{stem}.pb.gz"), pprof_gz)?,
             flamegraph: write_atomically(&dir, &format!("{stem}.svg"), &flamegraph::svg(profile)?)?,
@@ -51,6 +61,12 @@ impl LocalDir {
 fn compact_utc(time: SystemTime) -> String {
     // humantime panics on times before 1970, which only a broken clock gives.
     humantime::format_rfc3339_seconds(time.max(UNIX_EPOCH)).to_string().replace(['-', ':'], "")
+}
+
+/// A hash that stays the same from run to run (std's does not), so that a
+/// series keeps its file name.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// `application` as a single directory name, kept readable: no path
@@ -147,7 +163,7 @@ mod tests {
     #[test]
     fn writes_whole_files_named_by_application_and_period() {
         let root = tempfile::tempdir().unwrap();
-        let sink = LocalDir::new(root.path().join("profiles"));
+        let sink = LocalDir::new(root.path().join("profiles"), BTreeMap::new());
         let profile = profile("../web");
         let written = sink.write(&profile, &pprof::encode_gzipped(&profile).unwrap()).unwrap();
 
@@ -166,11 +182,30 @@ mod tests {
     }
 
     #[test]
+    fn processes_of_one_application_with_labels_of_their_own_get_files_of_their_own() {
+        let root = tempfile::tempdir().unwrap();
+        let common = BTreeMap::from([("host".to_owned(), "vm".to_owned())]);
+        let sink = LocalDir::new(root.path(), common.clone());
+        let name_of = |pod: Option<&str>| {
+            let mut profile = profile("web");
+            profile.labels = common.clone();
+            profile.labels.extend(pod.map(|pod| ("pod".to_owned(), pod.to_owned())));
+            let written = sink.write(&profile, &[]).unwrap();
+            written.pprof.file_name().unwrap().to_string_lossy().into_owned()
+        };
+        let names = [name_of(None), name_of(Some("web-0")), name_of(Some("web-1"))];
+        assert_eq!(names[0], "20261118T110640Z-20261118T110650Z.pb.gz");
+        assert!(names[1] != names[2] && names[1].starts_with("20261118T110640Z-20261118T110650Z-"), "{names:?}");
+        // The same labels, the same name, run after run.
+        assert_eq!(name_of(Some("web-0")), names[1]);
+    }
+
+    #[test]
     fn says_which_directory_it_cannot_create() {
         let root = tempfile::tempdir().unwrap();
         let file = root.path().join("file");
         fs::write(&file, "").unwrap();
-        let error = LocalDir::new(&file).write(&profile("web"), &[]).unwrap_err();
+        let error = LocalDir::new(&file, BTreeMap::new()).write(&profile("web"), &[]).unwrap_err();
         assert_eq!(error.to_string(), format!("cannot create {}", file.join("web").display()));
     }
 }
