@@ -232,6 +232,52 @@ pub struct ThreadTally {
     pub ended: u32,
 }
 
+/// One row of a compact unwind table, made from an ELF file's `.eh_frame` or
+/// `.debug_frame`: from `pc` up to the next row's `pc`, how to find the
+/// caller's frame on x86-64. `pc` is an address of the file as its symbols
+/// and program headers give it (a process adds the load bias); rows of a file
+/// are sorted by `pc`, and a gap between functions is a row of
+/// [`unwind::CFA_NONE`]. The return address is always at CFA - 8 (x86-64's
+/// ABI); a function whose CFI says otherwise gets [`unwind::CFA_UNSUPPORTED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    /// Added to the register of `cfa_rule` to give the CFA.
+    pub cfa_offset: i16,
+    /// With [`unwind::RBP_AT_CFA`]: the caller's rbp is saved at CFA + this.
+    pub rbp_offset: i16,
+    /// One of the `unwind::CFA_*` rules.
+    pub cfa_rule: u8,
+    /// One of the `unwind::RBP_*` rules.
+    pub rbp_rule: u8,
+    pub _pad: u16,
+}
+
+/// Rules of [`UnwindRow`].
+pub mod unwind {
+    /// No unwind information covers this address: the walk stops here.
+    pub const CFA_NONE: u8 = 0;
+    /// CFA = rsp + offset.
+    pub const CFA_RSP: u8 = 1;
+    /// CFA = rbp + offset.
+    pub const CFA_RBP: u8 = 2;
+    /// A PLT stub's expression: CFA = rsp + 8, + 8 more when
+    /// `(pc & 15) >= 11` (after the stub's push).
+    pub const CFA_PLT: u8 = 3;
+    /// The outermost frame (its return address is undefined: `_start`,
+    /// `clone`): the walk ends, and the stack is whole.
+    pub const CFA_END: u8 = 4;
+    /// A rule the kernel does not evaluate (another DWARF expression or
+    /// register): the walk stops, and the stack is counted as cut.
+    pub const CFA_UNSUPPORTED: u8 = 5;
+
+    /// The caller's rbp is this frame's rbp.
+    pub const RBP_SAME: u8 = 0;
+    /// The caller's rbp is saved at CFA + `rbp_offset`.
+    pub const RBP_AT_CFA: u8 = 1;
+}
+
 /// Counters in the per-CPU `STATS` array, summed by userspace.
 pub mod stat {
     /// Samples taken (idle CPUs excluded).
@@ -279,4 +325,6 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadTally {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LiveKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnwindRow {}
 }
