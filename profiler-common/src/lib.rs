@@ -10,9 +10,10 @@
 pub const MAX_PY_FRAMES: usize = 160;
 /// Kernel frames recorded per sample.
 pub const MAX_KERNEL_FRAMES: usize = 64;
-/// Native user frames recorded per sample (without frame pointers CPython
-/// yields only the few leaf frames `bpf_get_stack` can find).
-pub const MAX_USER_FRAMES: usize = 32;
+/// Native user frames recorded per sample: unwound from the `.eh_frame`
+/// tables of the process's files when it has them, else the few leaf frames
+/// `bpf_get_stack` finds without frame pointers.
+pub const MAX_USER_FRAMES: usize = 128;
 /// Threads of one interpreter looked at when searching a thread state.
 pub const MAX_THREADS_SCANNED: usize = 256;
 
@@ -66,7 +67,10 @@ pub struct PyProcess {
     /// `owner` value of frames owned by the C stack (shim frames), skipped;
     /// `u8::MAX` when the version has none.
     pub owner_cstack: u8,
-    pub _pad: [u8; 7],
+    pub _pad0: u8,
+    /// `_PyInterpreterFrame.is_entry` (3.11 only; [`NO_OFFSET`] otherwise).
+    pub frame_is_entry: u16,
+    pub _pad: [u8; 4],
     /// Address and size of the GIL's state (`struct _gil_runtime_state`),
     /// whose mutexes and condition variables are the futexes a thread waiting
     /// for the GIL blocks on; size 0 when unknown.
@@ -79,11 +83,18 @@ pub struct PyProcess {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyFrame {
-    /// Address of the frame's code object.
+    /// Address of the frame's code object, with [`PY_ENTRY_FRAME`] set on
+    /// the outermost frame of an evaluation-loop run.
     pub code: u64,
     /// Address of the instruction being executed.
     pub instr: u64,
 }
+
+/// Bit of [`PyFrame::code`] set on the first Python frame an evaluation-loop
+/// run executed (3.11+, where one C call of `_PyEval_EvalFrameDefault` runs
+/// Python-to-Python calls inline): how userspace matches the Python frames
+/// to the native ones. Before 3.11 every frame is one such run.
+pub const PY_ENTRY_FRAME: u64 = 1;
 
 /// Outcome of the Python walk of one sample, in [`Sample::py_status`].
 pub const PY_NOT_PYTHON: u32 = 0;
@@ -254,6 +265,46 @@ pub struct UnwindRow {
     pub _pad: u16,
 }
 
+/// Rows per entry of the `UNWIND_ROWS` array: tables are written a chunk
+/// per system call, and a table takes whole, consecutive chunks.
+pub const UNWIND_CHUNK_ROWS: usize = 512;
+/// Entries of `UNWIND_ROWS`: 2048 chunks of 512 rows of 12 bytes, 12 MiB for
+/// every table of every process on the host.
+pub const UNWIND_CHUNKS: u32 = 2048;
+/// Executable file mappings per process that get a table; more are unwound
+/// no further than their first frame.
+pub const MAX_UNWIND_MAPPINGS: usize = 96;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnwindChunk {
+    pub rows: [UnwindRow; UNWIND_CHUNK_ROWS],
+}
+
+/// An executable mapping of a file whose table is loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Address in the process minus address in the file.
+    pub bias: u64,
+    /// The table: rows `first_row..first_row + rows` of `UNWIND_ROWS`,
+    /// counted across chunks.
+    pub first_row: u32,
+    pub rows: u32,
+}
+
+/// The mappings of one process that the kernel can unwind through, sorted
+/// by `start`: the value of `UNWIND_PROCS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessUnwind {
+    pub len: u32,
+    pub _pad: u32,
+    pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
+}
+
 /// Rules of [`UnwindRow`].
 pub mod unwind {
     /// No unwind information covers this address: the walk stops here.
@@ -294,7 +345,13 @@ pub mod stat {
     pub const ALLOC_SAMPLES: u32 = 5;
     /// Sampled allocations whose free is not tracked: `LIVE` was full.
     pub const LIVE_OVERFLOW: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Native stacks unwound from tables (processes that have them).
+    pub const UNWOUND_STACKS: u32 = 7;
+    /// Of those, stacks cut short: an address without a table or row, a
+    /// rule the kernel does not evaluate, unreadable stack memory, or more
+    /// than `MAX_USER_FRAMES` frames.
+    pub const UNWIND_CUT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Global settings of the eBPF programs, set before load.
@@ -327,4 +384,8 @@ mod pod {
     unsafe impl aya::Pod for super::LiveKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::UnwindRow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnwindChunk {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcessUnwind {}
 }

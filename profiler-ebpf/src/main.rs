@@ -10,6 +10,7 @@
 mod memory;
 mod offcpu;
 mod python;
+mod unwind;
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -196,7 +197,11 @@ fn capture(ctx: &impl EbpfContext, slot: u32, kind: u32, pid: u32, tid: u32) -> 
         (*sample).comm = bpf_get_current_comm().unwrap_or_default();
         (*sample).kernel_len =
             if kind == kind::SAMPLE { stack(ctx, (*sample).kernel_stack.as_mut_ptr(), MAX_KERNEL_FRAMES, 0) } else { 0 };
-        (*sample).user_len = stack(ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64);
+        // Without tables (yet), the leaf frames the kernel's unwinder finds.
+        (*sample).user_len = match unwind::has_tables(pid) {
+            Some(process) => unwind::walk(process, sample),
+            None => stack(ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64),
+        };
         match PY_PROCS.get(pid) {
             Some(process) => python::walk(process, tid, sample),
             None => {

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     stat, PyFrame, PyProcess, Sample, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER,
-    PY_CYCLE, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
+    PY_CYCLE, PY_ENTRY_FRAME, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
 };
 
 /// Offset of `thread.fsbase` in `task_struct`, from the kernel's BTF.
@@ -190,10 +190,23 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
     let owner_cstack =
         off.frame_owner != NO_OFFSET && read::<u8>(field(walk.frame, off.frame_owner)) == Ok(walk.process.owner_cstack);
     if !owner_cstack {
-        let code = read::<u64>(field(walk.frame, off.frame_code))? & !POINTER_TAG_BITS;
+        let mut code = read::<u64>(field(walk.frame, off.frame_code))? & !POINTER_TAG_BITS;
         let instr = read::<u64>(field(walk.frame, off.frame_instr))?;
         if read::<u64>(field(code, off.object_type)) != Ok(walk.process.code_type) {
             return Err(PY_BAD_CODE);
+        }
+        // C code called this frame: 3.11 flags it, 3.12+ put a shim frame
+        // (owned by the C stack) under it.
+        let is_entry = walk.process.frame_is_entry;
+        let entry = if is_entry != NO_OFFSET {
+            read::<u8>(field(walk.frame, is_entry)).is_ok_and(|entry| entry != 0)
+        } else {
+            off.frame_owner != NO_OFFSET
+                && previous != 0
+                && read::<u8>(field(previous, off.frame_owner)) == Ok(walk.process.owner_cstack)
+        };
+        if entry {
+            code |= PY_ENTRY_FRAME;
         }
         let len = walk.len as usize;
         if len >= MAX_PY_FRAMES {

@@ -34,6 +34,7 @@ use crate::{
     sinks::{Backend, Datadog, LocalDir, Otlp, Pyroscope, Shipper, Upload},
     summary::PeriodSummary,
     symbolize::NativeSymbolizer,
+    unwind,
 };
 
 /// The next request on the control socket, if there is one.
@@ -275,6 +276,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
     let sinks = Sinks::start(&settings)?;
     let mut agent = Agent::new(&settings);
+    let (rows, unwind_processes) = sampler.unwind_maps()?;
+    agent.unwind = Some(unwind::Loader::start(rows, unwind_processes));
     if let Some(kubernetes) = &settings.kubernetes {
         agent.pods = Some(Pods::watch(kubernetes).await?);
     }
@@ -390,6 +393,8 @@ struct Agent<'a> {
     stack: Vec<Frame>,
     /// With `--kubernetes`: this node's pods.
     pods: Option<Pods>,
+    /// Loads the unwind tables of the processes' files into the kernel.
+    unwind: Option<unwind::Loader>,
     /// The pods' generation the processes' labels were last set from.
     pods_seen: u64,
 }
@@ -413,6 +418,7 @@ impl<'a> Agent<'a> {
             stack: Vec::with_capacity(256),
             pods: None,
             pods_seen: 0,
+            unwind: None,
         }
     }
 
@@ -450,8 +456,16 @@ impl<'a> Agent<'a> {
                     let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
                     if event.kind == kind::NEW_PROCESS {
                         self.inspect(event.pid, &event.comm, sampler);
-                    } else if let Some(process) = self.processes.get_mut(&event.pid) {
-                        process.exited = true;
+                        if let Some(loader) = &self.unwind {
+                            loader.process(event.pid);
+                        }
+                    } else {
+                        if let Some(process) = self.processes.get_mut(&event.pid) {
+                            process.exited = true;
+                        }
+                        if let Some(loader) = &self.unwind {
+                            loader.exited(event.pid);
+                        }
                     }
                 }
                 _ => log::warn!("unexpected record of kind {kind} and {} bytes from the kernel", record.len()),
@@ -629,14 +643,19 @@ impl<'a> Agent<'a> {
         let stack = &mut self.stack;
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
+        let user_from = stack.len();
         self.native.user(pid, process.user_stack(user), stack);
         if let Some(python) = process.python.as_mut() {
-            for frame in valid(&sample.py_frames, sample.py_len) {
-                stack.push(python.symbolize(frame).unwrap_or_else(|| {
-                    self.summary.unnamed_python_frames += 1;
+            let summary = &mut self.summary;
+            let frames = valid(&sample.py_frames, sample.py_len).iter().map(|frame| {
+                let named = python.symbolize(frame).unwrap_or_else(|| {
+                    summary.unnamed_python_frames += 1;
                     Frame::marker("[unknown python frame]")
-                }));
-            }
+                });
+                (named, unwind::is_entry(frame.code, python.inline_calls))
+            });
+            let frames: Vec<_> = frames.collect();
+            unwind::merge(stack, user_from, frames);
             match sample.py_status {
                 PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
                 PY_BAD_POINTER | PY_BAD_CODE | PY_CYCLE => {
@@ -761,6 +780,12 @@ impl<'a> Agent<'a> {
         summary.off_cpu_samples = stats.off_cpu_samples - before.off_cpu_samples;
         summary.alloc_samples = stats.alloc_samples - before.alloc_samples;
         summary.live_overflow = stats.live_overflow - before.live_overflow;
+        summary.unwound_stacks = stats.unwound_stacks - before.unwound_stacks;
+        summary.unwind_cut = stats.unwind_cut - before.unwind_cut;
+        if let Some(loader) = &self.unwind {
+            use std::sync::atomic::Ordering::Relaxed;
+            summary.unwind_tables = (loader.stats.tables.load(Relaxed), loader.stats.rows.load(Relaxed));
+        }
         summary.live_followed = self.heap.len();
         let mut threads: Vec<_> = self
             .processes

@@ -13,7 +13,7 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use profiler_common::{config, stat, LiveKey, PyProcess, ThreadTally};
+use profiler_common::{config, stat, LiveKey, ProcessUnwind, PyProcess, ThreadTally, UnwindChunk};
 
 use crate::probe_sites;
 
@@ -42,6 +42,8 @@ pub struct KernelStats {
     pub off_cpu_samples: u64,
     pub alloc_samples: u64,
     pub live_overflow: u64,
+    pub unwound_stacks: u64,
+    pub unwind_cut: u64,
 }
 
 /// The allocation probes attached to one process.
@@ -186,6 +188,14 @@ impl Sampler {
         Ok((sampler, events))
     }
 
+    /// The maps of native unwinding, for the thread that fills them.
+    pub fn unwind_maps(&mut self) -> Result<(Array<MapData, UnwindChunk>, HashMap<MapData, u32, ProcessUnwind>)> {
+        Ok((
+            Array::try_from(self.ebpf.take_map("UNWIND_ROWS").context("map UNWIND_ROWS")?)?,
+            HashMap::try_from(self.ebpf.take_map("UNWIND_PROCS").context("map UNWIND_PROCS")?)?,
+        ))
+    }
+
     /// Lets the kernel walk the Python stacks of `pid`.
     pub fn add_python(&mut self, pid: u32, process: &PyProcess) -> Result<()> {
         self.py_procs.insert(pid, process, 0).with_context(|| format!("cannot register CPython process {pid}"))
@@ -299,6 +309,8 @@ impl Sampler {
             off_cpu_samples: sum(stat::OFF_CPU_SAMPLES)?,
             alloc_samples: sum(stat::ALLOC_SAMPLES)?,
             live_overflow: sum(stat::LIVE_OVERFLOW)?,
+            unwound_stacks: sum(stat::UNWOUND_STACKS)?,
+            unwind_cut: sum(stat::UNWIND_CUT)?,
         })
     }
 }
@@ -387,8 +399,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use profiler_common::{
-        kind, wait, PyFrame, PyOffsets, Sample, MAX_PY_FRAMES, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_NOT_PYTHON,
-        PY_OK, PY_TRUNCATED,
+        kind, wait, PyFrame, PyOffsets, Sample, MAX_PY_FRAMES, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE,
+        PY_ENTRY_FRAME, PY_NOT_PYTHON, PY_OK, PY_TRUNCATED,
     };
 
     use super::*;
@@ -479,6 +491,8 @@ mod tests {
     /// kernel's frame walker be checked without a real CPython.
     struct SyntheticPython {
         memory: Vec<u64>,
+        /// 3.11's `is_entry` offset, if the synthetic version has it.
+        is_entry: u16,
     }
 
     /// Object addresses, as byte offsets into the memory.
@@ -508,13 +522,15 @@ mod tests {
         object_type: 8,
     };
     const OWNER_CSTACK: u8 = 3;
+    /// 3.11's `is_entry`, in the synthetic frame.
+    const IS_ENTRY: u16 = 71;
 
     impl SyntheticPython {
         /// A thread whose state is the second of its interpreter (so it is
         /// found by a scan), running `depth` frames.
         fn new(depth: usize) -> Self {
             assert!(depth <= 256);
-            let mut python = SyntheticPython { memory: vec![0; (CODES + 256 * 64) / 8] };
+            let mut python = SyntheticPython { memory: vec![0; (CODES + 256 * 64) / 8], is_entry: NO_OFFSET };
             python.set(RUNTIME + 40, python.addr(INTERP));
             python.set(INTERP + 16, python.addr(DECOY_TSTATE));
             python.set(DECOY_TSTATE + 8, python.addr(TSTATE));
@@ -555,7 +571,9 @@ mod tests {
                 code_type: self.addr(CODE_TYPE),
                 offsets: SYNTHETIC,
                 owner_cstack: OWNER_CSTACK,
-                _pad: [0; 7],
+                _pad0: 0,
+                frame_is_entry: self.is_entry,
+                _pad: [0; 4],
                 gil: 0,
                 gil_size: 0,
             }
@@ -620,7 +638,18 @@ mod tests {
         // 3.14 tags `_PyStackRef`s in their low bits.
         python.set(FRAMES, python.addr(CODES) | 1);
         python.set_byte(FRAMES + FRAME_SIZE + 70, OWNER_CSTACK);
-        assert_walks(&python, PY_OK, &[python.frame(0), python.frame(2)]);
+        // The frame the shim frame's C code called started an evaluation-loop run.
+        let entry = PyFrame { code: python.frame(0).code | PY_ENTRY_FRAME, ..python.frame(0) };
+        assert_walks(&python, PY_OK, &[entry, python.frame(2)]);
+    }
+
+    #[test]
+    fn marks_the_entry_frames_of_3_11() {
+        let mut python = SyntheticPython::new(3);
+        python.is_entry = IS_ENTRY;
+        python.set_byte(FRAMES + FRAME_SIZE + IS_ENTRY as usize, 1);
+        let entry = PyFrame { code: python.frame(1).code | PY_ENTRY_FRAME, ..python.frame(1) };
+        assert_walks(&python, PY_OK, &[python.frame(0), entry, python.frame(2)]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod procmem;
 mod sinks;
 mod summary;
 mod symbolize;
+mod unwind;
 
 use clap::{Parser, Subcommand};
 

@@ -33,6 +33,11 @@ pub struct PeriodSummary {
     pub alloc_samples: u64,
     pub live_overflow: u64,
     pub live_followed: usize,
+    /// Native stacks unwound from `.eh_frame` tables, those cut short, and
+    /// the tables in the kernel (files, rows).
+    pub unwound_stacks: u64,
+    pub unwind_cut: u64,
+    pub unwind_tables: (u64, u64),
     pub memory_unwatched: u64,
     /// What each sink did, a line each.
     pub sinks: Vec<String>,
@@ -88,6 +93,15 @@ impl PeriodSummary {
                 mebibytes(total(|value| value.inuse_bytes)),
                 self.alloc_samples,
                 self.live_followed,
+            );
+        }
+        if self.unwound_stacks > 0 {
+            let (tables, rows) = self.unwind_tables;
+            text += &format!(
+                "  native stacks: {} unwound, {} cut short; tables of {tables} files, {rows} rows ({} KiB) in the kernel\n",
+                self.unwound_stacks,
+                self.unwind_cut,
+                rows * std::mem::size_of::<profiler_common::UnwindRow>() as u64 / 1024,
             );
         }
         for ProcessThreads { pid, process_name, counts } in self.threads.iter().take(THREAD_LINES) {

@@ -7,7 +7,7 @@ use crate::{
     procmem::ProcessMemory,
 };
 use anyhow::{ensure, Context};
-use profiler_common::PyFrame;
+use profiler_common::{PyFrame, PY_ENTRY_FRAME};
 use std::{collections::HashMap, sync::Arc};
 
 /// Caches are emptied when they reach these sizes, which keeps a process
@@ -41,6 +41,8 @@ pub struct FrameSymbolizer {
     codes: HashMap<u64, Arc<CodeInfo>>,
     /// Line per (code object, instruction).
     lines: HashMap<(u64, u64), u32>,
+    /// 3.11+: one evaluation-loop call runs Python-to-Python calls inline.
+    pub inline_calls: bool,
 }
 
 impl FrameSymbolizer {
@@ -51,6 +53,7 @@ impl FrameSymbolizer {
             code_type: interpreter.kernel.code_type,
             codes: HashMap::new(),
             lines: HashMap::new(),
+            inline_calls: (interpreter.version.major, interpreter.version.minor) >= (3, 11),
         }
     }
 
@@ -63,6 +66,7 @@ impl FrameSymbolizer {
     /// The frame running `frame.code` at `frame.instr`; None when the code
     /// object cannot be read (the process exited, or the frame was bogus).
     pub fn symbolize(&mut self, frame: &PyFrame) -> Option<Frame> {
+        let frame = &PyFrame { code: frame.code & !PY_ENTRY_FRAME, instr: frame.instr };
         let code = self.code(frame.code)?;
         let line = self.line(frame, &code);
         Some(Frame {

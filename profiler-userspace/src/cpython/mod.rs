@@ -11,7 +11,7 @@ pub use layout::pyenv_build;
 
 use crate::procmem::ProcessMemory;
 use layout::Layout;
-use profiler_common::PyProcess;
+use profiler_common::{PyProcess, NO_OFFSET};
 use std::{fmt, sync::Arc};
 
 /// A CPython release, e.g. 3.11.7.
@@ -142,7 +142,11 @@ impl Interpreter {
             code_type,
             offsets: layout.kernel,
             owner_cstack: layout.owner_cstack,
-            _pad: [0; 7],
+            _pad0: 0,
+            // `bool is_entry` after `int stacktop`, which follows
+            // `prev_instr`; only 3.11 has it (3.12 has shim frames instead).
+            frame_is_entry: if version.minor == 11 { layout.kernel.frame_instr + 12 } else { NO_OFFSET },
+            _pad: [0; 4],
             gil: runtime + layout.gil.offset,
             gil_size: layout.gil.size,
         };

@@ -1,0 +1,361 @@
+//! Loads unwind tables into the kernel's maps, on a thread of its own so
+//! that parsing a large library never holds up the agent's loop.
+//!
+//! A table is made once per file (by build ID, else device and inode) and
+//! shared by every process that maps it; it takes whole chunks of
+//! `UNWIND_ROWS`, allocated first-fit and freed when its last process is
+//! gone. Processes are looked at again every [`RESCAN`] for libraries they
+//! loaded since (`import zlib` maps an extension module).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use object::{elf, read::elf::ProgramHeader, Object, ObjectKind};
+use profiler_common::{
+    unwind::CFA_NONE, ProcessUnwind, UnwindChunk, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS, UNWIND_CHUNKS,
+    UNWIND_CHUNK_ROWS,
+};
+
+/// How often loaded processes are checked for new libraries.
+const RESCAN: Duration = Duration::from_secs(1);
+
+/// What the loader reports, for the metrics and the summary.
+#[derive(Debug, Default)]
+pub struct UnwindStats {
+    /// Tables in the kernel, and the rows they hold.
+    pub tables: AtomicU64,
+    pub rows: AtomicU64,
+    /// Tables that did not fit in `UNWIND_ROWS`.
+    pub tables_refused: AtomicU64,
+}
+
+enum Request {
+    /// A process was seen (or exec'd): load tables for its executable files.
+    Process(u32),
+    Exited(u32),
+}
+
+/// The agent's handle on the loader thread.
+pub struct Loader {
+    requests: mpsc::Sender<Request>,
+    pub stats: Arc<UnwindStats>,
+}
+
+impl Loader {
+    pub fn start(rows: Array<MapData, UnwindChunk>, processes: BpfHashMap<MapData, u32, ProcessUnwind>) -> Loader {
+        let (requests, receiver) = mpsc::channel();
+        let stats = Arc::new(UnwindStats::default());
+        let mut state = State {
+            rows,
+            processes,
+            tables: HashMap::new(),
+            no_table: HashSet::new(),
+            loaded: HashMap::new(),
+            free: BTreeMap::from([(0, UNWIND_CHUNKS)]),
+            stats: stats.clone(),
+            full_reported: false,
+        };
+        std::thread::Builder::new()
+            .name("unwind-tables".into())
+            .spawn(move || {
+                // Below the agent's loop and the programs it profiles.
+                // SAFETY: plain system call on this thread.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+                state.run(receiver)
+            })
+            .expect("spawning the unwind table thread");
+        Loader { requests, stats }
+    }
+
+    pub fn process(&self, pid: u32) {
+        let _ = self.requests.send(Request::Process(pid));
+    }
+
+    pub fn exited(&self, pid: u32) {
+        let _ = self.requests.send(Request::Exited(pid));
+    }
+}
+
+/// A file's identity: its build ID, else where it lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FileKey {
+    BuildId(Vec<u8>),
+    Inode { device: String, inode: u64 },
+}
+
+struct Table {
+    first_chunk: u32,
+    chunks: u32,
+    rows: u32,
+    users: u32,
+}
+
+/// An executable mapping of a file, from `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileMapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    device: String,
+    inode: u64,
+    path: String,
+}
+
+struct State {
+    rows: Array<MapData, UnwindChunk>,
+    processes: BpfHashMap<MapData, u32, ProcessUnwind>,
+    tables: HashMap<FileKey, Table>,
+    /// Files without CFI (or that could not be read), not tried again.
+    no_table: HashSet<FileKey>,
+    /// Per process: its mappings when last loaded, and the tables it uses.
+    loaded: HashMap<u32, (Vec<FileMapping>, Vec<FileKey>)>,
+    /// Free chunk ranges: start → length.
+    free: BTreeMap<u32, u32>,
+    stats: Arc<UnwindStats>,
+    full_reported: bool,
+}
+
+impl State {
+    fn run(&mut self, requests: mpsc::Receiver<Request>) {
+        let mut last_scan = Instant::now();
+        loop {
+            match requests.recv_timeout(RESCAN) {
+                Ok(Request::Process(pid)) => self.load(pid, true),
+                Ok(Request::Exited(pid)) => self.forget(pid),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if last_scan.elapsed() >= RESCAN {
+                last_scan = Instant::now();
+                let pids: Vec<u32> = self.loaded.keys().copied().collect();
+                for pid in pids {
+                    self.load(pid, false);
+                }
+            }
+        }
+    }
+
+    /// Loads the tables of `pid`'s files, unless its mappings are the same
+    /// as last time (`force`: after an exec, they are new whatever they are).
+    fn load(&mut self, pid: u32, force: bool) {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            self.forget(pid);
+            return;
+        };
+        let mappings = file_mappings(&maps);
+        if !force && self.loaded.get(&pid).is_some_and(|(known, _)| *known == mappings) {
+            return;
+        }
+        let mut value = ProcessUnwind { len: 0, _pad: 0, mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS] };
+        let mut keys = Vec::new();
+        let mut files: HashMap<(String, u64), Option<(FileKey, Vec<(u64, u64, u64)>)>> = HashMap::new();
+        for mapping in mappings.iter().take(MAX_UNWIND_MAPPINGS) {
+            let file = files
+                .entry((mapping.device.clone(), mapping.inode))
+                .or_insert_with(|| self.file(pid, mapping))
+                .clone();
+            let Some((key, segments)) = file else { continue };
+            let Some(table) = self.tables.get(&key) else { continue };
+            // The segment this mapping starts in gives the load bias.
+            let Some(&(vaddr, offset, _)) =
+                segments.iter().find(|(_, offset, size)| (*offset..offset + size).contains(&mapping.offset))
+            else {
+                continue;
+            };
+            let bias = mapping.start.wrapping_sub(vaddr + (mapping.offset - offset));
+            value.mappings[value.len as usize] = UnwindMapping {
+                start: mapping.start,
+                end: mapping.end,
+                bias,
+                first_row: table.first_chunk * UNWIND_CHUNK_ROWS as u32,
+                rows: table.rows,
+            };
+            value.len += 1;
+            keys.push(key);
+        }
+        // Take the new tables before releasing the old: shared ones stay.
+        for key in &keys {
+            if let Some(table) = self.tables.get_mut(key) {
+                table.users += 1;
+            }
+        }
+        self.forget(pid);
+        if value.len > 0 && self.processes.insert(pid, value, 0).is_ok() {
+            self.loaded.insert(pid, (mappings, keys));
+        } else {
+            self.loaded.insert(pid, (mappings, Vec::new()));
+            for key in &keys {
+                self.release(key);
+            }
+        }
+    }
+
+    /// The key and loadable segments (vaddr, offset, size) of the file of
+    /// `mapping`, its table loaded if it has one; `None` when it has none.
+    fn file(&mut self, pid: u32, mapping: &FileMapping) -> Option<(FileKey, Vec<(u64, u64, u64)>)> {
+        let path = format!("/proc/{pid}/root{}", mapping.path);
+        let bytes = std::fs::read(&path).ok()?;
+        let elf = object::File::parse(&*bytes).ok()?;
+        if !matches!(elf.kind(), ObjectKind::Executable | ObjectKind::Dynamic) {
+            return None;
+        }
+        let key = match elf.build_id() {
+            Ok(Some(id)) => FileKey::BuildId(id.to_vec()),
+            _ => FileKey::Inode { device: mapping.device.clone(), inode: mapping.inode },
+        };
+        let segments = load_segments(&bytes)?;
+        if self.no_table.contains(&key) {
+            return None;
+        }
+        if !self.tables.contains_key(&key) {
+            let rows = match super::table(&bytes) {
+                Ok(rows) if !rows.is_empty() => rows,
+                Ok(_) => {
+                    self.no_table.insert(key);
+                    return None;
+                }
+                Err(error) => {
+                    log::debug!("{}: no unwind table: {error:#}", mapping.path);
+                    self.no_table.insert(key);
+                    return None;
+                }
+            };
+            let table = self.store(&rows)?;
+            self.tables.insert(key.clone(), table);
+        }
+        Some((key, segments))
+    }
+
+    /// Writes `rows` into free chunks of `UNWIND_ROWS`.
+    fn store(&mut self, rows: &[UnwindRow]) -> Option<Table> {
+        let chunks = rows.len().div_ceil(UNWIND_CHUNK_ROWS) as u32;
+        let Some((&start, &len)) = self.free.iter().find(|(_, len)| **len >= chunks) else {
+            self.stats.tables_refused.fetch_add(1, Ordering::Relaxed);
+            if !self.full_reported {
+                self.full_reported = true;
+                log::warn!(
+                    "the kernel's unwind tables are full ({} rows): stacks in more files are cut at their first frame",
+                    UNWIND_CHUNKS as usize * UNWIND_CHUNK_ROWS
+                );
+            }
+            return None;
+        };
+        self.free.remove(&start);
+        if len > chunks {
+            self.free.insert(start + chunks, len - chunks);
+        }
+        let mut chunk = Box::new(UnwindChunk { rows: [UnwindRow { cfa_rule: CFA_NONE, ..Default::default() }; UNWIND_CHUNK_ROWS] });
+        for (index, part) in rows.chunks(UNWIND_CHUNK_ROWS).enumerate() {
+            chunk.rows[..part.len()].copy_from_slice(part);
+            if self.rows.set(start + index as u32, &*chunk, 0).is_err() {
+                self.free_chunks(start, chunks);
+                return None;
+            }
+        }
+        self.stats.tables.fetch_add(1, Ordering::Relaxed);
+        self.stats.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Some(Table { first_chunk: start, chunks, rows: rows.len() as u32, users: 0 })
+    }
+
+    /// The process is gone (or changed): its tables lose a user.
+    fn forget(&mut self, pid: u32) {
+        let _ = self.processes.remove(&pid);
+        if let Some((_, keys)) = self.loaded.remove(&pid) {
+            for key in &keys {
+                self.release(key);
+            }
+        }
+    }
+
+    fn release(&mut self, key: &FileKey) {
+        let Some(table) = self.tables.get_mut(key) else { return };
+        table.users = table.users.saturating_sub(1);
+        if table.users == 0 {
+            let table = self.tables.remove(key).expect("present");
+            self.free_chunks(table.first_chunk, table.chunks);
+            self.stats.tables.fetch_sub(1, Ordering::Relaxed);
+            self.stats.rows.fetch_sub(table.rows as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns chunks to the free list, merged with their neighbours.
+    fn free_chunks(&mut self, mut start: u32, mut len: u32) {
+        if let Some((&before, &before_len)) = self.free.range(..start).next_back() {
+            if before + before_len == start {
+                self.free.remove(&before);
+                start = before;
+                len += before_len;
+            }
+        }
+        if let Some(after_len) = self.free.remove(&(start + len)) {
+            len += after_len;
+        }
+        self.free.insert(start, len);
+    }
+}
+
+/// The file-backed executable mappings of a `/proc/PID/maps` text, sorted by
+/// address (as the kernel lists them).
+fn file_mappings(maps: &str) -> Vec<FileMapping> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (range, perms, offset, device, inode) =
+                (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+            let path = fields.collect::<Vec<_>>().join(" ");
+            let inode: u64 = inode.parse().ok()?;
+            if !perms.contains('x') || inode == 0 || !path.starts_with('/') || path.ends_with(" (deleted)") {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some(FileMapping {
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                offset: u64::from_str_radix(offset, 16).ok()?,
+                device: device.to_owned(),
+                inode,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// The `PT_LOAD` segments of an ELF file: (vaddr, file offset, file size).
+fn load_segments(bytes: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(bytes).ok()?;
+    let endian = elf.endian();
+    Some(
+        elf.elf_program_headers()
+            .iter()
+            .filter(|header| header.p_type(endian) == elf::PT_LOAD)
+            .map(|header| (header.p_vaddr(endian), header.p_offset(endian), header.p_filesz(endian)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executable_file_mappings_of_a_maps_text() {
+        let maps = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234 /usr/bin/python3.11
+55d0c0a01000-55d0c0c00000 r-xp 00001000 fe:01 1234 /usr/bin/python3.11
+7f0000000000-7f0000001000 r-xp 00000000 00:00 0 
+7f0000100000-7f0000200000 r-xp 00028000 fe:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000300000-7f0000301000 r-xp 00000000 fe:01 77 /tmp/gone.so (deleted)
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
+";
+        let mappings = file_mappings(maps);
+        let paths: Vec<_> = mappings.iter().map(|mapping| (mapping.path.as_str(), mapping.offset)).collect();
+        assert_eq!(paths, [("/usr/bin/python3.11", 0x1000), ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0x28000)]);
+    }
+}

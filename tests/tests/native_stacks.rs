@@ -1,0 +1,121 @@
+//! Native stacks without frame pointers, unwound in the kernel from `.eh_frame` tables
+//! and merged with the Python frames: C code called from Python shows under the Python
+//! function that called it, and a C program built with `-fomit-frame-pointer` shows its
+//! call tree whole.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{ensure, Result};
+use e2e::{Agent, Profile, Sample, Workload};
+
+/// The index of the first frame (leaf first) whose function satisfies `matches`.
+fn position(sample: &Sample, matches: impl Fn(&str) -> bool) -> Option<usize> {
+    sample.frames.iter().position(|frame| matches(&frame.function))
+}
+
+/// Whether `sample`'s frames hold `chain` (leaf first), in that order.
+fn has_chain(sample: &Sample, chain: &[&str]) -> bool {
+    let positions: Vec<_> = chain.iter().map(|name| position(sample, |function| function == *name)).collect();
+    positions.iter().all(Option::is_some) && positions.windows(2).all(|pair| pair[0] < pair[1])
+}
+
+/// The share (by sample count) of `samples` for which `test` holds.
+fn share<'a>(samples: impl Iterator<Item = &'a Sample> + Clone, test: impl Fn(&Sample) -> bool) -> (f64, i64) {
+    let all: i64 = samples.clone().map(Sample::count).sum();
+    let passing: i64 = samples.filter(|sample| test(sample)).map(Sample::count).sum();
+    (if all == 0 { 0.0 } else { passing as f64 / all as f64 }, all)
+}
+
+fn show(samples: &[&Sample]) -> String {
+    let mut stacks: Vec<String> = samples
+        .iter()
+        .take(8)
+        .map(|sample| sample.frames.iter().map(|frame| frame.function.as_str()).collect::<Vec<_>>().join(" <- "))
+        .collect();
+    stacks.dedup();
+    stacks.join("\n")
+}
+
+#[test]
+fn a_c_program_without_frame_pointers_shows_its_call_tree_whole() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let program = dir.path().join("call_tree");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("native/call_tree.c");
+    let built = Command::new("gcc").args(["-O2", "-fomit-frame-pointer", "-o"]).arg(&program).arg(&source).status()?;
+    ensure!(built.success(), "gcc failed on {}", source.display());
+    let agent = Agent::start(&[])?;
+    let workload = Workload::start_program(&program, &["3"], &[])?;
+    let pid = workload.pid();
+    workload.wait()?;
+    let run = agent.stop()?;
+    let profile = run.all_profiles()?;
+    let samples: Vec<&Sample> = profile.samples_of_pid(pid).collect();
+    for (leaf, chain) in [("inner", &["inner", "middle", "outer", "main"][..]), ("other", &["other", "outer", "main"])] {
+        let in_leaf = samples.iter().copied().filter(|sample| sample.frames.first().is_some_and(|f| f.function == leaf));
+        let (whole, count) = share(in_leaf.clone(), |sample| has_chain(sample, chain));
+        eprintln!("{leaf}: {count} samples, {:.0}% with {chain:?}", whole * 100.0);
+        ensure!(count >= 30, "only {count} samples in {leaf}; agent output:\n{}", run.log);
+        // The first samples of a process may come before its tables are loaded.
+        ensure!(
+            whole >= 0.8,
+            "{:.0}% of the samples in {leaf} have the chain {chain:?}:\n{}\nagent output:\n{}",
+            whole * 100.0,
+            show(&in_leaf.collect::<Vec<_>>()),
+            run.log
+        );
+    }
+    Ok(())
+}
+
+/// `native_calls.py` on `python`: zlib's compressor under `compress_blob`, SHA-256
+/// under `hash_blob`, each under `main`.
+fn check_c_under_python(python: &str) -> Result<()> {
+    if !Path::new(python).exists() {
+        eprintln!("{python} is not installed: skipped");
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let workload = Workload::start(python, "native_calls.py", &["4"])?;
+    let pid = workload.pid();
+    workload.wait()?;
+    let run = agent.stop()?;
+    let profile: Profile = run.all_profiles()?;
+    let samples: Vec<&Sample> = profile.samples_of_pid(pid).collect();
+    for (function, native, what) in [
+        ("compress_blob", (|name: &str| name.starts_with("deflate")) as fn(&str) -> bool, "deflate*"),
+        ("hash_blob", |name: &str| name.to_ascii_lowercase().contains("sha256"), "*sha256*"),
+    ] {
+        let under = samples.iter().copied().filter(|sample| sample.has_function(function));
+        let (nested, count) = share(under.clone(), |sample| {
+            let c = position(sample, native);
+            let caller = position(sample, |name| name == function);
+            let main = position(sample, |name| name == "main");
+            matches!((c, caller, main), (Some(c), Some(caller), Some(main)) if c < caller && caller < main)
+        });
+        eprintln!("{python}: {count} samples in {function}, {:.0}% with {what} under it, under main", nested * 100.0);
+        ensure!(count >= 50, "only {count} samples in {function}; agent output:\n{}", run.log);
+        ensure!(
+            nested >= 0.5,
+            "{python}: {:.0}% of the samples in {function} have {what} under it:\n{}\nagent output:\n{}",
+            nested * 100.0,
+            show(&under.collect::<Vec<_>>()),
+            run.log
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn c_code_called_from_python_shows_under_its_caller_on_3_10() -> Result<()> {
+    check_c_under_python("/root/.pyenv/versions/3.10.13/bin/python3.10")
+}
+
+#[test]
+fn c_code_called_from_python_shows_under_its_caller_on_3_11() -> Result<()> {
+    check_c_under_python(e2e::PYENV_PYTHON_3_11)
+}
+
+#[test]
+fn c_code_called_from_python_shows_under_its_caller_on_3_13() -> Result<()> {
+    check_c_under_python(e2e::PYENV_PYTHON_3_13)
+}
