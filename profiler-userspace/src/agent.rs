@@ -276,8 +276,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
     let sinks = Sinks::start(&settings)?;
     let mut agent = Agent::new(&settings);
-    let (rows, unwind_processes) = sampler.unwind_maps()?;
-    agent.unwind = Some(unwind::Loader::start(rows, unwind_processes));
+    if settings.native_unwind {
+        let (rows, unwind_processes) = sampler.unwind_maps()?;
+        agent.unwind = Some(unwind::Loader::start(rows, unwind_processes));
+    }
     if let Some(kubernetes) = &settings.kubernetes {
         agent.pods = Some(Pods::watch(kubernetes).await?);
     }

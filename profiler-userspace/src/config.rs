@@ -51,6 +51,15 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_wall: bool,
 
+    /// Do not unwind native stacks from the `.eh_frame` tables of the
+    /// processes' files. By default the kernel walks whole native stacks
+    /// (the C code Python calls, under the Python function that called it),
+    /// with tables the agent loads for each file (12 MiB of kernel memory at
+    /// most); without it, native stacks stop after the frames the kernel
+    /// finds without frame pointers
+    #[arg(long)]
+    pub no_native_unwind: bool,
+
     /// Profile memory: allocations, allocated bytes and heap in use (live at
     /// the end of each period) by Python stack, sampled by bytes with
     /// uprobes on CPython's allocator. Objects over 512 bytes are sampled
@@ -177,7 +186,7 @@ pub struct AgentArgs {
     pub kubernetes_pod_labels: Vec<String>,
 
     /// Read settings from this TOML file; flags given on the command line win.
-    /// Keys: pids, frequency, wall, memory, memory_sample_bytes, period,
+    /// Keys: pids, frequency, wall, native_unwind, memory, memory_sample_bytes, period,
     /// duration, output_dir, application_name, upload_timeout,
     /// control_socket, metrics_address, spool_dir,
     /// spool_max_bytes, a [labels] table, a [pyroscope] table (url, user,
@@ -196,6 +205,7 @@ struct FileConfig {
     pids: Vec<u32>,
     frequency: Option<u64>,
     wall: Option<bool>,
+    native_unwind: Option<bool>,
     memory: Option<bool>,
     memory_sample_bytes: Option<u64>,
     period: Option<String>,
@@ -262,6 +272,8 @@ pub struct Settings {
     pub frequency: u64,
     /// Wall and off-CPU time of profiled threads.
     pub wall: bool,
+    /// Whole native stacks, from `.eh_frame` tables.
+    pub native_unwind: bool,
     /// Memory profiling: the mean bytes between two sampled allocations.
     pub memory: Option<u64>,
     pub period: Duration,
@@ -435,6 +447,7 @@ impl AgentArgs {
             pids: if self.pids.is_empty() { file.pids } else { self.pids.clone() },
             frequency,
             wall: !self.no_wall && file.wall.unwrap_or(true),
+            native_unwind: !self.no_native_unwind && file.native_unwind.unwrap_or(true),
             memory,
             period: match self.period {
                 Some(period) => period,
@@ -540,7 +553,12 @@ mod tests {
         assert_eq!(settings.sample_period_ns(), 10_000_000);
         assert_eq!(settings.duration, None);
         assert!(settings.wall);
+        assert!(settings.native_unwind);
         assert_eq!(settings.memory, None);
+        let no_unwind = AgentArgs { no_native_unwind: true, ..Default::default() };
+        assert!(!no_unwind.settings().unwrap().native_unwind);
+        let file_off = AgentArgs { config: Some(config_file("native_unwind = false\n")), ..Default::default() };
+        assert!(!file_off.settings().unwrap().native_unwind);
     }
 
     #[test]
