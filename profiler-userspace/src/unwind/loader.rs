@@ -23,6 +23,9 @@ use profiler_common::{
     UNWIND_CHUNK_ROWS,
 };
 
+/// The name `/proc/PID/maps` gives the kernel's vDSO.
+const VDSO: &str = "[vdso]";
+
 /// How often loaded processes are checked for new libraries.
 const RESCAN: Duration = Duration::from_secs(1);
 
@@ -200,8 +203,13 @@ impl State {
     /// The key and loadable segments (vaddr, offset, size) of the file of
     /// `mapping`, its table loaded if it has one; `None` when it has none.
     fn file(&mut self, pid: u32, mapping: &FileMapping) -> Option<(FileKey, Vec<(u64, u64, u64)>)> {
-        let path = format!("/proc/{pid}/root{}", mapping.path);
-        let bytes = std::fs::read(&path).ok()?;
+        let bytes = if mapping.path == VDSO {
+            // The kernel's own small ELF image, with its `.eh_frame`: the
+            // clock functions a program calls often are in it.
+            crate::procmem::ProcessMemory::new(pid).read_vec(mapping.start, (mapping.end - mapping.start) as usize).ok()?
+        } else {
+            std::fs::read(format!("/proc/{pid}/root{}", mapping.path)).ok()?
+        };
         let elf = object::File::parse(&*bytes).ok()?;
         if !matches!(elf.kind(), ObjectKind::Executable | ObjectKind::Dynamic) {
             return None;
@@ -311,7 +319,8 @@ fn file_mappings(maps: &str) -> Vec<FileMapping> {
                 (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
             let path = fields.collect::<Vec<_>>().join(" ");
             let inode: u64 = inode.parse().ok()?;
-            if !perms.contains('x') || inode == 0 || !path.starts_with('/') || path.ends_with(" (deleted)") {
+            let file = inode != 0 && path.starts_with('/') && !path.ends_with(" (deleted)");
+            if !perms.contains('x') || !(file || path == VDSO) {
                 return None;
             }
             let (start, end) = range.split_once('-')?;
@@ -356,6 +365,9 @@ mod tests {
 ";
         let mappings = file_mappings(maps);
         let paths: Vec<_> = mappings.iter().map(|mapping| (mapping.path.as_str(), mapping.offset)).collect();
-        assert_eq!(paths, [("/usr/bin/python3.11", 0x1000), ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0x28000)]);
+        assert_eq!(
+            paths,
+            [("/usr/bin/python3.11", 0x1000), ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0x28000), ("[vdso]", 0)]
+        );
     }
 }
