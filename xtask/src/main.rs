@@ -1,6 +1,7 @@
-//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|bench|cpython-layouts`.
+//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|dist|bench|cpython-layouts`.
 
 mod bench;
+mod dist;
 mod layouts;
 mod setup;
 
@@ -43,6 +44,9 @@ enum Task {
     },
     /// Run the unit tests, then the end-to-end tests against the real kernel (as root).
     Test,
+    /// Build the static agent (x86_64-unknown-linux-musl, release, the eBPF object embedded)
+    /// and pack it with the deployment files into target/dist/ferroscope-VERSION-x86_64-linux.tar.gz.
+    Dist,
     /// Measure the agent's overhead and accuracy against running bare and py-spy.
     Bench(bench::Options),
     /// Regenerate profiler-userspace/src/cpython/layouts.rs, the struct layouts of CPython 3.7
@@ -72,6 +76,11 @@ fn main() -> Result<()> {
             bail!("running {}: {error}", agent.display());
         }
         Task::Test => test()?,
+        Task::Dist => {
+            let tarball = dist::dist()?;
+            let size = std::fs::metadata(&tarball)?.len();
+            println!("{} ({size} bytes)", tarball.display());
+        }
         Task::Bench(options) => bench::run(&options)?,
         Task::CpythonLayouts(options) => layouts::generate(&options)?,
     }
@@ -108,6 +117,14 @@ fn run(command: &mut Command) -> Result<()> {
         bail!("{command:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Whether an executable `command` is on `PATH`.
+fn on_path(command: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|dir| {
+        std::fs::metadata(dir.join(command)).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    })
 }
 
 /// The workspace's cargo, the one running xtask.

@@ -24,7 +24,44 @@ pub fn build_tools() -> Result<PathBuf> {
 pub fn test_tools() -> Result<()> {
     go()?;
     venv_packages(&TEST_PACKAGES)?;
+    debian_packages(&DEPLOY_TEST_TOOLS)?;
     debian_root()
+}
+
+/// What the static build of `cargo xtask dist` needs beside the build's tools: Rust's musl
+/// target, and musl-gcc for the C code of dependencies (ring).
+pub fn dist_tools() -> Result<()> {
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    let target = crate::dist::TARGET;
+    if sysroot.join("lib/rustlib").join(target).is_dir() {
+        step(format!("setup: Rust target {target}: present, skipped"));
+    } else {
+        step(format!("setup: Rust target {target}: installing"));
+        run(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    debian_packages(&[("musl-gcc", "musl-tools", "the static agent's C dependencies")])
+}
+
+/// Commands the deployment tests run, with the Debian package of each and what it is for.
+const DEPLOY_TEST_TOOLS: [(&str, &str, &str); 3] = [
+    // Debian 12 has kubectl 1.20, whose kustomize (v2) the manifests are kept simple enough for.
+    ("kubectl", "kubernetes-client", "kubectl kustomize renders the Kubernetes manifests"),
+    ("systemd-analyze", "systemd", "systemd-analyze verify checks the systemd unit"),
+    ("setpriv", "util-linux", "setpriv runs the agent as a user with the unit's capabilities"),
+];
+
+/// Installs the Debian package of each `(command, package, why)` whose command is missing.
+fn debian_packages(tools: &[(&str, &str, &str)]) -> Result<()> {
+    for (command, package, why) in tools {
+        if crate::on_path(command) {
+            step(format!("setup: {command} ({why}): present, skipped"));
+        } else {
+            step(format!("setup: {command} ({why}): installing {package}"));
+            apt_install(package)?;
+        }
+    }
+    Ok(())
 }
 
 /// The nightly toolchain (the eBPF target needs `-Z build-std`); returns its sysroot.
@@ -175,9 +212,11 @@ pub fn py_spy() -> PathBuf {
 }
 
 /// What the end-to-end tests need from PyPI: py-spy for the benchmark's comparison, the
-/// official OTLP protos, which the tests decode what the agent sends with, and maturin, which
-/// builds the Python package's wheel with the agent inside.
-const TEST_PACKAGES: [&str; 3] = ["py-spy==0.4.3", "opentelemetry-proto==1.45.2", "maturin==1.9.6"];
+/// official OTLP protos, which the tests decode what the agent sends with, maturin, which
+/// builds the Python package's wheel with the agent inside, and kubernetes-validate, which
+/// checks the Kubernetes manifests against the schemas of Kubernetes 1.25 to 1.37 it carries.
+const TEST_PACKAGES: [&str; 4] =
+    ["py-spy==0.4.3", "opentelemetry-proto==1.45.2", "maturin==1.9.6", "kubernetes-validate==1.37.0"];
 
 /// The benchmark's peers and programs beside py-spy: memray, and pyperformance's benchmarks.
 const BENCH_PACKAGES: [&str; 2] = ["memray==1.20.0", "pyperformance==1.14.0"];
