@@ -268,9 +268,10 @@ pub struct UnwindRow {
 /// Rows per entry of the `UNWIND_ROWS` array: tables are written a chunk
 /// per system call, and a table takes whole, consecutive chunks.
 pub const UNWIND_CHUNK_ROWS: usize = 512;
-/// Entries of `UNWIND_ROWS`: 2048 chunks of 512 rows of 12 bytes, 12 MiB for
-/// every table of every process on the host.
-pub const UNWIND_CHUNKS: u32 = 2048;
+/// Entries of `UNWIND_ROWS`: 4096 chunks of 512 rows of 12 bytes, 24 MiB for
+/// every table of every process on the host (libc is 28,000 rows,
+/// libpython 3.11 about 60,000).
+pub const UNWIND_CHUNKS: u32 = 4096;
 /// Executable file mappings per process that get a table; more are unwound
 /// no further than their first frame.
 pub const MAX_UNWIND_MAPPINGS: usize = 96;

@@ -458,8 +458,11 @@ impl<'a> Agent<'a> {
                     let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
                     if event.kind == kind::NEW_PROCESS {
                         self.inspect(event.pid, &event.comm, sampler);
-                        if let Some(loader) = &self.unwind {
-                            loader.process(event.pid);
+                        let pid = event.pid;
+                        // The agent's own stacks are not what users look for;
+                        // CPython processes are loaded once found (`inspect`).
+                        if let Some(loader) = self.unwind.as_ref().filter(|_| pid != std::process::id()) {
+                            loader.process(pid, self.settings.pids.contains(&pid));
                         }
                     } else {
                         if let Some(process) = self.processes.get_mut(&event.pid) {
@@ -615,6 +618,9 @@ impl<'a> Agent<'a> {
             label_sets: self.processes.get(&pid).map(|known| known.label_sets.clone()).unwrap_or_default(),
             memory,
         };
+        if let Some(loader) = self.unwind.as_ref().filter(|_| process.python.is_some()) {
+            loader.process(pid, true);
+        }
         self.processes.insert(pid, process);
         self.metrics.set_python_processes(self.processes.values().filter(|process| process.python.is_some()).count());
     }

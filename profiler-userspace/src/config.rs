@@ -54,7 +54,7 @@ pub struct AgentArgs {
     /// Do not unwind native stacks from the `.eh_frame` tables of the
     /// processes' files. By default the kernel walks whole native stacks
     /// (the C code Python calls, under the Python function that called it),
-    /// with tables the agent loads for each file (12 MiB of kernel memory at
+    /// with tables the agent loads for each file (24 MiB of kernel memory at
     /// most); without it, native stacks stop after the frames the kernel
     /// finds without frame pointers
     #[arg(long)]

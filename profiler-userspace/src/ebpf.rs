@@ -137,9 +137,13 @@ impl Sampler {
             program.attach().with_context(|| format!("cannot attach to the {tracepoint} tracepoint"))?;
         }
         drop(btf);
-        // Give the parsed BTF's memory back to the system; the agent runs for days.
+        // Give the parsed BTF's memory back to the system; the agent runs for
+        // days. (glibc's; musl's allocator has no such call.)
         // SAFETY: plain libc call.
-        unsafe { libc::malloc_trim(0) };
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0)
+        };
 
         let program: &mut PerfEvent = ebpf.program_mut("sample_cpu").context("sample_cpu")?.try_into()?;
         program.load().context("the kernel refused the CPU sampler program")?;

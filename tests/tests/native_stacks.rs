@@ -43,9 +43,11 @@ fn a_c_program_without_frame_pointers_shows_its_call_tree_whole() -> Result<()> 
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("native/call_tree.c");
     let built = Command::new("gcc").args(["-O2", "-fomit-frame-pointer", "-o"]).arg(&program).arg(&source).status()?;
     ensure!(built.success(), "gcc failed on {}", source.display());
-    let agent = Agent::start(&[])?;
-    let workload = Workload::start_program(&program, &["3"], &[])?;
+    // A `--pid` target gets its tables at once (other processes once they
+    // have lived a second).
+    let workload = Workload::start_program(&program, &["4"], &[])?;
     let pid = workload.pid();
+    let agent = Agent::start(&["--pid", &pid.to_string()])?;
     workload.wait()?;
     let run = agent.stop()?;
     let profile = run.all_profiles()?;

@@ -4,8 +4,8 @@
 //! A table is made once per file (by build ID, else device and inode) and
 //! shared by every process that maps it; it takes whole chunks of
 //! `UNWIND_ROWS`, allocated first-fit and freed when its last process is
-//! gone. Processes are looked at again every [`RESCAN`] for libraries they
-//! loaded since (`import zlib` maps an extension module).
+//! gone. Processes are looked at again every [`RESCAN`] (or four) for
+//! libraries they loaded since (`import zlib` maps an extension module).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -26,8 +26,15 @@ use profiler_common::{
 /// The name `/proc/PID/maps` gives the kernel's vDSO.
 const VDSO: &str = "[vdso]";
 
-/// How often loaded processes are checked for new libraries.
-const RESCAN: Duration = Duration::from_secs(1);
+/// Files whose identity is remembered; past it, the memory starts over.
+const MAX_IDENTITIES: usize = 16384;
+
+/// How long a process that is not urgent must live to get tables.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// How often urgent processes are checked for new libraries (the others a
+/// quarter as often): a library's first samples until then are cut.
+const RESCAN: Duration = Duration::from_millis(250);
 
 /// What the loader reports, for the metrics and the summary.
 #[derive(Debug, Default)]
@@ -40,8 +47,9 @@ pub struct UnwindStats {
 }
 
 enum Request {
-    /// A process was seen (or exec'd): load tables for its executable files.
-    Process(u32),
+    /// A process was seen (or exec'd): load tables for its executable files,
+    /// at once if `urgent`, else once it has lived [`SETTLE`].
+    Process { pid: u32, urgent: bool },
     Exited(u32),
 }
 
@@ -59,26 +67,27 @@ impl Loader {
             rows,
             processes,
             tables: HashMap::new(),
+            identities: HashMap::new(),
             no_table: HashSet::new(),
             loaded: HashMap::new(),
+            settling: HashMap::new(),
+            urgent: HashSet::new(),
             free: BTreeMap::from([(0, UNWIND_CHUNKS)]),
             stats: stats.clone(),
             full_reported: false,
         };
         std::thread::Builder::new()
             .name("unwind-tables".into())
-            .spawn(move || {
-                // Below the agent's loop and the programs it profiles.
-                // SAFETY: plain system call on this thread.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-                state.run(receiver)
-            })
+            .spawn(move || state.run(receiver))
             .expect("spawning the unwind table thread");
         Loader { requests, stats }
     }
 
-    pub fn process(&self, pid: u32) {
-        let _ = self.requests.send(Request::Process(pid));
+    /// `urgent` for the processes users profile on purpose (CPython, `--pid`);
+    /// the others wait a second, so that the many short-lived ones (a
+    /// compiler's) never cost a table.
+    pub fn process(&self, pid: u32, urgent: bool) {
+        let _ = self.requests.send(Request::Process { pid, urgent });
     }
 
     pub fn exited(&self, pid: u32) {
@@ -115,10 +124,17 @@ struct State {
     rows: Array<MapData, UnwindChunk>,
     processes: BpfHashMap<MapData, u32, ProcessUnwind>,
     tables: HashMap<FileKey, Table>,
+    /// What each file is, by device, inode and path, so that a file is read
+    /// once, not once per process that maps it.
+    identities: HashMap<(String, u64, String), Option<(FileKey, Vec<Segment>)>>,
     /// Files without CFI (or that could not be read), not tried again.
     no_table: HashSet<FileKey>,
     /// Per process: its mappings when last loaded, and the tables it uses.
     loaded: HashMap<u32, (Vec<FileMapping>, Vec<FileKey>)>,
+    /// Processes loaded at once (CPython, `--pid`), looked at again more often.
+    urgent: HashSet<u32>,
+    /// Processes waiting to have lived [`SETTLE`], since when.
+    settling: HashMap<u32, Instant>,
     /// Free chunk ranges: start → length.
     free: BTreeMap<u32, u32>,
     stats: Arc<UnwindStats>,
@@ -127,19 +143,52 @@ struct State {
 
 impl State {
     fn run(&mut self, requests: mpsc::Receiver<Request>) {
-        let mut last_scan = Instant::now();
+        let (mut last_scan, mut scans) = (Instant::now(), 0u32);
         loop {
-            match requests.recv_timeout(RESCAN) {
-                Ok(Request::Process(pid)) => self.load(pid, true),
-                Ok(Request::Exited(pid)) => self.forget(pid),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            let first = match requests.recv_timeout(RESCAN) {
+                Ok(request) => Some(request),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            // All that waits, so that exits free tables and urgent processes
+            // are loaded before the rest.
+            let mut loads = Vec::new();
+            for request in first.into_iter().chain(std::iter::from_fn(|| requests.try_recv().ok())) {
+                match request {
+                    Request::Process { pid, urgent: true } => {
+                        self.settling.remove(&pid);
+                        self.urgent.insert(pid);
+                        loads.push(pid);
+                    }
+                    Request::Process { pid, urgent: false } => {
+                        self.settling.insert(pid, Instant::now());
+                    }
+                    Request::Exited(pid) => {
+                        self.settling.remove(&pid);
+                        self.urgent.remove(&pid);
+                        loads.retain(|&loading| loading != pid);
+                        self.forget(pid)
+                    }
+                }
+            }
+            for pid in loads {
+                self.load(pid, true);
             }
             if last_scan.elapsed() >= RESCAN {
                 last_scan = Instant::now();
-                let pids: Vec<u32> = self.loaded.keys().copied().collect();
+                scans += 1;
+                // The others, a quarter as often.
+                let all = scans.is_multiple_of(4);
+                let pids: Vec<u32> =
+                    self.loaded.keys().copied().filter(|pid| all || self.urgent.contains(pid)).collect();
                 for pid in pids {
                     self.load(pid, false);
+                }
+                let settled: Vec<u32> =
+                    self.settling.iter().filter(|(_, seen)| seen.elapsed() >= SETTLE).map(|(pid, _)| *pid).collect();
+                for pid in settled {
+                    self.settling.remove(&pid);
+                    self.load(pid, true);
                 }
             }
         }
@@ -158,7 +207,7 @@ impl State {
         }
         let mut value = ProcessUnwind { len: 0, _pad: 0, mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS] };
         let mut keys = Vec::new();
-        let mut files: HashMap<(String, u64), Option<(FileKey, Vec<(u64, u64, u64)>)>> = HashMap::new();
+        let mut files: HashMap<(String, u64), Option<(FileKey, Vec<Segment>)>> = HashMap::new();
         for mapping in mappings.iter().take(MAX_UNWIND_MAPPINGS) {
             let file = files
                 .entry((mapping.device.clone(), mapping.inode))
@@ -190,7 +239,14 @@ impl State {
             }
         }
         self.forget(pid);
-        if value.len > 0 && self.processes.insert(pid, value, 0).is_ok() {
+        let inserted = value.len > 0
+            && self
+                .processes
+                .insert(pid, value, 0)
+                .inspect_err(|error| log::debug!("pid {pid}: unwind mappings not loaded: {error}"))
+                .is_ok();
+        log::debug!("pid {pid}: {} of {} executable mappings have tables", value.len, mappings.len());
+        if inserted {
             self.loaded.insert(pid, (mappings, keys));
         } else {
             self.loaded.insert(pid, (mappings, Vec::new()));
@@ -200,50 +256,57 @@ impl State {
         }
     }
 
-    /// The key and loadable segments (vaddr, offset, size) of the file of
-    /// `mapping`, its table loaded if it has one; `None` when it has none.
-    fn file(&mut self, pid: u32, mapping: &FileMapping) -> Option<(FileKey, Vec<(u64, u64, u64)>)> {
-        let bytes = if mapping.path == VDSO {
-            // The kernel's own small ELF image, with its `.eh_frame`: the
-            // clock functions a program calls often are in it.
-            crate::procmem::ProcessMemory::new(pid).read_vec(mapping.start, (mapping.end - mapping.start) as usize).ok()?
-        } else {
-            std::fs::read(format!("/proc/{pid}/root{}", mapping.path)).ok()?
+    /// The key and loadable segments of the file of `mapping`, its table
+    /// loaded if it has one; `None` when it has none. A file is read (mapped)
+    /// only the first time it is seen and when its table must be made.
+    fn file(&mut self, pid: u32, mapping: &FileMapping) -> Option<(FileKey, Vec<Segment>)> {
+        let place = (mapping.device.clone(), mapping.inode, mapping.path.clone());
+        let identity = match self.identities.get(&place) {
+            Some(identity) => identity.clone(),
+            None => {
+                let identity = read_file(pid, mapping).and_then(|bytes| identify(&bytes, mapping));
+                if self.identities.len() >= MAX_IDENTITIES {
+                    self.identities.clear();
+                }
+                self.identities.insert(place, identity.clone());
+                identity
+            }
         };
-        let elf = object::File::parse(&*bytes).ok()?;
-        if !matches!(elf.kind(), ObjectKind::Executable | ObjectKind::Dynamic) {
-            return None;
-        }
-        let key = match elf.build_id() {
-            Ok(Some(id)) => FileKey::BuildId(id.to_vec()),
-            _ => FileKey::Inode { device: mapping.device.clone(), inode: mapping.inode },
-        };
-        let segments = load_segments(&bytes)?;
+        let (key, segments) = identity?;
         if self.no_table.contains(&key) {
             return None;
         }
         if !self.tables.contains_key(&key) {
-            let rows = match super::table(&bytes) {
-                Ok(rows) if !rows.is_empty() => rows,
-                Ok(_) => {
+            let rows = match read_file(pid, mapping).map(|bytes| super::table(&bytes)) {
+                Some(Ok(rows)) if !rows.is_empty() => rows,
+                Some(Ok(_)) => {
                     self.no_table.insert(key);
                     return None;
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     log::debug!("{}: no unwind table: {error:#}", mapping.path);
                     self.no_table.insert(key);
                     return None;
                 }
+                None => return None,
             };
-            let table = self.store(&rows)?;
+            log::debug!("{}: an unwind table of {} rows", mapping.path, rows.len());
+            let table = self.store(&rows, self.urgent.contains(&pid))?;
             self.tables.insert(key.clone(), table);
         }
         Some((key, segments))
     }
 
-    /// Writes `rows` into free chunks of `UNWIND_ROWS`.
-    fn store(&mut self, rows: &[UnwindRow]) -> Option<Table> {
+    /// Writes `rows` into free chunks of `UNWIND_ROWS`. Half of them are
+    /// kept for the tables of urgent processes (the ones users profile on
+    /// purpose), whatever else runs on the host.
+    fn store(&mut self, rows: &[UnwindRow], urgent: bool) -> Option<Table> {
         let chunks = rows.len().div_ceil(UNWIND_CHUNK_ROWS) as u32;
+        let free: u32 = self.free.values().sum();
+        if !urgent && free < chunks + UNWIND_CHUNKS / 2 {
+            self.stats.tables_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let Some((&start, &len)) = self.free.iter().find(|(_, len)| **len >= chunks) else {
             self.stats.tables_refused.fetch_add(1, Ordering::Relaxed);
             if !self.full_reported {
@@ -336,8 +399,54 @@ fn file_mappings(maps: &str) -> Vec<FileMapping> {
         .collect()
 }
 
-/// The `PT_LOAD` segments of an ELF file: (vaddr, file offset, file size).
-fn load_segments(bytes: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
+/// The bytes of `mapping`'s file, as `pid` sees it: mapped, not read, as
+/// libraries are large and only their CFI is looked at.
+fn read_file(pid: u32, mapping: &FileMapping) -> Option<FileBytes> {
+    if mapping.path == VDSO {
+        // The kernel's own small ELF image, with its `.eh_frame`: the clock
+        // functions programs call often are in it.
+        let length = (mapping.end - mapping.start) as usize;
+        return crate::procmem::ProcessMemory::new(pid).read_vec(mapping.start, length).ok().map(FileBytes::Read);
+    }
+    let file = std::fs::File::open(format!("/proc/{pid}/root{}", mapping.path)).ok()?;
+    // SAFETY: read only. A file truncated while mapped would fault; files
+    // that processes map are replaced (a new inode), not truncated in place.
+    unsafe { memmap2::Mmap::map(&file) }.ok().map(FileBytes::Mapped)
+}
+
+enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(map) => map,
+            FileBytes::Read(bytes) => bytes,
+        }
+    }
+}
+
+/// The key of an ELF executable or library and its loadable segments.
+fn identify(bytes: &[u8], mapping: &FileMapping) -> Option<(FileKey, Vec<Segment>)> {
+    let elf = object::File::parse(bytes).ok()?;
+    if !matches!(elf.kind(), ObjectKind::Executable | ObjectKind::Dynamic) {
+        return None;
+    }
+    let key = match elf.build_id() {
+        Ok(Some(id)) => FileKey::BuildId(id.to_vec()),
+        _ => FileKey::Inode { device: mapping.device.clone(), inode: mapping.inode },
+    };
+    Some((key, load_segments(bytes)?))
+}
+
+/// A `PT_LOAD` segment: (vaddr, file offset, file size).
+type Segment = (u64, u64, u64);
+
+/// The `PT_LOAD` segments of an ELF file.
+fn load_segments(bytes: &[u8]) -> Option<Vec<Segment>> {
     let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(bytes).ok()?;
     let endian = elf.endian();
     Some(
