@@ -436,3 +436,70 @@ fn agent_accepts_the_deployments_settings() -> Result<()> {
     ensure!(agent_accepts(&exec_args, "frequency = 100\nno_such_key = 1\n").is_err(), "a bad config was accepted");
     Ok(())
 }
+
+/// The program interpreter (`PT_INTERP`) an x86-64 ELF executable asks for, if any.
+fn elf_interpreter(data: &[u8]) -> Result<Option<String>> {
+    let u16_at = |at: usize| data.get(at..at + 2).map(|b| u16::from_le_bytes(b.try_into().unwrap()));
+    let u32_at = |at: usize| data.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |at: usize| data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+    ensure!(data.starts_with(b"\x7fELF\x02\x01"), "not a 64-bit little-endian ELF file");
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        bail!("truncated ELF header");
+    };
+    const PT_INTERP: u32 = 3;
+    for index in 0..usize::from(phnum) {
+        let header = phoff + index * usize::from(phentsize);
+        if u32_at(header).context("truncated program header")? == PT_INTERP {
+            let (offset, size) = (u64_at(header + 8).unwrap_or(0), u64_at(header + 32).unwrap_or(0));
+            let path = data.get(offset..offset + size).context("truncated PT_INTERP")?;
+            return Ok(Some(String::from_utf8_lossy(path).trim_end_matches('\0').to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+#[test]
+fn release_tarball_holds_a_static_agent_that_runs_in_an_empty_root() -> Result<()> {
+    if let Some(error) = std::env::var_os("FERROSCOPE_DIST_ERROR") {
+        bail!("cargo xtask dist failed: {}", error.to_string_lossy());
+    }
+    let tarball = PathBuf::from(std::env::var_os("FERROSCOPE_DIST").context(
+        "FERROSCOPE_DIST is not set: run the end-to-end tests with `cargo xtask test`, which builds the \
+         tarball with `cargo xtask dist`, or set it to target/dist/ferroscope-VERSION-x86_64-linux.tar.gz",
+    )?);
+    let version = workspace_version()?;
+    let name = format!("ferroscope-{version}-x86_64-linux");
+    ensure!(tarball.file_name() == Some(format!("{name}.tar.gz").as_ref()), "tarball {}", tarball.display());
+    let unpacked = tempfile::tempdir()?;
+    run(Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(unpacked.path()))?;
+    let top = unpacked.path().join(&name);
+    for file in [
+        "ferroscope",
+        "README.md",
+        "deploy/kubernetes/base/kustomization.yaml",
+        "deploy/kubernetes/base/daemonset.yaml",
+        "deploy/kubernetes/examples/pyroscope/kustomization.yaml",
+        "deploy/systemd/ferroscope.service",
+        "deploy/systemd/config.toml",
+        "deploy/container/Containerfile",
+    ] {
+        ensure!(top.join(file).is_file(), "{file} is not in {}", tarball.display());
+    }
+
+    let binary = fs::read(top.join("ferroscope"))?;
+    if let Some(interpreter) = elf_interpreter(&binary)? {
+        bail!("the agent is not static: it asks for {interpreter}");
+    }
+    // What `FROM scratch` gives it: a root holding the binary alone.
+    let root = tempfile::tempdir()?;
+    fs::copy(top.join("ferroscope"), root.path().join("ferroscope"))?;
+    fs::set_permissions(root.path().join("ferroscope"), fs::Permissions::from_mode(0o755))?;
+    let in_root = |args: &[&str]| run(Command::new("chroot").arg(root.path()).arg("/ferroscope").args(args));
+    let help = String::from_utf8(in_root(&["--help"])?.stdout)?;
+    ensure!(help.contains("Usage: ferroscope"), "--help in an empty root:\n{help}");
+    let agent_help = String::from_utf8(in_root(&["agent", "--help"])?.stdout)?;
+    ensure!(agent_help.contains("--kubernetes") && agent_help.contains("--config"), "agent --help:\n{agent_help}");
+    let printed = String::from_utf8(in_root(&["--version"])?.stdout)?;
+    ensure!(printed.trim() == format!("ferroscope {version}"), "--version says {printed:?}");
+    Ok(())
+}

@@ -194,6 +194,12 @@ fn ebpf_object() -> PathBuf {
 fn test() -> Result<()> {
     setup::test_tools()?;
     let agent = build(true)?;
+    // The release tarball, for the test of the static agent. A failed build is that test's
+    // failure, not the end of the run.
+    let dist = dist::dist().map_err(|error| {
+        step(format!("cargo xtask dist failed: {error:#}"));
+        format!("{error:#}")
+    });
     // Release for both, so the tests reuse the agent's build; no doctests (there are none).
     let targets = ["--lib", "--bins", "--tests", "--release", "--no-fail-fast"];
     step("running the unit tests");
@@ -201,13 +207,13 @@ fn test() -> Result<()> {
         cargo().args(["test", "--workspace", "--exclude", "e2e"]).args(targets).env(EBPF_OBJECT_VAR, ebpf_object()),
     )?;
     step("running the end-to-end tests");
-    let e2e = run_tests(
-        cargo()
-            .args(["test", "-p", "e2e"])
-            .args(targets)
-            .args(["--", "--test-threads=1"])
-            .env("FERROSCOPE_BIN", &agent),
-    )?;
+    let mut e2e = cargo();
+    e2e.args(["test", "-p", "e2e"]).args(targets).args(["--", "--test-threads=1"]).env("FERROSCOPE_BIN", &agent);
+    match &dist {
+        Ok(tarball) => e2e.env("FERROSCOPE_DIST", tarball),
+        Err(error) => e2e.env("FERROSCOPE_DIST_ERROR", error),
+    };
+    let e2e = run_tests(&mut e2e)?;
     let (passed, failed) = (unit.passed + e2e.passed, unit.failed + e2e.failed);
     if failed > 0 || !unit.success || !e2e.success {
         // A build that failed before its tests ran still counts as a failure.
