@@ -188,7 +188,10 @@ pub struct Sample {
     pub user_len: u32,
     /// [`kind::OFF_CPU`]: one of the [`wait`] constants.
     pub wait: u32,
-    pub _pad: u32,
+    /// 1 when `user_stack` was unwound with the process's tables (every
+    /// frame real), 0 when it is `bpf_get_stack`'s (garbage after the first
+    /// frames without frame pointers).
+    pub user_unwound: u32,
     /// The thread's name (`comm`).
     pub comm: [u8; 16],
     pub kernel_stack: [u64; MAX_KERNEL_FRAMES],

@@ -198,7 +198,9 @@ fn capture(ctx: &impl EbpfContext, slot: u32, kind: u32, pid: u32, tid: u32) -> 
         (*sample).kernel_len =
             if kind == kind::SAMPLE { stack(ctx, (*sample).kernel_stack.as_mut_ptr(), MAX_KERNEL_FRAMES, 0) } else { 0 };
         // Without tables (yet), the leaf frames the kernel's unwinder finds.
-        (*sample).user_len = match unwind::has_tables(pid) {
+        let tables = unwind::has_tables(pid);
+        (*sample).user_unwound = tables.is_some() as u32;
+        (*sample).user_len = match tables {
             Some(process) => unwind::walk(process, sample),
             None => stack(ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64),
         };

@@ -74,7 +74,10 @@ impl Sinks {
                 Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout).map(Arc::new)
             })
             .collect::<Result<_>>()?;
-        Ok(Sinks { local: settings.output_dir.as_deref().map(|dir| LocalDir::new(dir, settings.labels.clone())), remote })
+        Ok(Sinks {
+            local: settings.output_dir.as_deref().map(|dir| LocalDir::new(dir, settings.labels.clone())),
+            remote,
+        })
     }
 
     /// `./profiles and pyroscope`.
@@ -652,7 +655,10 @@ impl<'a> Agent<'a> {
         stack.clear();
         self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
         let user_from = stack.len();
-        self.native.user(pid, process.user_stack(user), stack);
+        // Unwound with tables, every frame is real: libraries loaded since
+        // the process was looked at included.
+        let user = if sample.user_unwound != 0 { user } else { process.user_stack(user) };
+        self.native.user(pid, user, stack);
         if let Some(python) = process.python.as_mut() {
             let summary = &mut self.summary;
             let frames = valid(&sample.py_frames, sample.py_len).iter().map(|frame| {
@@ -731,7 +737,11 @@ impl<'a> Agent<'a> {
                     None => process.series.application.clone(),
                 };
                 process.registered = Some(Series { application, labels: Arc::new(labels) });
-                process.series = with_pod_labels(self.pods.as_ref(), process.registered.clone().unwrap(), process.container.as_ref());
+                process.series = with_pod_labels(
+                    self.pods.as_ref(),
+                    process.registered.clone().unwrap(),
+                    process.container.as_ref(),
+                );
                 if let Some(period) = period {
                     self.aggregator.set_own_period(&process.series, period, upload_timeout, SystemTime::now());
                 }

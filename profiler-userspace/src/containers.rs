@@ -55,7 +55,9 @@ fn pod_uid(component: &str) -> Option<String> {
     let (_, uid) = name.rsplit_once("pod")?;
     let uid = uid.replace('_', "-");
     let is_uid = uid.len() == 36
-        && uid.char_indices().all(|(at, c)| if matches!(at, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() });
+        && uid
+            .char_indices()
+            .all(|(at, c)| if matches!(at, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() });
     is_uid.then_some(uid)
 }
 

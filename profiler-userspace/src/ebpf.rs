@@ -19,6 +19,9 @@ use crate::probe_sites;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
 
+/// `UNWIND_ROWS` and `UNWIND_PROCS`, which the unwind table loader fills.
+pub type UnwindMaps = (Array<MapData, UnwindChunk>, HashMap<MapData, u32, ProcessUnwind>);
+
 /// The loaded and attached programs with the maps the agent uses.
 pub struct Sampler {
     /// Keeps programs and links alive; dropping it detaches everything.
@@ -193,7 +196,7 @@ impl Sampler {
     }
 
     /// The maps of native unwinding, for the thread that fills them.
-    pub fn unwind_maps(&mut self) -> Result<(Array<MapData, UnwindChunk>, HashMap<MapData, u32, ProcessUnwind>)> {
+    pub fn unwind_maps(&mut self) -> Result<UnwindMaps> {
         Ok((
             Array::try_from(self.ebpf.take_map("UNWIND_ROWS").context("map UNWIND_ROWS")?)?,
             HashMap::try_from(self.ebpf.take_map("UNWIND_PROCS").context("map UNWIND_PROCS")?)?,

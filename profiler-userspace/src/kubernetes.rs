@@ -148,7 +148,9 @@ fn entry(pod: &Pod, pod_labels: &[String]) -> Option<(String, PodEntry)> {
     labels.insert("namespace".to_owned(), metadata.namespace.clone()?);
     labels.insert("pod".to_owned(), metadata.name.clone()?);
     for key in pod_labels {
-        if let Some(value) = metadata.labels.as_ref().and_then(|labels| labels.get(key)).filter(|value| !value.is_empty()) {
+        if let Some(value) =
+            metadata.labels.as_ref().and_then(|labels| labels.get(key)).filter(|value| !value.is_empty())
+        {
             labels.insert(label_name(key), value.clone());
         }
     }

@@ -49,7 +49,10 @@ pub struct UnwindStats {
 enum Request {
     /// A process was seen (or exec'd): load tables for its executable files,
     /// at once if `urgent`, else once it has lived [`SETTLE`].
-    Process { pid: u32, urgent: bool },
+    Process {
+        pid: u32,
+        urgent: bool,
+    },
     Exited(u32),
 }
 
@@ -126,7 +129,7 @@ struct State {
     tables: HashMap<FileKey, Table>,
     /// What each file is, by device, inode and path, so that a file is read
     /// once, not once per process that maps it.
-    identities: HashMap<(String, u64, String), Option<(FileKey, Vec<Segment>)>>,
+    identities: HashMap<(String, u64, String), Option<Identity>>,
     /// Files without CFI (or that could not be read), not tried again.
     no_table: HashSet<FileKey>,
     /// Per process: its mappings when last loaded, and the tables it uses.
@@ -207,12 +210,10 @@ impl State {
         }
         let mut value = ProcessUnwind { len: 0, _pad: 0, mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS] };
         let mut keys = Vec::new();
-        let mut files: HashMap<(String, u64), Option<(FileKey, Vec<Segment>)>> = HashMap::new();
+        let mut files: HashMap<(String, u64), Option<Identity>> = HashMap::new();
         for mapping in mappings.iter().take(MAX_UNWIND_MAPPINGS) {
-            let file = files
-                .entry((mapping.device.clone(), mapping.inode))
-                .or_insert_with(|| self.file(pid, mapping))
-                .clone();
+            let file =
+                files.entry((mapping.device.clone(), mapping.inode)).or_insert_with(|| self.file(pid, mapping)).clone();
             let Some((key, segments)) = file else { continue };
             let Some(table) = self.tables.get(&key) else { continue };
             // The segment this mapping starts in gives the load bias.
@@ -259,7 +260,7 @@ impl State {
     /// The key and loadable segments of the file of `mapping`, its table
     /// loaded if it has one; `None` when it has none. A file is read (mapped)
     /// only the first time it is seen and when its table must be made.
-    fn file(&mut self, pid: u32, mapping: &FileMapping) -> Option<(FileKey, Vec<Segment>)> {
+    fn file(&mut self, pid: u32, mapping: &FileMapping) -> Option<Identity> {
         let place = (mapping.device.clone(), mapping.inode, mapping.path.clone());
         let identity = match self.identities.get(&place) {
             Some(identity) => identity.clone(),
@@ -322,10 +323,11 @@ impl State {
         if len > chunks {
             self.free.insert(start + chunks, len - chunks);
         }
-        let mut chunk = Box::new(UnwindChunk { rows: [UnwindRow { cfa_rule: CFA_NONE, ..Default::default() }; UNWIND_CHUNK_ROWS] });
+        let mut chunk =
+            Box::new(UnwindChunk { rows: [UnwindRow { cfa_rule: CFA_NONE, ..Default::default() }; UNWIND_CHUNK_ROWS] });
         for (index, part) in rows.chunks(UNWIND_CHUNK_ROWS).enumerate() {
             chunk.rows[..part.len()].copy_from_slice(part);
-            if self.rows.set(start + index as u32, &*chunk, 0).is_err() {
+            if self.rows.set(start + index as u32, *chunk, 0).is_err() {
                 self.free_chunks(start, chunks);
                 return None;
             }
@@ -430,7 +432,7 @@ impl std::ops::Deref for FileBytes {
 }
 
 /// The key of an ELF executable or library and its loadable segments.
-fn identify(bytes: &[u8], mapping: &FileMapping) -> Option<(FileKey, Vec<Segment>)> {
+fn identify(bytes: &[u8], mapping: &FileMapping) -> Option<Identity> {
     let elf = object::File::parse(bytes).ok()?;
     if !matches!(elf.kind(), ObjectKind::Executable | ObjectKind::Dynamic) {
         return None;
@@ -444,6 +446,9 @@ fn identify(bytes: &[u8], mapping: &FileMapping) -> Option<(FileKey, Vec<Segment
 
 /// A `PT_LOAD` segment: (vaddr, file offset, file size).
 type Segment = (u64, u64, u64);
+
+/// What a file is: its key, and its loadable segments.
+type Identity = (FileKey, Vec<Segment>);
 
 /// The `PT_LOAD` segments of an ELF file.
 fn load_segments(bytes: &[u8]) -> Option<Vec<Segment>> {

@@ -91,7 +91,16 @@ mod tests {
         merge(&mut stack, 1, [(py("compress_blob"), false), (py("<module>"), true)]);
         assert_eq!(
             names(&stack),
-            ["[kernel] x", "longest_match", "deflate", "zlib_compress", "compress_blob", "<module>", "PyEval_EvalCode", "main"]
+            [
+                "[kernel] x",
+                "longest_match",
+                "deflate",
+                "zlib_compress",
+                "compress_blob",
+                "<module>",
+                "PyEval_EvalCode",
+                "main"
+            ]
         );
     }
 

@@ -17,9 +17,7 @@ use gimli::{
     RegisterRule, UnwindContext, UnwindExpression, UnwindOffset, UnwindSection, UnwindTableRow, X86_64,
 };
 use object::{Architecture, CompressionFormat, Object, ObjectSection};
-use profiler_common::unwind::{
-    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED, RBP_AT_CFA, RBP_SAME,
-};
+use profiler_common::unwind::{CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED, RBP_AT_CFA, RBP_SAME};
 use profiler_common::UnwindRow;
 
 type Reader<'a> = EndianSlice<'a, LittleEndian>;
@@ -508,7 +506,12 @@ mod tests {
                 wrong.push(format!("FDE {offset} ends at {:#x} in a gap with no gap row: {after:?}", range.end));
             }
         }
-        assert!(wrong.is_empty(), "{path}: {} rows differ from readelf's, first: {:#?}", wrong.len(), &wrong[..wrong.len().min(10)]);
+        assert!(
+            wrong.is_empty(),
+            "{path}: {} rows differ from readelf's, first: {:#?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        );
         checked
     }
 
@@ -605,7 +608,9 @@ int main(int argc, char **argv) { stack_top = argv; return a(argc) & 1; }
             text.lines()
                 .find_map(|line| line.strip_prefix(name).filter(|rest| rest.starts_with(' ')))
                 .map(|rest| hex(rest.split_whitespace().next().unwrap()))
-                .unwrap_or_else(|| panic!("no {name} in gdb's output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr)))
+                .unwrap_or_else(|| {
+                    panic!("no {name} in gdb's output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr))
+                })
         };
         let (rip, rsp, rbp) = (register("rip"), register("rsp"), register("rbp"));
         let mut frames = Vec::new();
@@ -635,7 +640,8 @@ int main(int argc, char **argv) { stack_top = argv; return a(argc) & 1; }
                 files.push((path, start - first.address()));
             }
         }
-        let stack = std::fs::read(&dump).unwrap_or_else(|error| panic!("gdb did not dump the stack ({error}):\n{text}"));
+        let stack =
+            std::fs::read(&dump).unwrap_or_else(|error| panic!("gdb did not dump the stack ({error}):\n{text}"));
         Recording { rip, rsp, rbp, stack, frames, files }
     }
 
@@ -646,7 +652,8 @@ int main(int argc, char **argv) { stack_top = argv; return a(argc) & 1; }
             recording.files.iter().map(|(path, bias)| (*bias, table_of(path))).collect();
         let read = |address: u64| {
             let at = usize::try_from(address - recording.rsp).unwrap();
-            let bytes = recording.stack.get(at..at + 8).unwrap_or_else(|| panic!("{address:#x} is not in the recorded stack"));
+            let bytes =
+                recording.stack.get(at..at + 8).unwrap_or_else(|| panic!("{address:#x} is not in the recorded stack"));
             u64::from_le_bytes(bytes.try_into().unwrap())
         };
         let (mut pc, mut rsp, mut rbp) = (recording.rip, recording.rsp, recording.rbp);
