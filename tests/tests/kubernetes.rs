@@ -4,12 +4,7 @@
 //! cgroup as the kubelet and containerd name them, with the pod's namespace, name,
 //! container and labels. With the API server down, profiles still ship with what is known.
 
-use std::{
-    fs,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{fs, path::Path, process::Command, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use e2e::{free_port, new_container_id, Agent, AgentRun, Cgroup, Profile, Workload, PYENV_PYTHON_3_11};
@@ -59,7 +54,15 @@ fn profile_in_pod(uid: &str, container_id: &str, kubeconfig: &str) -> Result<(Ag
     ))?;
     let mut command = Command::new(e2e::ferroscope_bin());
     command.env("KUBECONFIG", kubeconfig);
-    let args = ["--kubernetes", "--kubernetes-node", NODE, "--kubernetes-pod-label", "app.kubernetes.io/name", "--period", "60s"];
+    let args = [
+        "--kubernetes",
+        "--kubernetes-node",
+        NODE,
+        "--kubernetes-pod-label",
+        "app.kubernetes.io/name",
+        "--period",
+        "60s",
+    ];
     let agent = Agent::start_command(command, &args)?;
     // A pod is known before its processes start: the kubelet starts them once the API
     // server has it.
@@ -145,6 +148,10 @@ fn profiles_ship_with_what_is_known_when_the_api_server_is_down() -> Result<()> 
             sample.labels
         );
     }
-    ensure!(run.log.contains("kubernetes: watching pods"), "the agent did not say the API server is down:\n{}", run.log);
+    ensure!(
+        run.log.contains("kubernetes: watching pods"),
+        "the agent did not say the API server is down:\n{}",
+        run.log
+    );
     Ok(())
 }

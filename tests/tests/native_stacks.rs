@@ -52,8 +52,10 @@ fn a_c_program_without_frame_pointers_shows_its_call_tree_whole() -> Result<()> 
     let run = agent.stop()?;
     let profile = run.all_profiles()?;
     let samples: Vec<&Sample> = profile.samples_of_pid(pid).collect();
-    for (leaf, chain) in [("inner", &["inner", "middle", "outer", "main"][..]), ("other", &["other", "outer", "main"])] {
-        let in_leaf = samples.iter().copied().filter(|sample| sample.frames.first().is_some_and(|f| f.function == leaf));
+    for (leaf, chain) in [("inner", &["inner", "middle", "outer", "main"][..]), ("other", &["other", "outer", "main"])]
+    {
+        let in_leaf =
+            samples.iter().copied().filter(|sample| sample.frames.first().is_some_and(|f| f.function == leaf));
         let (whole, count) = share(in_leaf.clone(), |sample| has_chain(sample, chain));
         eprintln!("{leaf}: {count} samples, {:.0}% with {chain:?}", whole * 100.0);
         ensure!(count >= 30, "only {count} samples in {leaf}; agent output:\n{}", run.log);

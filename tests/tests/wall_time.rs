@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{ensure, Context, Result};
 use e2e::{
-    comments, installed, one_at_a_time, profile_files, Agent, Profile, Sample, Workload, DEBIAN_ROOT, PYENV_PYTHON_3_11,
-    PYENV_PYTHON_3_13,
+    comments, installed, one_at_a_time, profile_files, Agent, Profile, Sample, Workload, DEBIAN_ROOT,
+    PYENV_PYTHON_3_11, PYENV_PYTHON_3_13,
 };
 
 const SECONDS: f64 = 4.0;
