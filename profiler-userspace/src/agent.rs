@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Series, Thread, ThreadCounts, Wait},
     config::Settings,
-    containers::Container,
+    containers::{self, Container},
     control::{self, Request},
     cpython::{FrameSymbolizer, Pymalloc},
     discovery::{self, PythonStatus},
@@ -491,20 +491,29 @@ impl<'a> Agent<'a> {
         let info = match discovery::inspect(pid) {
             Ok(info) => info,
             Err(_) => {
-                self.summary.vanished_processes += 1;
+                // Alive but not readable yet (caught in exec): look again soon.
+                let alive = Path::new(&format!("/proc/{pid}")).exists();
+                let recheck = match alive.then(|| self.retry(pid)).flatten() {
+                    Some(recheck) => recheck,
+                    None => {
+                        self.summary.vanished_processes += 1;
+                        Recheck::Never
+                    }
+                };
                 let name = comm_text(comm);
                 let process = Process {
                     series: Series::new(self.settings.application_name.as_deref().unwrap_or(&name)),
                     discovered: name.clone(),
                     registered: None,
                     process_name: name,
-                    container_pid: None,
-                    container: None,
+                    // What can be read of it: its samples keep their container.
+                    container_pid: discovery::own_namespace_pid(pid),
+                    container: containers::of_process(pid),
                     python: None,
-                    recheck: Recheck::Never,
+                    exited: matches!(recheck, Recheck::Never),
+                    recheck,
                     code: Vec::new(),
                     code_read: Instant::now(),
-                    exited: true,
                     threads_seen: ThreadTally::default(),
                     stopped: false,
                     label_sets: HashMap::new(),
@@ -525,19 +534,14 @@ impl<'a> Agent<'a> {
         let mut memory = None;
         let python = match info.python {
             PythonStatus::NotPython => {
-                recheck = Recheck::OnNewCode;
+                // Without libc yet, its loader may still be mapping a libpython.
+                recheck = info.libc.is_none().then(|| self.retry(pid)).flatten().unwrap_or(Recheck::OnNewCode);
                 None
             }
             PythonStatus::Starting(reason) => {
-                let now = Instant::now();
-                let give_up = match self.processes.get(&pid).map(|process| &process.recheck) {
-                    Some(Recheck::At { give_up, .. }) => *give_up,
-                    _ => now + STARTING_PATIENCE,
-                };
-                if now < give_up {
-                    recheck = Recheck::At { next: now + STARTING_RECHECK, give_up };
-                } else {
-                    self.skip_unsupported(pid, &reason);
+                match self.retry(pid) {
+                    Some(again) => recheck = again,
+                    None => self.skip_unsupported(pid, &reason),
                 }
                 None
             }
@@ -626,6 +630,17 @@ impl<'a> Agent<'a> {
         }
         self.processes.insert(pid, process);
         self.metrics.set_python_processes(self.processes.values().filter(|process| process.python.is_some()).count());
+    }
+
+    /// When to look again at a process caught starting, unless it has been
+    /// starting for [`STARTING_PATIENCE`] already.
+    fn retry(&self, pid: u32) -> Option<Recheck> {
+        let now = Instant::now();
+        let give_up = match self.processes.get(&pid).map(|process| &process.recheck) {
+            Some(Recheck::At { give_up, .. }) => *give_up,
+            _ => now + STARTING_PATIENCE,
+        };
+        (now < give_up).then_some(Recheck::At { next: now + STARTING_RECHECK, give_up })
     }
 
     /// Reports, once per process, a CPython that cannot be profiled.

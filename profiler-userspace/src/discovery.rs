@@ -116,6 +116,11 @@ pub fn inspect(pid: u32) -> io::Result<ProcessInfo> {
     })
 }
 
+/// The pid of process `pid` in its own PID namespace, when it differs.
+pub fn own_namespace_pid(pid: u32) -> Option<u32> {
+    namespace_pid(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 /// The C library process `pid` maps, waiting up to `patience` for its
 /// loader to map it.
 pub fn wait_for_libc(pid: u32, patience: std::time::Duration) -> Option<String> {

@@ -123,3 +123,68 @@ fn c_code_called_from_python_shows_under_its_caller_on_3_11() -> Result<()> {
 fn c_code_called_from_python_shows_under_its_caller_on_3_13() -> Result<()> {
     check_c_under_python(e2e::PYENV_PYTHON_3_13)
 }
+
+/// `callbacks.py` on `python`: C calling Python (`sorted` calling `key`) and a generator
+/// resumed by a `for` loop; each Python frame sits where it ran among the native ones.
+fn check_callbacks(python: &str) -> Result<()> {
+    let agent = Agent::start(&[])?;
+    let workload = Workload::start(python, "callbacks.py", &["4"])?;
+    let pid = workload.pid();
+    workload.wait()?;
+    let run = agent.stop()?;
+    let profile = run.all_profiles()?;
+    let samples: Vec<&Sample> = profile.samples_of_pid(pid).collect();
+    let is = |wanted: &'static str| move |name: &str| name == wanted;
+    type Test = Box<dyn Fn(&str) -> bool>;
+    let cases: [(&str, Vec<(Test, &str)>); 2] = [
+        (
+            // crc32 (C) <- key <- sorted's C code <- sort_blobs <- main
+            "key",
+            vec![
+                (Box::new(|name: &str| name.contains("crc32")), "*crc32*"),
+                (Box::new(is("key")), "key"),
+                (Box::new(|name: &str| name.contains("sort") && name != "sort_blobs"), "sorted's C code"),
+                (Box::new(is("sort_blobs")), "sort_blobs"),
+                (Box::new(is("main")), "main"),
+            ],
+        ),
+        (
+            // deflate <- compressions (the generator) <- drain <- main
+            "compressions",
+            vec![
+                (Box::new(|name: &str| name.starts_with("deflate")), "deflate*"),
+                (Box::new(is("compressions")), "compressions"),
+                (Box::new(is("drain")), "drain"),
+                (Box::new(is("main")), "main"),
+            ],
+        ),
+    ];
+    for (function, chain) in cases {
+        let under = samples.iter().copied().filter(|sample| sample.has_function(function));
+        let (ordered, count) = share(under.clone(), |sample| {
+            let positions: Vec<_> = chain.iter().map(|(test, _)| position(sample, test)).collect();
+            positions.iter().all(Option::is_some) && positions.windows(2).all(|pair| pair[0] < pair[1])
+        });
+        let names: Vec<&str> = chain.iter().map(|(_, name)| *name).collect();
+        eprintln!("{python}: {count} samples in {function}, {:.0}% with {names:?} in order", ordered * 100.0);
+        ensure!(count >= 50, "only {count} samples in {function}; agent output:\n{}", run.log);
+        ensure!(
+            ordered >= 0.5,
+            "{python}: {:.0}% of the samples in {function} have {names:?} in order:\n{}\nagent output:\n{}",
+            ordered * 100.0,
+            show(&under.collect::<Vec<_>>()),
+            run.log
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn python_called_from_c_and_generators_sit_where_they_ran_on_3_11() -> Result<()> {
+    check_callbacks(e2e::PYENV_PYTHON_3_11)
+}
+
+#[test]
+fn python_called_from_c_and_generators_sit_where_they_ran_on_3_13() -> Result<()> {
+    check_callbacks(e2e::PYENV_PYTHON_3_13)
+}
