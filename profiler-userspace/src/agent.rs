@@ -817,7 +817,9 @@ impl<'a> Agent<'a> {
         summary.unwind_cut = stats.unwind_cut - before.unwind_cut;
         if let Some(loader) = &self.unwind {
             use std::sync::atomic::Ordering::Relaxed;
-            summary.unwind_tables = (loader.stats.tables.load(Relaxed), loader.stats.rows.load(Relaxed));
+            let stats = &loader.stats;
+            summary.unwind_tables =
+                (stats.tables.load(Relaxed), stats.rows.load(Relaxed), stats.peak_rows.load(Relaxed));
         }
         summary.live_followed = self.heap.len();
         let mut threads: Vec<_> = self

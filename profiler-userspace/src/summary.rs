@@ -37,7 +37,7 @@ pub struct PeriodSummary {
     /// the tables in the kernel (files, rows).
     pub unwound_stacks: u64,
     pub unwind_cut: u64,
-    pub unwind_tables: (u64, u64),
+    pub unwind_tables: (u64, u64, u64),
     pub memory_unwatched: u64,
     /// What each sink did, a line each.
     pub sinks: Vec<String>,
@@ -96,12 +96,15 @@ impl PeriodSummary {
             );
         }
         if self.unwound_stacks > 0 {
-            let (tables, rows) = self.unwind_tables;
+            let (tables, rows, peak) = self.unwind_tables;
+            let kib = |rows: u64| rows * std::mem::size_of::<profiler_common::UnwindRow>() as u64 / 1024;
             text += &format!(
-                "  native stacks: {} unwound, {} cut short; tables of {tables} files, {rows} rows ({} KiB) in the kernel\n",
+                "  native stacks: {} unwound, {} cut short; unwind tables of {tables} files in the kernel, {rows} rows \
+                 ({} KiB; at most {peak} rows, {} KiB)\n",
                 self.unwound_stacks,
                 self.unwind_cut,
-                rows * std::mem::size_of::<profiler_common::UnwindRow>() as u64 / 1024,
+                kib(rows),
+                kib(peak),
             );
         }
         for ProcessThreads { pid, process_name, counts } in self.threads.iter().take(THREAD_LINES) {

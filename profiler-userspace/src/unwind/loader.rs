@@ -42,6 +42,8 @@ pub struct UnwindStats {
     /// Tables in the kernel, and the rows they hold.
     pub tables: AtomicU64,
     pub rows: AtomicU64,
+    /// The most rows the kernel held at once.
+    pub peak_rows: AtomicU64,
     /// Tables that did not fit in `UNWIND_ROWS`.
     pub tables_refused: AtomicU64,
 }
@@ -333,7 +335,8 @@ impl State {
             }
         }
         self.stats.tables.fetch_add(1, Ordering::Relaxed);
-        self.stats.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let now = self.stats.rows.fetch_add(rows.len() as u64, Ordering::Relaxed) + rows.len() as u64;
+        self.stats.peak_rows.fetch_max(now, Ordering::Relaxed);
         Some(Table { first_chunk: start, chunks, rows: rows.len() as u32, users: 0 })
     }
 
