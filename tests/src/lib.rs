@@ -723,6 +723,27 @@ walk(ast.parse(open(sys.argv[1]).read()), "")
         .collect()
 }
 
+/// The share (by count) of `samples` that carry every label of `expected`; an error if one
+/// carries another value for any of them. A process whose first samples come as it execs
+/// cannot be read at that instant: its first samples may lack the labels read from
+/// `/proc`, never have wrong ones.
+pub fn share_labelled(samples: &[&Sample], expected: &[(&str, &str)]) -> Result<f64> {
+    let mut all = 0;
+    let mut labelled = 0;
+    for sample in samples {
+        for (key, value) in expected {
+            if let Some(found) = sample.label(key) {
+                ensure!(found == *value, "{key} is {found}, not {value}: {:?}", sample.labels);
+            }
+        }
+        all += sample.count();
+        if expected.iter().all(|(key, _)| sample.label(key).is_some()) {
+            labelled += sample.count();
+        }
+    }
+    Ok(labelled as f64 / all.max(1) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,9 +13,10 @@ fn position(sample: &Sample, matches: impl Fn(&str) -> bool) -> Option<usize> {
     sample.frames.iter().position(|frame| matches(&frame.function))
 }
 
-/// Whether `sample`'s frames hold `chain` (leaf first), in that order.
-fn has_chain(sample: &Sample, chain: &[&str]) -> bool {
-    let positions: Vec<_> = chain.iter().map(|name| position(sample, |function| function == *name)).collect();
+/// Whether `sample`'s frames hold frames passing each test of `chain` (leaf first), in
+/// that order.
+fn has_chain(sample: &Sample, chain: &[FrameTest]) -> bool {
+    let positions: Vec<_> = chain.iter().map(|(test, _)| position(sample, test)).collect();
     positions.iter().all(Option::is_some) && positions.windows(2).all(|pair| pair[0] < pair[1])
 }
 
@@ -56,7 +57,8 @@ fn a_c_program_without_frame_pointers_shows_its_call_tree_whole() -> Result<()> 
     {
         let in_leaf =
             samples.iter().copied().filter(|sample| sample.frames.first().is_some_and(|f| f.function == leaf));
-        let (whole, count) = share(in_leaf.clone(), |sample| has_chain(sample, chain));
+        let tests: Vec<FrameTest> = chain.iter().map(|name| named(name)).collect();
+        let (whole, count) = share(in_leaf.clone(), |sample| has_chain(sample, &tests));
         eprintln!("{leaf}: {count} samples, {:.0}% with {chain:?}", whole * 100.0);
         ensure!(count >= 30, "only {count} samples in {leaf}; agent output:\n{}", run.log);
         // The first samples of a process may come before its tables are loaded.
@@ -71,42 +73,66 @@ fn a_c_program_without_frame_pointers_shows_its_call_tree_whole() -> Result<()> 
     Ok(())
 }
 
-/// `native_calls.py` on `python`: zlib's compressor under `compress_blob`, SHA-256
-/// under `hash_blob`, each under `main`.
-fn check_c_under_python(python: &str) -> Result<()> {
+/// A frame test with its description.
+type FrameTest = (Box<dyn Fn(&str) -> bool>, &'static str);
+
+fn named(wanted: &'static str) -> FrameTest {
+    (Box::new(move |name: &str| name == wanted), wanted)
+}
+
+fn matching(test: impl Fn(&str) -> bool + 'static, what: &'static str) -> FrameTest {
+    (Box::new(test), what)
+}
+
+/// Runs `script` on `python` for 4 s under an agent; for each `(function, chain)`, at least
+/// half the samples in `function` must hold the frames of `chain` in that order, leaf first.
+fn check_chains(python: &str, script: &str, cases: Vec<(&str, Vec<FrameTest>)>) -> Result<()> {
     if !Path::new(python).exists() {
         eprintln!("{python} is not installed: skipped");
         return Ok(());
     }
     let agent = Agent::start(&[])?;
-    let workload = Workload::start(python, "native_calls.py", &["4"])?;
+    let workload = Workload::start(python, script, &["4"])?;
     let pid = workload.pid();
     workload.wait()?;
     let run = agent.stop()?;
     let profile: Profile = run.all_profiles()?;
     let samples: Vec<&Sample> = profile.samples_of_pid(pid).collect();
-    for (function, native, what) in [
-        ("compress_blob", (|name: &str| name.starts_with("deflate")) as fn(&str) -> bool, "deflate*"),
-        ("hash_blob", |name: &str| name.to_ascii_lowercase().contains("sha256"), "*sha256*"),
-    ] {
+    for (function, chain) in cases {
         let under = samples.iter().copied().filter(|sample| sample.has_function(function));
-        let (nested, count) = share(under.clone(), |sample| {
-            let c = position(sample, native);
-            let caller = position(sample, |name| name == function);
-            let main = position(sample, |name| name == "main");
-            matches!((c, caller, main), (Some(c), Some(caller), Some(main)) if c < caller && caller < main)
-        });
-        eprintln!("{python}: {count} samples in {function}, {:.0}% with {what} under it, under main", nested * 100.0);
+        let (ordered, count) = share(under.clone(), |sample| has_chain(sample, &chain));
+        let names: Vec<&str> = chain.iter().map(|(_, name)| *name).collect();
+        eprintln!("{python}: {count} samples in {function}, {:.0}% with {names:?} in order", ordered * 100.0);
         ensure!(count >= 50, "only {count} samples in {function}; agent output:\n{}", run.log);
         ensure!(
-            nested >= 0.5,
-            "{python}: {:.0}% of the samples in {function} have {what} under it:\n{}\nagent output:\n{}",
-            nested * 100.0,
+            ordered >= 0.5,
+            "{python}: {:.0}% of the samples in {function} have {names:?} in order:\n{}\nagent output:\n{}",
+            ordered * 100.0,
             show(&under.collect::<Vec<_>>()),
             run.log
         );
     }
     Ok(())
+}
+
+/// `native_calls.py` on `python`: zlib's compressor under `compress_blob`, SHA-256
+/// under `hash_blob`, each under `main`.
+fn check_c_under_python(python: &str) -> Result<()> {
+    let cases = vec![
+        (
+            "compress_blob",
+            vec![matching(|name| name.starts_with("deflate"), "deflate*"), named("compress_blob"), named("main")],
+        ),
+        (
+            "hash_blob",
+            vec![
+                matching(|name| name.to_ascii_lowercase().contains("sha256"), "*sha256*"),
+                named("hash_blob"),
+                named("main"),
+            ],
+        ),
+    ];
+    check_chains(python, "native_calls.py", cases)
 }
 
 #[test]
@@ -127,56 +153,28 @@ fn c_code_called_from_python_shows_under_its_caller_on_3_13() -> Result<()> {
 /// `callbacks.py` on `python`: C calling Python (`sorted` calling `key`) and a generator
 /// resumed by a `for` loop; each Python frame sits where it ran among the native ones.
 fn check_callbacks(python: &str) -> Result<()> {
-    let agent = Agent::start(&[])?;
-    let workload = Workload::start(python, "callbacks.py", &["4"])?;
-    let pid = workload.pid();
-    workload.wait()?;
-    let run = agent.stop()?;
-    let profile = run.all_profiles()?;
-    let samples: Vec<&Sample> = profile.samples_of_pid(pid).collect();
-    let is = |wanted: &'static str| move |name: &str| name == wanted;
-    type Test = Box<dyn Fn(&str) -> bool>;
-    let cases: [(&str, Vec<(Test, &str)>); 2] = [
+    let cases = vec![
         (
-            // crc32 (C) <- key <- sorted's C code <- sort_blobs <- main
             "key",
             vec![
-                (Box::new(|name: &str| name.contains("crc32")), "*crc32*"),
-                (Box::new(is("key")), "key"),
-                (Box::new(|name: &str| name.contains("sort") && name != "sort_blobs"), "sorted's C code"),
-                (Box::new(is("sort_blobs")), "sort_blobs"),
-                (Box::new(is("main")), "main"),
+                matching(|name| name.contains("crc32"), "*crc32*"),
+                named("key"),
+                matching(|name| name.contains("sort") && name != "sort_blobs", "sorted's C code"),
+                named("sort_blobs"),
+                named("main"),
             ],
         ),
         (
-            // deflate <- compressions (the generator) <- drain <- main
             "compressions",
             vec![
-                (Box::new(|name: &str| name.starts_with("deflate")), "deflate*"),
-                (Box::new(is("compressions")), "compressions"),
-                (Box::new(is("drain")), "drain"),
-                (Box::new(is("main")), "main"),
+                matching(|name| name.starts_with("deflate"), "deflate*"),
+                named("compressions"),
+                named("drain"),
+                named("main"),
             ],
         ),
     ];
-    for (function, chain) in cases {
-        let under = samples.iter().copied().filter(|sample| sample.has_function(function));
-        let (ordered, count) = share(under.clone(), |sample| {
-            let positions: Vec<_> = chain.iter().map(|(test, _)| position(sample, test)).collect();
-            positions.iter().all(Option::is_some) && positions.windows(2).all(|pair| pair[0] < pair[1])
-        });
-        let names: Vec<&str> = chain.iter().map(|(_, name)| *name).collect();
-        eprintln!("{python}: {count} samples in {function}, {:.0}% with {names:?} in order", ordered * 100.0);
-        ensure!(count >= 50, "only {count} samples in {function}; agent output:\n{}", run.log);
-        ensure!(
-            ordered >= 0.5,
-            "{python}: {:.0}% of the samples in {function} have {names:?} in order:\n{}\nagent output:\n{}",
-            ordered * 100.0,
-            show(&under.collect::<Vec<_>>()),
-            run.log
-        );
-    }
-    Ok(())
+    check_chains(python, "callbacks.py", cases)
 }
 
 #[test]
