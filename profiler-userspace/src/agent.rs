@@ -683,7 +683,6 @@ impl<'a> Agent<'a> {
                 });
                 (named, unwind::is_entry(frame.code, python.inline_calls))
             });
-            let frames: Vec<_> = frames.collect();
             unwind::merge(stack, user_from, frames);
             match sample.py_status {
                 PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
@@ -820,6 +819,7 @@ impl<'a> Agent<'a> {
             let stats = &loader.stats;
             summary.unwind_tables =
                 (stats.tables.load(Relaxed), stats.rows.load(Relaxed), stats.peak_rows.load(Relaxed));
+            summary.unwind_refused = stats.tables_refused.load(Relaxed);
         }
         summary.live_followed = self.heap.len();
         let mut threads: Vec<_> = self

@@ -38,6 +38,8 @@ pub struct PeriodSummary {
     pub unwound_stacks: u64,
     pub unwind_cut: u64,
     pub unwind_tables: (u64, u64, u64),
+    /// Tables that did not fit in the kernel's space, since the start.
+    pub unwind_refused: u64,
     pub memory_unwatched: u64,
     /// What each sink did, a line each.
     pub sinks: Vec<String>,
@@ -119,6 +121,7 @@ impl PeriodSummary {
         let problems = [
             (self.live_overflow, "sampled allocations could not be followed to their free (table full)"),
             (self.memory_unwatched, "CPython processes without memory profiling (allocator not found: see the log)"),
+            (self.unwind_refused, "files got no unwind table since the start (the kernel's table space was full)"),
             (self.unnamed_python_frames, "Python frames could not be named"),
             (self.broken_python_stacks, "Python stacks ended early on a bad pointer"),
             (
