@@ -9,6 +9,7 @@ mod cpython;
 mod discovery;
 mod ebpf;
 mod flamegraph;
+mod httpd;
 mod kubernetes;
 mod memory;
 mod metrics;
@@ -19,6 +20,7 @@ mod sinks;
 mod summary;
 mod symbolize;
 mod unwind;
+mod view;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +41,13 @@ enum Command {
     /// Needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE. Example:
     /// `ferroscope agent --period 1m --label env=staging`
     Agent(config::AgentArgs),
+    /// Look at the profiles of a directory in a web browser.
+    ///
+    /// Serves a page on loopback with a timeline of each application's
+    /// periods, and for any time range a flame graph, a top table and the
+    /// diff against another range. Example: `ferroscope view ./profiles`,
+    /// then open http://127.0.0.1:9465/
+    View(view::ViewArgs),
 }
 
 /// `info`, but for the Kubernetes client's retries, which the agent reports once per outage.
@@ -54,6 +63,12 @@ fn main() -> std::process::ExitCode {
         Command::Agent(args) => args.settings().and_then(|settings| {
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(settings))
         }),
+        Command::View(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(view::run(args))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

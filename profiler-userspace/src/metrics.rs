@@ -4,7 +4,6 @@
 //! dropped and is waiting.
 
 use std::{
-    convert::Infallible,
     fmt::Write,
     net::SocketAddr,
     sync::{
@@ -14,8 +13,7 @@ use std::{
 };
 
 use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Bytes, Response};
 
 use crate::{ebpf::KernelStats, sinks::Shipper};
 
@@ -115,25 +113,15 @@ pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>, sinks: Vec<Arc<Sh
         .await
         .map_err(|error| anyhow::anyhow!("cannot serve metrics on {address}: {error}"))?;
     let sinks = Arc::new(sinks);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let (metrics, sinks) = (metrics.clone(), sinks.clone());
-            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let response = match request.uri().path() {
-                    "/metrics" => Response::builder()
-                        .header("Content-Type", "text/plain; version=0.0.4")
-                        .body(Full::new(Bytes::from(metrics.render(&sinks)))),
-                    "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
-                    _ => Response::builder().status(404).body(Full::new(Bytes::from("not found\n"))),
-                };
-                async move { Ok::<_, Infallible>(response.expect("a valid response")) }
-            });
-            tokio::spawn(async move {
-                // A client that goes away is its own business.
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
+    crate::httpd::spawn(listener, move |request| {
+        let response = match request.uri().path() {
+            "/metrics" => Response::builder()
+                .header("Content-Type", "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(metrics.render(&sinks)))),
+            "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
+            _ => Response::builder().status(404).body(Full::new(Bytes::from("not found\n"))),
+        };
+        std::future::ready(response.expect("a valid response"))
     });
     Ok(())
 }

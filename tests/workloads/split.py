@@ -8,6 +8,7 @@ fixed rate cannot lock onto the rounds' period.
     split.py --cpu-seconds S   run until it has used S seconds of CPU (the end-to-end tests:
                                the number of samples then does not depend on other load)
     split.py --rounds N        do a fixed amount of work (the benchmark)
+    split.py --weights 2,3,5   another split (here 20/30/50), for the viewer's diff test
 
 It prints its elapsed seconds and the seconds of CPU it used.
 """
@@ -41,10 +42,10 @@ class Cruncher:
             acc = (acc * 31 + i) % 1000003
         self.acc = acc
 
-    def run_round(self, unit):
-        self.crunch_a(WEIGHTS[0] * unit)
-        self.crunch_b(WEIGHTS[1] * unit)
-        self.crunch_c(WEIGHTS[2] * unit)
+    def run_round(self, unit, weights):
+        self.crunch_a(weights[0] * unit)
+        self.crunch_b(weights[1] * unit)
+        self.crunch_c(weights[2] * unit)
 
 
 def main():
@@ -52,7 +53,9 @@ def main():
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--cpu-seconds", type=float)
     budget.add_argument("--rounds", type=int)
+    parser.add_argument("--weights", default=",".join(map(str, WEIGHTS)))
     args = parser.parse_args()
+    weights = [int(weight) for weight in args.weights.split(",")]
 
     # Seeded, so that the benchmark's runs all do the same work.
     rng = random.Random(20261122)
@@ -64,7 +67,7 @@ def main():
             break
         if args.cpu_seconds is not None and time.process_time() >= args.cpu_seconds:
             break
-        cruncher.run_round(rng.randint(2_000, 40_000))
+        cruncher.run_round(rng.randint(2_000, 40_000), weights)
         rounds += 1
     print(f"{time.perf_counter() - start:.6f} {time.process_time():.6f}", flush=True)
 

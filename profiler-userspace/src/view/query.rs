@@ -1,0 +1,325 @@
+//! What the page asks of an application's periods: samples per period (the
+//! timeline), and for a time range a flame graph, a top table, or the
+//! difference of two ranges.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::store::{Application, Kind, Period};
+
+/// Which samples: a time range, a sample type, and labels they must have.
+pub struct Selection {
+    pub type_index: usize,
+    /// Unix milliseconds; periods that start in `[from, to)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// `key=value` pairs: a sample must match one value of every key.
+    pub filters: Vec<(String, String)>,
+}
+
+/// Boxes narrower than this share of the whole are not sent: at 2,000
+/// pixels they would be a tenth of a pixel.
+const MIN_NODE_SHARE: f64 = 0.000_05;
+/// And never more boxes than this, so that a huge profile stays quick to
+/// draw; the widest are kept.
+const MAX_NODES: usize = 50_000;
+/// Rows of each top table.
+const MAX_ROWS: usize = 2_000;
+
+#[derive(Serialize)]
+pub struct Timeline {
+    pub sample_types: Vec<SampleType>,
+    /// `[start_ms, end_ms, value]` of each period, in order.
+    pub periods: Vec<[i64; 3]>,
+    /// Every label key with its values, sorted, for the filter.
+    pub labels: Vec<(String, Vec<String>)>,
+    pub unreadable: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct SampleType {
+    pub r#type: String,
+    pub unit: String,
+}
+
+/// A flame graph: its functions, and its boxes in depth-first order as
+/// `depth, function, total, self` (and `base total, base self` for a diff),
+/// flat, which the page reads quickly.
+#[derive(Serialize)]
+pub struct Flame {
+    pub unit: String,
+    pub total: i64,
+    /// For a diff: the total of the base range.
+    pub base_total: Option<i64>,
+    pub periods: usize,
+    pub functions: Vec<(String, String, Kind)>,
+    pub nodes: Vec<i64>,
+    /// Top tables: `function, self, total` and `function, line, self, total`.
+    pub top_functions: Vec<[i64; 3]>,
+    pub top_lines: Vec<[i64; 4]>,
+}
+
+/// Values of a label-set filter: which label sets a sample may have.
+fn matching_label_sets(app: &Application, filters: &[(String, String)]) -> Vec<bool> {
+    app.label_sets
+        .items
+        .iter()
+        .map(|labels| {
+            let mut keys = filters.iter().map(|(key, _)| key);
+            keys.all(|key| {
+                filters
+                    .iter()
+                    .filter(|(k, _)| k == key)
+                    .any(|(k, v)| labels.iter().any(|(label, value)| label == k && value == v))
+            })
+        })
+        .collect()
+}
+
+pub fn timeline(app: &Application, type_index: usize, filters: &[(String, String)]) -> Timeline {
+    let matching = matching_label_sets(app, filters);
+    let periods = app
+        .periods
+        .iter()
+        .map(|period| {
+            let value = period
+                .samples
+                .iter()
+                .filter(|sample| matching[sample.labels as usize])
+                .map(|sample| period.value(sample, type_index))
+                .sum();
+            [period.start_ms, period.end_ms, value]
+        })
+        .collect();
+    let mut labels: HashMap<&str, Vec<&str>> = HashMap::new();
+    for set in &app.label_sets.items {
+        for (key, value) in set.iter() {
+            labels.entry(key).or_default().push(value);
+        }
+    }
+    let mut labels: Vec<_> = labels
+        .into_iter()
+        .map(|(key, mut values)| {
+            values.sort_unstable();
+            values.dedup();
+            (key.to_owned(), values.into_iter().map(str::to_owned).collect())
+        })
+        .collect();
+    labels.sort();
+    Timeline {
+        sample_types: app
+            .sample_types
+            .iter()
+            .map(|(kind, unit)| SampleType { r#type: kind.clone(), unit: unit.clone() })
+            .collect(),
+        periods,
+        labels,
+        unreadable: app.unreadable.clone(),
+    }
+}
+
+/// The value of each stack over the selection, and how many periods it
+/// took. Heap in use is a level, not a flow: a range shows each series'
+/// last period, not their sum.
+fn stack_values(app: &Application, selection: &Selection) -> (Vec<i64>, usize) {
+    let matching = matching_label_sets(app, &selection.filters);
+    let in_range: Vec<&Period> = app
+        .periods
+        .iter()
+        .filter(|period| period.start_ms >= selection.from_ms && period.start_ms < selection.to_ms)
+        .collect();
+    let is_level = app.sample_types[selection.type_index].0.starts_with("inuse_");
+    let periods: Vec<&Period> = if is_level {
+        let mut last: HashMap<&str, &Period> = HashMap::new();
+        for period in in_range {
+            last.insert(&period.series, period);
+        }
+        last.into_values().collect()
+    } else {
+        in_range
+    };
+    let mut values = vec![0; app.stacks.items.len()];
+    for period in &periods {
+        for sample in period.samples.iter().filter(|sample| matching[sample.labels as usize]) {
+            values[sample.stack as usize] += period.value(sample, selection.type_index);
+        }
+    }
+    (values, periods.len())
+}
+
+/// The flame graph and top tables of `selection`; with `base`, the flame
+/// graph carries the base's values too, for a diff.
+pub fn flame(app: &Application, selection: &Selection, base: Option<&Selection>) -> Flame {
+    let (values, periods) = stack_values(app, selection);
+    let base_values = base.map(|base| stack_values(app, base).0);
+    let tree = Tree::build(app, &values, base_values.as_deref());
+    let mut used = Renumbered::default();
+    let nodes = tree.flatten(app, &mut used);
+    let (top_functions, top_lines) = top(app, &values, &mut used);
+    let unit = app.sample_types[selection.type_index].1.clone();
+    Flame {
+        unit,
+        total: tree.nodes[0].total[0],
+        base_total: base.map(|_| tree.nodes[0].total[1]),
+        periods,
+        functions: used
+            .functions
+            .into_iter()
+            .map(|id| {
+                let function = &app.functions.items[id as usize];
+                (function.name.clone(), function.file.clone(), function.kind)
+            })
+            .collect(),
+        nodes,
+        top_functions,
+        top_lines,
+    }
+}
+
+/// The functions a reply uses, numbered from 0 in the order first used.
+#[derive(Default)]
+struct Renumbered {
+    ids: HashMap<u32, i64>,
+    functions: Vec<u32>,
+}
+
+impl Renumbered {
+    fn id(&mut self, function: u32) -> i64 {
+        *self.ids.entry(function).or_insert_with(|| {
+            self.functions.push(function);
+            self.functions.len() as i64 - 1
+        })
+    }
+}
+
+struct Node {
+    function: u32,
+    total: [i64; 2],
+    own: [i64; 2],
+    children: Vec<u32>,
+}
+
+/// The call tree: stacks merged by function from the root.
+struct Tree {
+    nodes: Vec<Node>,
+}
+
+impl Tree {
+    fn build(app: &Application, values: &[i64], base: Option<&[i64]>) -> Tree {
+        let root = Node { function: u32::MAX, total: [0; 2], own: [0; 2], children: Vec::new() };
+        let mut tree = Tree { nodes: vec![root] };
+        let mut child_of: HashMap<(u32, u32), u32> = HashMap::new();
+        for (stack, frames) in app.stacks.items.iter().enumerate() {
+            let value = [values[stack], base.map_or(0, |base| base[stack])];
+            if value == [0, 0] {
+                continue;
+            }
+            let mut node = 0;
+            tree.nodes[0].total = add(tree.nodes[0].total, value);
+            for &line in frames.iter().rev() {
+                let function = app.lines.items[line as usize].function;
+                node = *child_of.entry((node, function)).or_insert_with(|| {
+                    let id = tree.nodes.len() as u32;
+                    tree.nodes.push(Node { function, total: [0; 2], own: [0; 2], children: Vec::new() });
+                    tree.nodes[node as usize].children.push(id);
+                    id
+                });
+                tree.nodes[node as usize].total = add(tree.nodes[node as usize].total, value);
+            }
+            tree.nodes[node as usize].own = add(tree.nodes[node as usize].own, value);
+        }
+        tree
+    }
+
+    /// The boxes wide enough to see, depth first with children by name.
+    fn flatten(&self, app: &Application, used: &mut Renumbered) -> Vec<i64> {
+        let width = |node: &Node| {
+            let share = |i: usize| node.total[i] as f64 / (self.nodes[0].total[i].max(1)) as f64;
+            share(0).max(share(1))
+        };
+        let mut threshold = MIN_NODE_SHARE;
+        if self.nodes.len() > MAX_NODES {
+            let mut widths: Vec<f64> = self.nodes.iter().map(width).collect();
+            let (_, nth, _) = widths.select_nth_unstable_by(MAX_NODES, |a, b| b.total_cmp(a));
+            // A child is never wider than its parent, so what is kept
+            // stays one tree.
+            threshold = threshold.max(*nth + f64::EPSILON);
+        }
+        let diff = self.nodes[0].total[1] != 0;
+        let mut flat = Vec::new();
+        let mut stack = vec![(0u32, 0i64)];
+        while let Some((id, depth)) = stack.pop() {
+            let node = &self.nodes[id as usize];
+            let function = if id == 0 { -1 } else { used.id(node.function) };
+            flat.extend([depth, function, node.total[0], node.own[0]]);
+            if diff {
+                flat.extend([node.total[1], node.own[1]]);
+            }
+            let mut children: Vec<u32> = node
+                .children
+                .iter()
+                .copied()
+                .filter(|&child| width(&self.nodes[child as usize]) >= threshold)
+                .collect();
+            children.sort_by(|a, b| {
+                let name = |id: &u32| &app.functions.items[self.nodes[*id as usize].function as usize].name;
+                name(b).cmp(name(a))
+            });
+            stack.extend(children.into_iter().map(|child| (child, depth + 1)));
+        }
+        flat
+    }
+}
+
+fn add(a: [i64; 2], b: [i64; 2]) -> [i64; 2] {
+    [a[0] + b[0], a[1] + b[1]]
+}
+
+/// Self and total of each function and of each line, cProfile's `tottime`
+/// and `cumtime`: a function that recurses counts once per sample in total.
+fn top(app: &Application, values: &[i64], used: &mut Renumbered) -> (Vec<[i64; 3]>, Vec<[i64; 4]>) {
+    let mut functions = vec![[0i64; 2]; app.functions.items.len()];
+    let mut lines = vec![[0i64; 2]; app.lines.items.len()];
+    // The last stack that counted each function and line.
+    let mut function_seen = vec![usize::MAX; functions.len()];
+    let mut line_seen = vec![usize::MAX; lines.len()];
+    for (stack, frames) in app.stacks.items.iter().enumerate() {
+        let value = values[stack];
+        if value == 0 {
+            continue;
+        }
+        for (depth, &line) in frames.iter().enumerate() {
+            let own = if depth == 0 { value } else { 0 };
+            let function = app.lines.items[line as usize].function as usize;
+            if function_seen[function] != stack {
+                function_seen[function] = stack;
+                functions[function] = [functions[function][0] + own, functions[function][1] + value];
+            }
+            if line_seen[line as usize] != stack {
+                line_seen[line as usize] = stack;
+                let entry = &mut lines[line as usize];
+                *entry = [entry[0] + own, entry[1] + value];
+            }
+        }
+    }
+    // The heaviest first; ties by id, so that answers do not change.
+    let mut functions: Vec<(usize, [i64; 2])> =
+        functions.into_iter().enumerate().filter(|(_, [_, total])| *total != 0).collect();
+    functions.sort_unstable_by_key(|&(id, [own, total])| (-own, -total, id));
+    functions.truncate(MAX_ROWS);
+    let mut lines: Vec<(usize, [i64; 2])> =
+        lines.into_iter().enumerate().filter(|(_, [_, total])| *total != 0).collect();
+    lines.sort_unstable_by_key(|&(id, [own, total])| (-own, -total, id));
+    lines.truncate(MAX_ROWS);
+    (
+        functions.into_iter().map(|(function, [own, total])| [used.id(function as u32), own, total]).collect(),
+        lines
+            .into_iter()
+            .map(|(line, [own, total])| {
+                let line = &app.lines.items[line];
+                [used.id(line.function), line.line, own, total]
+            })
+            .collect(),
+    )
+}
