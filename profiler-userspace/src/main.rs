@@ -40,7 +40,7 @@ enum Command {
     ///
     /// Needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE. Example:
     /// `ferroscope agent --period 1m --label env=staging`
-    Agent(config::AgentArgs),
+    Agent(Box<config::AgentArgs>),
     /// Look at the profiles of a directory in a web browser.
     ///
     /// Serves a page on loopback with a timeline of each application's

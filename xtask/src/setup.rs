@@ -25,7 +25,33 @@ pub fn test_tools() -> Result<()> {
     go()?;
     venv_packages(&TEST_PACKAGES)?;
     debian_packages(&DEPLOY_TEST_TOOLS)?;
+    browser_tools()?;
     debian_root()
+}
+
+/// What the viewer's end-to-end test drives: Debian's chromium, and Playwright from npm
+/// (pinned by tests/browser/package-lock.json; it never downloads a browser of its own).
+fn browser_tools() -> Result<()> {
+    debian_packages(&[
+        ("chromium", "chromium", "the viewer's end-to-end test runs it headless"),
+        ("node", "nodejs", "runs Playwright, which drives chromium"),
+        ("npm", "npm", "installs Playwright"),
+    ])?;
+    let browser = crate::workspace_root().join("tests/browser");
+    let lock: serde_json::Value = serde_json::from_str(&fs::read_to_string(browser.join("package-lock.json"))?)?;
+    let pinned = lock["packages"]["node_modules/playwright-core"]["version"]
+        .as_str()
+        .context("no playwright-core in the lock")?;
+    let installed = fs::read_to_string(browser.join("node_modules/playwright-core/package.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|package| package["version"].as_str().map(str::to_owned));
+    if installed.as_deref() == Some(pinned) {
+        step(format!("setup: playwright-core {pinned}: present, skipped"));
+        return Ok(());
+    }
+    step(format!("setup: playwright-core {pinned}: npm ci in {}", browser.display()));
+    run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&browser))
 }
 
 /// What the static build of `cargo xtask dist` needs beside the build's tools: Rust's musl

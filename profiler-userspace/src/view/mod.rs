@@ -4,6 +4,7 @@
 
 mod query;
 mod store;
+mod wire;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc};
 

@@ -86,8 +86,9 @@ pub fn timeline(app: &Application, type_index: usize, filters: &[(String, String
             let value = period
                 .samples
                 .iter()
-                .filter(|sample| matching[sample.labels as usize])
-                .map(|sample| period.value(sample, type_index))
+                .enumerate()
+                .filter(|(_, sample)| matching[sample.labels as usize])
+                .map(|(index, _)| period.value(index, type_index))
                 .sum();
             [period.start_ms, period.end_ms, value]
         })
@@ -115,7 +116,7 @@ pub fn timeline(app: &Application, type_index: usize, filters: &[(String, String
             .collect(),
         periods,
         labels,
-        unreadable: app.unreadable.clone(),
+        unreadable: app.unreadable(),
     }
 }
 
@@ -141,8 +142,10 @@ fn stack_values(app: &Application, selection: &Selection) -> (Vec<i64>, usize) {
     };
     let mut values = vec![0; app.stacks.items.len()];
     for period in &periods {
-        for sample in period.samples.iter().filter(|sample| matching[sample.labels as usize]) {
-            values[sample.stack as usize] += period.value(sample, selection.type_index);
+        for (index, sample) in period.samples.iter().enumerate() {
+            if matching[sample.labels as usize] {
+                values[sample.stack as usize] += period.value(index, selection.type_index);
+            }
         }
     }
     (values, periods.len())
@@ -262,9 +265,14 @@ impl Tree {
                 .copied()
                 .filter(|&child| width(&self.nodes[child as usize]) >= threshold)
                 .collect();
+            // By name (then file): the same order whatever order the files
+            // were read in. Reversed, as the stack pops the last first.
             children.sort_by(|a, b| {
-                let name = |id: &u32| &app.functions.items[self.nodes[*id as usize].function as usize].name;
-                name(b).cmp(name(a))
+                let function = |id: &u32| {
+                    let function = &app.functions.items[self.nodes[*id as usize].function as usize];
+                    (&function.name, &function.file, function.kind as u8)
+                };
+                function(b).cmp(&function(a))
             });
             stack.extend(children.into_iter().map(|child| (child, depth + 1)));
         }
@@ -303,14 +311,24 @@ fn top(app: &Application, values: &[i64], used: &mut Renumbered) -> (Vec<[i64; 3
             }
         }
     }
-    // The heaviest first; ties by id, so that answers do not change.
+    // The heaviest first; ties by name, file and line, so that answers do
+    // not change with the order files were read in.
+    let by_name = |function: usize| {
+        let function = &app.functions.items[function];
+        (&function.name, &function.file, function.kind as u8)
+    };
     let mut functions: Vec<(usize, [i64; 2])> =
         functions.into_iter().enumerate().filter(|(_, [_, total])| *total != 0).collect();
-    functions.sort_unstable_by_key(|&(id, [own, total])| (-own, -total, id));
+    functions.sort_unstable_by(|&(a, [a_own, a_total]), &(b, [b_own, b_total])| {
+        (b_own, b_total).cmp(&(a_own, a_total)).then_with(|| by_name(a).cmp(&by_name(b)))
+    });
     functions.truncate(MAX_ROWS);
     let mut lines: Vec<(usize, [i64; 2])> =
         lines.into_iter().enumerate().filter(|(_, [_, total])| *total != 0).collect();
-    lines.sort_unstable_by_key(|&(id, [own, total])| (-own, -total, id));
+    lines.sort_unstable_by(|&(a, [a_own, a_total]), &(b, [b_own, b_total])| {
+        let line = |id: usize| (by_name(app.lines.items[id].function as usize), app.lines.items[id].line);
+        (b_own, b_total).cmp(&(a_own, a_total)).then_with(|| line(a).cmp(&line(b)))
+    });
     lines.truncate(MAX_ROWS);
     (
         functions.into_iter().map(|(function, [own, total])| [used.id(function as u32), own, total]).collect(),
@@ -322,4 +340,220 @@ fn top(app: &Application, values: &[i64], used: &mut Renumbered) -> (Vec<[i64; 3
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::{pprof::proto, view::store::Resolved};
+
+    /// A sample of a test period: its stack (root first), values and labels.
+    type TestSample<'a> = (&'a [&'a str], Vec<i64>, &'a [(&'a str, &'a str)]);
+
+    /// A period of `profile`'s making: samples as (stack root first, values, labels).
+    struct Period<'a> {
+        start_ms: i64,
+        types: &'a [&'a str],
+        samples: Vec<TestSample<'a>>,
+    }
+
+    /// A pprof profile of `period`: functions named as given, in `app.py`, line 1.
+    fn profile(period: &Period) -> proto::Profile {
+        let mut strings = vec![String::new()];
+        let mut string = |text: &str| match strings.iter().position(|known| known == text) {
+            Some(id) => id as i64,
+            None => {
+                strings.push(text.to_owned());
+                strings.len() as i64 - 1
+            }
+        };
+        let file = string("app.py");
+        let sample_type =
+            period.types.iter().map(|kind| proto::ValueType { r#type: string(kind), unit: string("count") }).collect();
+        let mut function = Vec::new();
+        let mut location = Vec::new();
+        let sample = period
+            .samples
+            .iter()
+            .map(|(stack, values, labels)| proto::Sample {
+                location_id: stack
+                    .iter()
+                    .rev()
+                    .map(|name| {
+                        let name = string(name);
+                        let id = function.len() as u64 + 1;
+                        function.push(proto::Function { id, name, filename: file, ..Default::default() });
+                        location.push(proto::Location {
+                            id,
+                            line: vec![proto::Line { function_id: id, line: 1, column: 0 }],
+                            ..Default::default()
+                        });
+                        id
+                    })
+                    .collect(),
+                value: values.clone(),
+                label: labels
+                    .iter()
+                    .map(|(key, value)| proto::Label { key: string(key), str: string(value), ..Default::default() })
+                    .collect(),
+            })
+            .collect();
+        proto::Profile {
+            sample_type,
+            sample,
+            location,
+            function,
+            string_table: strings,
+            time_nanos: period.start_ms * 1_000_000,
+            duration_nanos: 10_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn application(periods: &[(&str, Period)]) -> Application {
+        let mut app = Application::default();
+        for (file, period) in periods {
+            app.add(file, Resolved::new(profile(period).encode_to_vec()).unwrap());
+        }
+        app
+    }
+
+    fn everything(app: &Application, kind: &str) -> Selection {
+        Selection { type_index: app.sample_type(kind).unwrap(), from_ms: 0, to_ms: i64::MAX, filters: Vec::new() }
+    }
+
+    /// The boxes as `(depth, name, total, self)`.
+    fn boxes(flame: &Flame, stride: usize) -> Vec<(i64, &str, i64, i64)> {
+        flame
+            .nodes
+            .chunks(stride)
+            .map(|node| {
+                let name = if node[1] < 0 { "all" } else { flame.functions[node[1] as usize].0.as_str() };
+                (node[0], name, node[2], node[3])
+            })
+            .collect()
+    }
+
+    const CPU: &[&str] = &["cpu"];
+
+    #[test]
+    fn stacks_merge_from_the_root_and_children_go_by_name() {
+        let app = application(&[(
+            "p.pb.gz",
+            Period {
+                start_ms: 1_000,
+                types: CPU,
+                samples: vec![
+                    (&["main", "b", "a"], vec![1], &[]),
+                    (&["main", "a"], vec![3], &[]),
+                    (&["main"], vec![2], &[]),
+                ],
+            },
+        )]);
+        let flame = flame(&app, &everything(&app, "cpu"), None);
+        assert_eq!(flame.total, 6);
+        assert_eq!(
+            boxes(&flame, 4),
+            [(0, "all", 6, 0), (1, "main", 6, 2), (2, "a", 3, 3), (2, "b", 1, 0), (3, "a", 1, 1)]
+        );
+        let name = |id: i64| flame.functions[id as usize].0.as_str();
+        let top: Vec<_> = flame.top_functions.iter().map(|row| (name(row[0]), row[1], row[2])).collect();
+        assert_eq!(top, [("a", 4, 4), ("main", 2, 6), ("b", 0, 1)]);
+    }
+
+    #[test]
+    fn a_recursive_function_counts_once_per_sample_in_its_total() {
+        let app = application(&[(
+            "p.pb.gz",
+            Period { start_ms: 0, types: CPU, samples: vec![(&["main", "walk", "walk", "walk"], vec![5], &[])] },
+        )]);
+        let flame = flame(&app, &everything(&app, "cpu"), None);
+        let walk = flame.top_functions.iter().find(|row| flame.functions[row[0] as usize].0 == "walk").unwrap();
+        assert_eq!((walk[1], walk[2]), (5, 5));
+        assert_eq!(flame.top_lines.len(), 2, "main:1 and walk:1");
+    }
+
+    #[test]
+    fn ranges_filters_and_the_timeline() {
+        let labels_1: &[(&str, &str)] = &[("pid", "1"), ("wait", "lock")];
+        let labels_2: &[(&str, &str)] = &[("pid", "2")];
+        let app = application(&[
+            ("1.pb.gz", Period { start_ms: 0, types: CPU, samples: vec![(&["a"], vec![1], labels_1)] }),
+            (
+                "2.pb.gz",
+                Period {
+                    start_ms: 10_000,
+                    types: CPU,
+                    samples: vec![(&["a"], vec![2], labels_1), (&["b"], vec![4], labels_2)],
+                },
+            ),
+        ]);
+        let filters = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let timeline = timeline(&app, 0, &filters(&[("pid", "2")]));
+        assert_eq!(timeline.periods, [[0, 10_000, 0], [10_000, 20_000, 4]]);
+        assert!(timeline.labels.contains(&("pid".into(), vec!["1".into(), "2".into()])));
+
+        let total = |from_ms, to_ms, pairs: &[(&str, &str)]| {
+            flame(&app, &Selection { type_index: 0, from_ms, to_ms, filters: filters(pairs) }, None).total
+        };
+        assert_eq!(total(0, i64::MAX, &[]), 7);
+        assert_eq!(total(5_000, i64::MAX, &[]), 6, "periods that start in the range");
+        assert_eq!(total(0, i64::MAX, &[("pid", "1"), ("pid", "2")]), 7, "one key: any of its values");
+        assert_eq!(total(0, i64::MAX, &[("pid", "2"), ("wait", "lock")]), 0, "two keys: both");
+        assert_eq!(total(0, i64::MAX, &[("pid", "1"), ("wait", "lock")]), 3);
+    }
+
+    #[test]
+    fn heap_in_use_is_the_last_level_of_each_series_not_a_sum() {
+        let types: &[&str] = &["alloc_space", "inuse_space"];
+        let period = |start_ms, alloc, inuse| Period {
+            start_ms,
+            types,
+            samples: vec![(&["main", "load"] as &[&str], vec![alloc, inuse], &[] as &[(&str, &str)])],
+        };
+        let app = application(&[
+            ("0-1.pb.gz", period(0, 100, 50)),
+            ("1-2.pb.gz", period(10_000, 100, 70)),
+            ("0-1-pod2.pb.gz", period(0, 10, 5)),
+        ]);
+        assert_eq!(flame(&app, &everything(&app, "alloc_space"), None).total, 210);
+        assert_eq!(flame(&app, &everything(&app, "inuse_space"), None).total, 75);
+    }
+
+    #[test]
+    fn a_diff_carries_both_ranges_values() {
+        let app = application(&[
+            (
+                "1.pb.gz",
+                Period { start_ms: 0, types: CPU, samples: vec![(&["a"], vec![3], &[]), (&["b"], vec![1], &[])] },
+            ),
+            ("2.pb.gz", Period { start_ms: 10_000, types: CPU, samples: vec![(&["a"], vec![1], &[])] }),
+        ]);
+        let range = Selection { type_index: 0, from_ms: 10_000, to_ms: i64::MAX, filters: Vec::new() };
+        let base = Selection { type_index: 0, from_ms: 0, to_ms: 10_000, filters: Vec::new() };
+        let diff = flame(&app, &range, Some(&base));
+        assert_eq!((diff.total, diff.base_total), (1, Some(4)));
+        let rows: Vec<_> = diff.nodes.chunks(6).map(|node| (node[2], node[3], node[4], node[5])).collect();
+        // all; a; b, which only the base has.
+        assert_eq!(rows, [(1, 0, 4, 0), (1, 1, 3, 3), (0, 0, 1, 1)]);
+    }
+
+    #[test]
+    fn boxes_too_narrow_to_see_are_not_sent() {
+        let names: Vec<String> = (0..30_000).map(|i| format!("tiny_{i}")).collect();
+        let mut samples: Vec<TestSample> = vec![(&["main", "heavy"], vec![1_000_000], &[])];
+        let stacks: Vec<[&str; 2]> = names.iter().map(|name| ["main", name.as_str()]).collect();
+        samples.extend(stacks.iter().map(|stack| (&stack[..], vec![1], &[] as &[(&str, &str)])));
+        let app = application(&[("1.pb.gz", Period { start_ms: 0, types: CPU, samples })]);
+        let flame = flame(&app, &everything(&app, "cpu"), None);
+        assert_eq!(
+            boxes(&flame, 4),
+            [(0, "all", 1_030_000, 0), (1, "main", 1_030_000, 0), (2, "heavy", 1_000_000, 1_000_000)]
+        );
+        assert_eq!(flame.top_functions.len(), MAX_ROWS, "the top table keeps every function up to its limit");
+    }
 }

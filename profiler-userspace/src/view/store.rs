@@ -9,14 +9,17 @@ use std::{
     hash::Hash,
     io::Read,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc, Mutex,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
-use prost::Message;
+use std::hash::BuildHasher;
 
-use crate::pprof::proto;
+use super::wire;
 
 /// How a frame is colored: by the code it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -52,42 +55,43 @@ pub struct Period {
     /// Files of one application with labels of their own (a pod's) are
     /// series of their own; heap in use is a level per series.
     pub series: String,
-    /// The column of each of the application's sample types in `values`.
+    /// The column of each of the application's sample types in a sample's
+    /// values.
     columns: Vec<Option<usize>>,
     pub samples: Vec<Sample>,
+    /// The samples' values, `columns.len()` per sample, in one allocation.
+    values: Vec<i64>,
+    stride: usize,
 }
 
 impl Period {
-    /// The sample's value of the application's sample type `type_index`.
-    pub fn value(&self, sample: &Sample, type_index: usize) -> i64 {
-        self.columns
-            .get(type_index)
-            .copied()
-            .flatten()
-            .and_then(|column| sample.values.get(column))
-            .copied()
-            .unwrap_or(0)
+    /// Sample `index`'s value of the application's sample type `type_index`.
+    pub fn value(&self, index: usize, type_index: usize) -> i64 {
+        match self.columns.get(type_index).copied().flatten() {
+            Some(column) => self.values[index * self.stride + column],
+            None => 0,
+        }
     }
 }
 
 pub struct Sample {
     pub stack: u32,
     pub labels: u32,
-    values: Box<[i64]>,
 }
 
-/// Values with ids: each stored once.
+/// Values with ids: each stored once, looked up by a borrowed form of
+/// themselves (`[u32]` for `Box<[u32]>`), which is copied only when new.
 pub struct Interner<T> {
     pub items: Vec<T>,
-    ids: HashMap<T, u32>,
+    ids: hashbrown::HashMap<T, u32>,
 }
 
 impl<T: Clone + Eq + Hash> Interner<T> {
-    fn id(&mut self, item: T) -> u32 {
-        if let Some(&id) = self.ids.get(&item) {
+    fn id<Q: ?Sized + Hash + hashbrown::Equivalent<T>>(&mut self, item: &Q, to_owned: impl FnOnce(&Q) -> T) -> u32 {
+        if let Some(&id) = self.ids.get(item) {
             return id;
         }
-        let id = self.items.len() as u32;
+        let (id, item) = (self.items.len() as u32, to_owned(item));
         self.items.push(item.clone());
         self.ids.insert(item, id);
         id
@@ -96,7 +100,33 @@ impl<T: Clone + Eq + Hash> Interner<T> {
 
 impl<T> Default for Interner<T> {
     fn default() -> Self {
-        Interner { items: Vec::new(), ids: HashMap::new() }
+        Interner { items: Vec::new(), ids: hashbrown::HashMap::new() }
+    }
+}
+
+/// A [`Function`] borrowed from a file's bytes; hashes as the function does
+/// (same fields, same order).
+#[derive(Hash)]
+struct FunctionRef<'a> {
+    name: &'a str,
+    file: &'a str,
+    kind: Kind,
+}
+
+impl hashbrown::Equivalent<Function> for FunctionRef<'_> {
+    fn equivalent(&self, function: &Function) -> bool {
+        self.name == function.name && self.file == function.file && self.kind == function.kind
+    }
+}
+
+/// A label set borrowed from a file's bytes; hashes as the owned set does
+/// (a slice: its length, then each pair).
+#[derive(Hash)]
+struct LabelsRef<'a, 'b>(&'b [(&'a str, &'a str)]);
+
+impl hashbrown::Equivalent<Box<[(String, String)]>> for LabelsRef<'_, '_> {
+    fn equivalent(&self, labels: &Box<[(String, String)]>) -> bool {
+        self.0.len() == labels.len() && self.0.iter().zip(labels.iter()).all(|(a, b)| a.0 == b.0 && a.1 == b.1)
     }
 }
 
@@ -114,15 +144,8 @@ pub struct Application {
     /// By file name: its length and time of change, to see it change.
     files: HashMap<String, (u64, SystemTime)>,
     /// Files that are not profiles, with why, reported to the page.
-    pub unreadable: Vec<String>,
+    unreadable: HashMap<String, String>,
     checked: Option<Instant>,
-}
-
-/// A file read and decoded, not yet merged into its application.
-struct Decoded {
-    name: String,
-    stamp: (u64, SystemTime),
-    profile: Result<proto::Profile>,
 }
 
 /// How long what was read of a directory is trusted before it is read
@@ -153,15 +176,23 @@ impl Application {
         // with them; the tables keep what they interned, unused.
         self.files.retain(|name, stamp| on_disk.get(name) == Some(stamp));
         self.periods.retain(|period| self.files.contains_key(&period.file));
-        let to_read: Vec<_> = on_disk.iter().filter(|(name, _)| !self.files.contains_key(*name)).collect();
-        for decoded in read_in_parallel(dir, &to_read) {
-            self.files.insert(decoded.name.clone(), decoded.stamp);
-            match decoded.profile {
-                Ok(profile) => self.add(&decoded.name, &profile),
-                Err(error) => self.unreadable.push(format!("{}: {error:#}", decoded.name)),
+        self.unreadable.retain(|name, _| self.files.contains_key(name));
+        let to_read: Vec<(String, (u64, SystemTime))> =
+            on_disk.into_iter().filter(|(name, _)| !self.files.contains_key(name)).collect();
+        let started = Instant::now();
+        read_in_parallel(dir, &to_read, |name, stamp, resolved| {
+            self.files.insert(name.to_owned(), stamp);
+            match resolved {
+                Ok(resolved) => self.add(name, resolved),
+                Err(error) => {
+                    self.unreadable.insert(name.to_owned(), format!("{error:#}"));
+                }
             }
+        });
+        self.periods.sort_by(|a, b| (a.start_ms, &a.series).cmp(&(b.start_ms, &b.series)));
+        if to_read.len() > 1 {
+            log::info!("read {} files of {} in {} ms", to_read.len(), dir.display(), started.elapsed().as_millis());
         }
-        self.periods.sort_by_key(|period| (period.start_ms, period.series.clone()));
         self.checked = Some(Instant::now());
         Ok(())
     }
@@ -171,89 +202,335 @@ impl Application {
         self.sample_types.iter().position(|(kind, _)| kind == name)
     }
 
-    fn add(&mut self, file_name: &str, profile: &proto::Profile) {
-        let string = |id: i64| profile.string_table.get(id as usize).cloned().unwrap_or_default();
-        let columns = profile
-            .sample_type
+    /// Files that could not be read, with why.
+    pub fn unreadable(&self) -> Vec<String> {
+        let mut unreadable: Vec<_> = self.unreadable.iter().map(|(name, why)| format!("{name}: {why}")).collect();
+        unreadable.sort();
+        unreadable
+    }
+
+    /// Takes a file's profile into the application's tables: only its
+    /// distinct functions, lines, stacks and label sets are looked up, and
+    /// only those new to the application are copied.
+    pub(super) fn add(&mut self, file_name: &str, resolved: Resolved) {
+        let bytes = &resolved.bytes;
+        let text = |index: u32| resolved.text(index, bytes);
+        let columns_of_file: Vec<usize> = resolved
+            .sample_types
             .iter()
-            .map(|value_type| {
-                let key = (string(value_type.r#type), string(value_type.unit));
-                match self.sample_types.iter().position(|known| *known == key) {
+            .map(|&(kind, unit)| {
+                let key = (text(kind), text(unit));
+                match self.sample_types.iter().position(|(k, u)| (k.as_str(), u.as_str()) == key) {
                     Some(index) => index,
                     None => {
-                        self.sample_types.push(key);
+                        self.sample_types.push((key.0.to_owned(), key.1.to_owned()));
                         self.sample_types.len() - 1
                     }
                 }
             })
-            .collect::<Vec<_>>();
-        let mut columns_by_type = vec![None; self.sample_types.len()];
-        for (column, &type_index) in columns.iter().enumerate() {
-            columns_by_type[type_index] = Some(column);
+            .collect();
+        let mut columns = vec![None; self.sample_types.len()];
+        for (column, &type_index) in columns_of_file.iter().enumerate() {
+            columns[type_index] = Some(column);
         }
-
-        let functions: HashMap<u64, u32> = profile
-            .function
+        let functions: Vec<u32> = resolved
+            .functions
             .iter()
-            .map(|function| {
-                let (name, file) = (string(function.name), string(function.filename));
-                let kind = match () {
-                    // The symbolizer's name for the kernel, and pprof's.
-                    _ if file == "[kernel]" || file == "[kernel.kallsyms]" => Kind::Kernel,
-                    _ if function.system_name != 0 => Kind::Native,
-                    _ if file.is_empty() => Kind::Marker,
-                    _ => Kind::Python,
-                };
-                (function.id, self.functions.id(Function { name, file, kind }))
+            .map(|&(name, file, kind)| {
+                let function = FunctionRef { name: text(name), file: text(file), kind };
+                self.functions.id(&function, |function| Function {
+                    name: function.name.to_owned(),
+                    file: function.file.to_owned(),
+                    kind,
+                })
             })
             .collect();
-        // A location with inlined functions has several lines, innermost first.
-        let locations: HashMap<u64, Vec<u32>> = profile
-            .location
+        let lines: Vec<u32> = resolved
+            .lines
             .iter()
-            .map(|location| {
-                let lines = location
-                    .line
-                    .iter()
-                    .filter_map(|line| {
-                        let function = *functions.get(&line.function_id)?;
-                        Some(self.lines.id(Line { function, line: line.line }))
-                    })
-                    .collect();
-                (location.id, lines)
+            .map(|&(function, line)| {
+                self.lines.id(&Line { function: functions[function as usize], line }, |line| *line)
             })
             .collect();
-
-        let samples = profile
-            .sample
-            .iter()
-            .map(|sample| {
-                let stack: Box<[u32]> =
-                    sample.location_id.iter().flat_map(|id| locations.get(id).into_iter().flatten().copied()).collect();
-                let mut labels: Vec<_> = sample
-                    .label
-                    .iter()
-                    .filter(|label| label.str != 0)
-                    .map(|label| (string(label.key), string(label.str)))
-                    .collect();
-                labels.sort();
-                Sample {
-                    stack: self.stacks.id(stack),
-                    labels: self.label_sets.id(labels.into()),
-                    values: sample.value.clone().into(),
-                }
+        let mut global = Vec::new();
+        let stacks: Vec<u32> = (0..resolved.stacks.len())
+            .map(|stack| {
+                global.clear();
+                global.extend(resolved.stacks.get(stack).iter().map(|&line| lines[line as usize]));
+                self.stacks.id(global.as_slice(), |stack| stack.into())
             })
             .collect();
-        let start_ms = profile.time_nanos / 1_000_000;
+        let mut pairs = Vec::new();
+        let label_sets: Vec<u32> = resolved
+            .label_sets
+            .iter()
+            .map(|labels| {
+                pairs.clear();
+                pairs.extend(labels.iter().map(|&(key, value)| (text(key), text(value))));
+                // One order, so that a set is one set whoever wrote it.
+                pairs.sort_unstable();
+                self.label_sets.id(&LabelsRef(&pairs), |labels| {
+                    labels.0.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
+                })
+            })
+            .collect();
         self.periods.push(Period {
             file: file_name.to_owned(),
-            start_ms,
-            end_ms: start_ms + profile.duration_nanos / 1_000_000,
+            start_ms: resolved.start_ms,
+            end_ms: resolved.end_ms,
             series: series_of(file_name).to_owned(),
-            columns: columns_by_type,
-            samples,
+            columns,
+            samples: resolved
+                .samples
+                .iter()
+                .map(|&(stack, labels)| Sample { stack: stacks[stack as usize], labels: label_sets[labels as usize] })
+                .collect(),
+            stride: columns_of_file.len(),
+            values: resolved.values,
         });
     }
+}
+
+/// A file's profile over tables of its own, each entry once, read in place
+/// from its bytes: what a decoding thread hands over. Strings are indexes in
+/// the file's string table; stacks are leaf first, of indexes in `lines`.
+pub(super) struct Resolved {
+    bytes: Vec<u8>,
+    /// Where each string of the string table is in `bytes`.
+    strings: Vec<(u32, u32)>,
+    start_ms: i64,
+    end_ms: i64,
+    sample_types: Vec<(u32, u32)>,
+    /// `(name, file, kind)`.
+    functions: Vec<(u32, u32, Kind)>,
+    /// `(index in functions, line)`.
+    lines: Vec<(u32, i64)>,
+    stacks: Slices,
+    /// `(key, value)` pairs, in the file's order.
+    label_sets: Vec<Box<[(u32, u32)]>>,
+    /// `(index in stacks, index in label_sets)`.
+    samples: Vec<(u32, u32)>,
+    /// `sample_types.len()` per sample.
+    values: Vec<i64>,
+}
+
+impl Resolved {
+    /// Reads a pprof `Profile` message (profile.proto's field numbers).
+    pub(super) fn new(bytes: Vec<u8>) -> Result<Resolved> {
+        let mut resolved = Resolved {
+            bytes: Vec::new(),
+            strings: Vec::new(),
+            start_ms: 0,
+            end_ms: 0,
+            sample_types: Vec::new(),
+            functions: Vec::new(),
+            lines: Vec::new(),
+            stacks: Slices::default(),
+            label_sets: Vec::new(),
+            samples: Vec::new(),
+            values: Vec::new(),
+        };
+        // The tables may come in any order: note where each message is first.
+        let (mut sample_types, mut samples, mut locations, mut functions) = (vec![], vec![], vec![], vec![]);
+        let mut duration_nanos = 0;
+        for field in wire::fields(&bytes) {
+            let (number, value) = field?;
+            match number {
+                1 => sample_types.push(value.bytes()),
+                2 => samples.push(value.bytes()),
+                4 => locations.push(value.bytes()),
+                5 => functions.push(value.bytes()),
+                6 => {
+                    let string = value.bytes();
+                    let start = string.as_ptr() as usize - bytes.as_ptr() as usize;
+                    resolved.strings.push((start as u32, (start + string.len()) as u32));
+                }
+                9 => resolved.start_ms = value.int() / 1_000_000,
+                10 => duration_nanos = value.int(),
+                _ => {}
+            }
+        }
+        resolved.end_ms = resolved.start_ms + duration_nanos / 1_000_000;
+        let string_count = resolved.strings.len() as i64;
+        // Out-of-range string indexes read as "" (index 0), as pprof's readers do.
+        let string = |index: i64| if (0..string_count).contains(&index) { index as u32 } else { 0 };
+        if resolved.strings.is_empty() {
+            resolved.strings.push((0, 0));
+        }
+
+        for message in sample_types {
+            let (mut kind, mut unit) = (0, 0);
+            for field in wire::fields(message) {
+                match field? {
+                    (1, value) => kind = string(value.int()),
+                    (2, value) => unit = string(value.int()),
+                    _ => {}
+                }
+            }
+            resolved.sample_types.push((kind, unit));
+        }
+
+        let mut function_index = hashbrown::HashMap::with_capacity(functions.len());
+        for message in functions {
+            let (mut id, mut name, mut system_name, mut file) = (0, 0, 0, 0);
+            for field in wire::fields(message) {
+                match field? {
+                    (1, value) => id = value.int(),
+                    (2, value) => name = string(value.int()),
+                    (3, value) => system_name = string(value.int()),
+                    (4, value) => file = string(value.int()),
+                    _ => {}
+                }
+            }
+            let file_name = resolved.text(file, &bytes);
+            let kind = match () {
+                // The symbolizer's name for the kernel, and pprof's.
+                _ if file_name == "[kernel]" || file_name == "[kernel.kallsyms]" => Kind::Kernel,
+                _ if system_name != 0 => Kind::Native,
+                _ if file_name.is_empty() => Kind::Marker,
+                _ => Kind::Python,
+            };
+            function_index.insert(id, resolved.functions.len() as u32);
+            resolved.functions.push((name, file, kind));
+        }
+
+        // A location with inlined functions has several lines, innermost
+        // first: `lines[start..end]`.
+        let mut spans = Vec::with_capacity(locations.len());
+        for message in locations {
+            let (mut id, start) = (0, resolved.lines.len() as u32);
+            for field in wire::fields(message) {
+                match field? {
+                    (1, value) => id = value.int(),
+                    (4, line) => {
+                        let (mut function_id, mut number) = (0, 0);
+                        for field in wire::fields(line.bytes()) {
+                            match field? {
+                                (1, value) => function_id = value.int(),
+                                (2, value) => number = value.int(),
+                                _ => {}
+                            }
+                        }
+                        if let Some(&function) = function_index.get(&function_id) {
+                            resolved.lines.push((function, number));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            spans.push((id, start, resolved.lines.len() as u32));
+        }
+        // Writers number locations 1, 2, 3...: then a location is found by
+        // its id, else through a map.
+        let dense = spans.iter().enumerate().all(|(index, &(id, _, _))| id == index as i64 + 1);
+        let by_id: hashbrown::HashMap<i64, (u32, u32)> =
+            if dense { Default::default() } else { spans.iter().map(|&(id, start, end)| (id, (start, end))).collect() };
+        let span_of = |id: i64| match dense {
+            true => spans.get(usize::try_from(id - 1).ok()?).map(|&(_, start, end)| (start, end)),
+            false => by_id.get(&id).copied(),
+        };
+
+        // Samples of one thread have the same labels: the same label
+        // messages, byte for byte, which are read once.
+        let mut label_sets_seen: hashbrown::HashMap<Vec<&[u8]>, u32> = hashbrown::HashMap::new();
+        let (mut stack, mut label_messages, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        let types = resolved.sample_types.len();
+        resolved.samples.reserve(samples.len());
+        resolved.values.reserve(samples.len() * types);
+        for message in samples {
+            stack.clear();
+            label_messages.clear();
+            values.clear();
+            for field in wire::fields(message) {
+                match field? {
+                    (1, value) => value.ints(|id| match span_of(id) {
+                        Some((start, end)) if end == start + 1 => stack.push(start),
+                        Some((start, end)) => stack.extend(start..end),
+                        None => {}
+                    })?,
+                    (2, value) => value.ints(|v| values.push(v))?,
+                    (3, label) => label_messages.push(label.bytes()),
+                    _ => {}
+                }
+            }
+            let stack = resolved.stacks.id(&stack);
+            let label_set = match label_sets_seen.get(&label_messages) {
+                Some(&set) => set,
+                None => {
+                    let mut labels = Vec::with_capacity(label_messages.len());
+                    for label in &label_messages {
+                        let (mut key, mut text) = (0, 0);
+                        for field in wire::fields(label) {
+                            match field? {
+                                (1, value) => key = string(value.int()),
+                                (2, value) => text = string(value.int()),
+                                _ => {}
+                            }
+                        }
+                        // Numeric labels have no string: not filterable here.
+                        if text != 0 {
+                            labels.push((key, text));
+                        }
+                    }
+                    resolved.label_sets.push(labels.into_boxed_slice());
+                    let set = resolved.label_sets.len() as u32 - 1;
+                    label_sets_seen.insert(label_messages.clone(), set);
+                    set
+                }
+            };
+            resolved.samples.push((stack, label_set));
+            // A value per type; a short sample counts as zeros.
+            resolved.values.extend((0..types).map(|i| values.get(i).copied().unwrap_or(0)));
+        }
+        drop(label_sets_seen);
+        resolved.bytes = bytes;
+        Ok(resolved)
+    }
+
+    /// String `index` of the file's string table, in `bytes`.
+    fn text<'a>(&self, index: u32, bytes: &'a [u8]) -> &'a str {
+        let (start, end) = self.strings.get(index as usize).copied().unwrap_or((0, 0));
+        std::str::from_utf8(&bytes[start as usize..end as usize]).unwrap_or("\u{fffd}")
+    }
+}
+
+/// Slices of integers stored end to end, each once, with ids: a file's
+/// stacks, without an allocation each.
+#[derive(Default)]
+struct Slices {
+    items: Vec<u32>,
+    /// Where each slice ends in `items`; it starts where the one before ends.
+    ends: Vec<u32>,
+    ids: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl Slices {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, id: usize) -> &[u32] {
+        slice(&self.items, &self.ends, id)
+    }
+
+    fn id(&mut self, slice_to_find: &[u32]) -> u32 {
+        let hash = self.hasher.hash_one(slice_to_find);
+        if let Some(&id) = self.ids.find(hash, |&id| self.get(id as usize) == slice_to_find) {
+            return id;
+        }
+        let id = self.ends.len() as u32;
+        self.items.extend_from_slice(slice_to_find);
+        self.ends.push(self.items.len() as u32);
+        let Slices { items, ends, ids, hasher } = self;
+        ids.insert_unique(hash, id, |&id| hasher.hash_one(slice(items, ends, id as usize)));
+        id
+    }
+}
+
+fn slice<'a>(items: &'a [u32], ends: &[u32], id: usize) -> &'a [u32] {
+    let start = if id == 0 { 0 } else { ends[id - 1] as usize };
+    &items[start..ends[id] as usize]
 }
 
 /// `20261122T051323Z-20261122T051409Z-8c0f3a2e.pb.gz` → `8c0f3a2e`; the
@@ -263,37 +540,43 @@ fn series_of(file_name: &str) -> &str {
     stem.splitn(3, '-').nth(2).unwrap_or("")
 }
 
-/// Reads and decodes `files` of `dir` on every core: a day of periods is
-/// thousands of files.
-fn read_in_parallel(dir: &Path, files: &[(&String, &(u64, SystemTime))]) -> Vec<Decoded> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
-    let chunk = files.len().div_ceil(workers).max(1);
+/// Reads, decodes and resolves `files` of `dir` on every core (a day of
+/// periods is thousands of files), handing each to `take` on this thread as
+/// it comes: a file's decoded form is large, its resolved form small.
+fn read_in_parallel(
+    dir: &Path,
+    files: &[(String, (u64, SystemTime))],
+    mut take: impl FnMut(&str, (u64, SystemTime), Result<Resolved>),
+) {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len());
+    let next = AtomicUsize::new(0);
+    let (sender, receiver) = mpsc::sync_channel(64);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .chunks(chunk)
-            .map(|files| {
-                scope.spawn(move || {
-                    files
-                        .iter()
-                        .map(|(name, stamp)| Decoded {
-                            name: (*name).clone(),
-                            stamp: **stamp,
-                            profile: decode(&dir.join(name)),
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|handle| handle.join().expect("a decoding thread does not panic")).collect()
-    })
+        for _ in 0..workers {
+            let (sender, next) = (sender.clone(), &next);
+            scope.spawn(move || loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some((name, _)) = files.get(index) else { break };
+                let resolved = gunzip(&dir.join(name)).and_then(Resolved::new);
+                if sender.send((index, resolved)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(sender);
+        for (index, resolved) in receiver {
+            let (name, stamp) = &files[index];
+            take(name, *stamp, resolved);
+        }
+    });
 }
 
-/// A gzipped pprof file.
-fn decode(path: &Path) -> Result<proto::Profile> {
+/// The bytes of a gzipped file.
+fn gunzip(path: &Path) -> Result<Vec<u8>> {
     let compressed = fs::read(path)?;
-    let mut bytes = Vec::with_capacity(compressed.len() * 4);
+    let mut bytes = Vec::with_capacity(compressed.len() * 8);
     flate2::read::GzDecoder::new(compressed.as_slice()).read_to_end(&mut bytes).context("not gzip")?;
-    proto::Profile::decode(bytes.as_slice()).context("not a pprof profile")
+    Ok(bytes)
 }
 
 /// A profiles directory: one subdirectory per application, read when asked.

@@ -14,6 +14,8 @@ use e2e::{function_shares, max_deviation_pp, profile_files, workload, Agent, Pro
 
 use crate::{build, setup, step, workspace_root};
 
+mod viewer;
+
 #[derive(clap::Args)]
 pub struct Options {
     /// Runs of each configuration.
@@ -34,6 +36,9 @@ pub struct Options {
     /// Run only the memory comparison and print it; docs/benchmarks.md is left alone.
     #[arg(long)]
     memory_only: bool,
+    /// Run only the viewer's benchmark, and replace its section of docs/benchmarks.md.
+    #[arg(long)]
+    viewer_only: bool,
 }
 
 /// The sampling rate of both profilers.
@@ -80,6 +85,15 @@ pub fn run(options: &Options) -> Result<()> {
         println!("{}", memory_table(options, &agent)?);
         return Ok(());
     }
+    if options.viewer_only {
+        let section = viewer::run(&agent)?;
+        println!("{section}");
+        let path = workspace_root().join("docs/benchmarks.md");
+        let report = fs::read_to_string(&path).unwrap_or_default();
+        fs::write(&path, with_section(&report, "viewer", &section))?;
+        step(format!("bench: wrote the viewer's section of {}", path.display()));
+        return Ok(());
+    }
     let bpf_stats = BpfStats::enable()?;
     let mut results: HashMap<Mode, Measurements> = HashMap::new();
     for run in 0..options.runs {
@@ -108,7 +122,37 @@ pub fn run(options: &Options) -> Result<()> {
     println!("{wall}");
     let memory = memory_table(options, &agent)?;
     println!("{memory}");
-    write_report(options, &load_average, &table, &wall, &memory)
+    let viewer = viewer::run(&agent)?;
+    println!("{viewer}");
+    write_report(options, &load_average, &table, &wall, &memory, &viewer)
+}
+
+/// `report` with the section `name` (between `<!-- section: NAME -->` and `<!-- end:
+/// NAME -->`) replaced by `body`, or added at the end.
+fn with_section(report: &str, name: &str, body: &str) -> String {
+    let (begin, end) = (format!("<!-- section: {name} -->"), format!("<!-- end: {name} -->"));
+    let block = format!("{begin}\n{}\n{end}\n", body.trim_end());
+    match (report.find(&begin), report.find(&end)) {
+        (Some(start), Some(stop)) if start < stop => {
+            format!("{}{block}{}", &report[..start], report[stop + end.len()..].trim_start_matches('\n'))
+        }
+        _ => format!("{}\n{block}", report.trim_end()),
+    }
+}
+
+/// The sections of `report` (see [`with_section`]): written by hand, or by one part of
+/// the benchmark, they are kept when the rest is measured again.
+fn sections(report: &str) -> Vec<(&str, &str)> {
+    report
+        .match_indices("<!-- section: ")
+        .filter_map(|(start, _)| {
+            let name = report[start + 14..].split(" -->").next()?;
+            let end = format!("<!-- end: {name} -->");
+            let stop = report[start..].find(&end)? + start;
+            let body = report[start..stop].split_once("-->\n")?.1;
+            Some((name, body))
+        })
+        .collect()
 }
 
 /// A program run for a fixed amount of work, bare and under profilers.
@@ -617,7 +661,14 @@ fn table(results: &HashMap<Mode, Measurements>) -> String {
 }
 
 /// Writes docs/benchmarks.md with the table and what it was measured on.
-fn write_report(options: &Options, load_average: &str, table: &str, wall: &str, memory: &str) -> Result<()> {
+fn write_report(
+    options: &Options,
+    load_average: &str,
+    table: &str,
+    wall: &str,
+    memory: &str,
+    viewer: &str,
+) -> Result<()> {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo")?;
@@ -673,6 +724,11 @@ fn write_report(options: &Options, load_average: &str, table: &str, wall: &str, 
         load = load_average.split(' ').next().unwrap_or("?"),
     );
     let path = workspace_root().join("docs/benchmarks.md");
+    let previous = fs::read_to_string(&path).unwrap_or_default();
+    let mut report = with_section(&report, "viewer", viewer);
+    for (name, body) in sections(&previous).into_iter().filter(|(name, _)| *name != "viewer") {
+        report = with_section(&report, name, body);
+    }
     fs::write(&path, report)?;
     step(format!("bench: wrote {}", path.display()));
     Ok(())
@@ -681,6 +737,16 @@ fn write_report(options: &Options, load_average: &str, table: &str, wall: &str, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sections_are_replaced_or_added_and_the_rest_kept() {
+        let report = "# Benchmarks\n\ntables\n";
+        let once = with_section(report, "viewer", "## Viewer\n\n1 ms\n");
+        assert_eq!(once, "# Benchmarks\n\ntables\n<!-- section: viewer -->\n## Viewer\n\n1 ms\n<!-- end: viewer -->\n");
+        let twice = with_section(&with_section(&once, "native", "## Native\n"), "viewer", "## Viewer\n\n2 ms");
+        assert!(twice.contains("2 ms") && !twice.contains("1 ms") && twice.contains("## Native"), "{twice}");
+        assert_eq!(sections(&twice), [("viewer", "## Viewer\n\n2 ms\n"), ("native", "## Native\n")]);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -1,0 +1,321 @@
+//! The viewer's benchmark: a day of one application's profiles (1,920 periods of 45 s),
+//! made of real periods the agent wrote of four pyperformance benchmarks run as one
+//! application, opened in Debian's chromium by `ferroscope view` just started; and the same
+//! files opened by the peer, `go tool pprof -http`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use e2e::{free_port, profile_files, Agent, Workload};
+
+use crate::{setup, step, workspace_root};
+
+/// Periods in a day at the default period.
+const PERIODS: u64 = 1_920;
+const PERIOD_SECONDS: u64 = 45;
+/// The real periods the day is made of: long enough for a service's variety of stacks.
+const SOURCE_PERIOD: &str = "15s";
+const SOURCE_SECONDS: u64 = 62;
+/// pyperformance benchmarks that need nothing beyond the standard library: the
+/// application's four processes.
+const BENCHMARKS: [&str; 4] = ["raytrace", "json_dumps", "xml_etree", "go"];
+
+/// Runs the benchmark; returns its section of docs/benchmarks.md.
+pub fn run(agent_bin: &Path) -> Result<String> {
+    let day = tempfile::tempdir()?;
+    let sources = record_sources(agent_bin)?;
+    let (bytes, samples) = make_day(&sources, &day.path().join("service"))?;
+    let ours = time_ferroscope_view(agent_bin, day.path())?;
+    let files: Vec<PathBuf> = profile_files(day.path(), "service")?;
+    let peer_seconds = time_go_pprof(&files)?;
+    let report = format!(
+        "## Viewer\n\n\
+         `ferroscope view` over a day of one application: {PERIODS} periods of {PERIOD_SECONDS} s ({} MiB of gzipped \
+         pprof, {samples} samples per period on average), copies (times rewritten) of {} real {SOURCE_PERIOD} \
+         periods the agent wrote of four pyperformance benchmarks ({}) run at once as one application on CPython 3.11.7. \
+         The viewer is started, then Debian's chromium (Playwright, `tests/browser/open_time.mjs`) opens the page, \
+         which shows the timeline and the flame graph of the whole day; then the page's own requests are timed. \
+         The peer: `go tool pprof -http` over the same files, timed until its flame graph page answers.\n\n\
+         | | ms |\n|---|---:|\n\
+         | first open, viewer just started (reads the {PERIODS} files) | {} |\n\
+         | open again (reload) | {} |\n\
+         | timeline (1 request) | {} |\n\
+         | one hour's flame graph and top tables | {} |\n\
+         | the whole day's wall-time flame graph | {} |\n\
+         | diff of the two halves of the day ({} boxes) | {} |\n\
+         | search (typing to highlight) | {} |\n\
+         | peer: `go tool pprof -http` until its flame graph answers | {:.0} |\n\n\
+         Viewer peak RSS: {:.1} MiB. First open against the peer: x{:.2}.\n",
+        bytes as f64 / (1 << 20) as f64,
+        sources.len(),
+        BENCHMARKS.join(", "),
+        ours.first_open_ms,
+        ours.reopen_ms,
+        ours.timeline_ms,
+        ours.hour_ms,
+        ours.day_wall_ms,
+        ours.diff_boxes,
+        ours.diff_ms,
+        ours.search_ms,
+        peer_seconds * 1000.0,
+        ours.peak_rss as f64 / (1 << 20) as f64,
+        ours.first_open_ms as f64 / (peer_seconds * 1000.0),
+    );
+    Ok(report)
+}
+
+/// The agent's real periods of the four benchmarks, run as one application
+/// (`run_benchmark.py`, each benchmark's script name).
+fn record_sources(agent_bin: &Path) -> Result<Vec<PathBuf>> {
+    step(format!("bench: viewer: recording {SOURCE_SECONDS} s of {} under the agent", BENCHMARKS.join(", ")));
+    let agent = Agent::start_binary(agent_bin, &["--period", SOURCE_PERIOD])?;
+    let workloads = BENCHMARKS
+        .iter()
+        .map(|name| {
+            let script = setup::pyperformance_benchmark(name);
+            let args = [script.to_str().unwrap(), "--worker", "--values=1000", "--warmups=0", "--loops=1"];
+            Workload::start_program(&setup::bench_python(), &args, &[])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_secs(SOURCE_SECONDS));
+    let run = agent.stop()?;
+    drop(workloads);
+    let mut files = profile_files(run.output_dir.path(), "run_benchmark.py")?;
+    // The first and last periods are partial.
+    files.sort();
+    ensure!(files.len() >= 3, "the agent wrote {} periods of the benchmarks; its output:\n{}", files.len(), run.log);
+    let sources = tempfile::tempdir()?.keep();
+    files[1..files.len() - 1]
+        .iter()
+        .map(|file| {
+            let copy = sources.join(file.file_name().unwrap());
+            fs::copy(file, &copy)?;
+            Ok(copy)
+        })
+        .collect()
+}
+
+/// Writes the day into `dir`: period `i` is source `i % n` with its start and duration
+/// rewritten, named as the agent names files. Returns the bytes written and the mean
+/// samples per period.
+fn make_day(sources: &[PathBuf], dir: &Path) -> Result<(u64, u64)> {
+    fs::create_dir_all(dir)?;
+    let decoded: Vec<Vec<u8>> = sources.iter().map(|source| gunzip(&fs::read(source)?)).collect::<Result<_>>()?;
+    // Yesterday, at midnight UTC.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let day_start = (now / 86_400 - 1) * 86_400;
+    let (mut bytes, mut samples) = (0, 0);
+    for period in 0..PERIODS {
+        let source = &decoded[period as usize % decoded.len()];
+        let start = day_start + period * PERIOD_SECONDS;
+        let profile = with_times(source, start * 1_000_000_000, PERIOD_SECONDS * 1_000_000_000)?;
+        samples += count_field(source, 2)?;
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&profile)?;
+        let gzipped = gzip.finish()?;
+        bytes += gzipped.len() as u64;
+        let name = format!("{}-{}.pb.gz", compact_utc(start), compact_utc(start + PERIOD_SECONDS));
+        fs::write(dir.join(name), gzipped)?;
+    }
+    Ok((bytes, samples / PERIODS))
+}
+
+fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The pprof `Profile` message `profile` with `time_nanos` (field 9) and `duration_nanos`
+/// (10) replaced: its other top-level fields are copied as they are.
+fn with_times(profile: &[u8], time_nanos: u64, duration_nanos: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(profile.len() + 24);
+    for field in top_level_fields(profile)? {
+        let (number, bytes) = field?;
+        if number != 9 && number != 10 {
+            out.extend_from_slice(bytes);
+        }
+    }
+    for (number, value) in [(9, time_nanos), (10, duration_nanos)] {
+        put_varint(&mut out, number << 3);
+        put_varint(&mut out, value);
+    }
+    Ok(out)
+}
+
+/// How many times field `number` occurs at the top level of a message.
+fn count_field(message: &[u8], number: u64) -> Result<u64> {
+    let mut count = 0;
+    for field in top_level_fields(message)? {
+        count += u64::from(field?.0 == number);
+    }
+    Ok(count)
+}
+
+/// The top-level fields of a protobuf message: each field's number and its bytes (key
+/// included).
+fn top_level_fields(message: &[u8]) -> Result<impl Iterator<Item = Result<(u64, &[u8])>>> {
+    let mut at = 0;
+    Ok(std::iter::from_fn(move || {
+        if at >= message.len() {
+            return None;
+        }
+        let start = at;
+        let field = (|| {
+            let key = get_varint(message, &mut at)?;
+            match key & 7 {
+                0 => {
+                    get_varint(message, &mut at)?;
+                }
+                1 => at += 8,
+                2 => at += get_varint(message, &mut at)? as usize,
+                5 => at += 4,
+                wire => anyhow::bail!("unexpected wire type {wire}"),
+            }
+            ensure!(at <= message.len(), "a field runs past the end");
+            Ok((key >> 3, &message[start..at]))
+        })();
+        if field.is_err() {
+            at = message.len();
+        }
+        Some(field)
+    }))
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64> {
+    let mut value = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at).context("a varint runs past the end")?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Ok(value);
+        }
+    }
+    anyhow::bail!("a varint of more than 10 bytes")
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// `20261122T003656Z`, as the agent names its files.
+fn compact_utc(unix_seconds: u64) -> String {
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let days = (unix_seconds / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let seconds = unix_seconds % 86_400;
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", seconds / 3600, seconds / 60 % 60, seconds % 60)
+}
+
+/// What `open_time.mjs` measured, and the viewer's peak RSS.
+#[derive(Default)]
+struct ViewerTimes {
+    first_open_ms: u64,
+    reopen_ms: u64,
+    timeline_ms: u64,
+    hour_ms: u64,
+    day_wall_ms: u64,
+    diff_ms: u64,
+    diff_boxes: u64,
+    search_ms: u64,
+    peak_rss: u64,
+}
+
+fn time_ferroscope_view(agent_bin: &Path, root: &Path) -> Result<ViewerTimes> {
+    let address = format!("127.0.0.1:{}", free_port()?);
+    let mut viewer = Workload::start_program(agent_bin, &["view", root.to_str().unwrap(), "--address", &address], &[])?;
+    viewer.wait_for_line(&format!("ferroscope: viewer on http://{address}/"), Duration::from_secs(10))?;
+    let output = Command::new("node")
+        .current_dir(workspace_root().join("tests/browser"))
+        .args(["open_time.mjs", &format!("http://{address}/#app=service")])
+        .output()?;
+    ensure!(output.status.success(), "open_time.mjs failed: {}", String::from_utf8_lossy(&output.stderr));
+    let times: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    step(format!("bench: viewer: {times}"));
+    ensure!(times["periods"] == PERIODS, "the page saw {} periods, not {PERIODS}", times["periods"]);
+    let ms = |key: &str| times[key].as_u64().with_context(|| format!("no {key} in {times}"));
+    Ok(ViewerTimes {
+        first_open_ms: ms("first_open_ms")?,
+        reopen_ms: ms("reopen_ms")?,
+        timeline_ms: ms("timeline_ms")?,
+        hour_ms: ms("hour_ms")?,
+        day_wall_ms: ms("day_wall_ms")?,
+        diff_ms: ms("diff_ms")?,
+        diff_boxes: ms("diff_boxes")?,
+        search_ms: ms("search_ms")?,
+        peak_rss: super::peak_rss(viewer.pid())?,
+    })
+}
+
+/// Seconds from starting `go tool pprof -http` over `files` until its flame graph page
+/// answers.
+fn time_go_pprof(files: &[PathBuf]) -> Result<f64> {
+    let address = format!("127.0.0.1:{}", free_port()?);
+    let started = Instant::now();
+    let child = Command::new("go")
+        .args(["tool", "pprof", "-no_browser", &format!("-http={address}")])
+        .args(files)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut child = KillOnDrop(child);
+    loop {
+        let answered = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", &format!("http://{address}/ui/flamegraph")])
+            .status()?
+            .success();
+        if answered {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        ensure!(child.0.try_wait()?.is_none(), "go tool pprof -http exited");
+        ensure!(started.elapsed() < Duration::from_secs(300), "go tool pprof -http did not answer in 5 minutes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_files_as_the_agent_does() {
+        assert_eq!(compact_utc(0), "19700101T000000Z");
+        assert_eq!(compact_utc(1_795_341_957), "20261122T100557Z");
+        assert_eq!(compact_utc(951_782_400), "20000229T000000Z");
+    }
+
+    #[test]
+    fn rewrites_the_times_and_keeps_the_rest() {
+        // string_table "" and "x", time_nanos 5, a sample (field 2, empty).
+        let message = [0x32, 0x00, 0x32, 0x01, b'x', 0x48, 0x05, 0x12, 0x00];
+        let rewritten = with_times(&message, 300, 45).unwrap();
+        assert_eq!(rewritten, [0x32, 0x00, 0x32, 0x01, b'x', 0x12, 0x00, 0x48, 0xac, 0x02, 0x50, 0x2d]);
+        assert_eq!(count_field(&message, 2).unwrap(), 1);
+        assert!(count_field(&[0x12, 0x05, 0x00], 2).is_err(), "a field past the end is an error");
+    }
+}
