@@ -117,7 +117,10 @@ impl Sinks {
 
     /// A line per sink for the summary.
     fn report(&self) -> Vec<String> {
-        let local = self.local.iter().map(|local| format!("wrote to {}", local.root().display()));
+        let local = self.local.iter().map(|local| {
+            let root = local.root().display();
+            format!("wrote to {root} (look at them: ferroscope view {root})")
+        });
         let remote = self.remote.iter().map(|shipper| {
             let stats = &shipper.stats;
             let (waiting, bytes) = shipper.waiting();

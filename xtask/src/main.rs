@@ -42,6 +42,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Build, then run `ferroscope view ARGS` (by default, the page over ./profiles on
+    /// http://127.0.0.1:9465/).
+    View {
+        /// Arguments for `ferroscope view`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
     /// Run the unit tests, then the end-to-end tests against the real kernel (as root).
     Test,
     /// Build the static agent (x86_64-unknown-linux-musl, release, the eBPF object embedded)
@@ -70,11 +77,8 @@ fn main() -> Result<()> {
         Task::Build { release } => {
             build(release)?;
         }
-        Task::Run { debug, args } => {
-            let agent = build(!debug)?;
-            let error = Command::new(&agent).arg("agent").args(args).exec();
-            bail!("running {}: {error}", agent.display());
-        }
+        Task::Run { debug, args } => exec(&build(!debug)?, "agent", args)?,
+        Task::View { args } => exec(&build(true)?, "view", args)?,
         Task::Test => test()?,
         Task::Dist => {
             let tarball = dist::dist()?;
@@ -85,6 +89,12 @@ fn main() -> Result<()> {
         Task::CpythonLayouts(options) => layouts::generate(&options)?,
     }
     Ok(())
+}
+
+/// Replaces this process with `ferroscope SUBCOMMAND ARGS`.
+fn exec(agent: &Path, subcommand: &str, args: Vec<OsString>) -> Result<()> {
+    let error = Command::new(agent).arg(subcommand).args(args).exec();
+    bail!("running {}: {error}", agent.display())
 }
 
 /// The workspace's root directory.

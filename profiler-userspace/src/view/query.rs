@@ -415,7 +415,7 @@ mod tests {
     fn application(periods: &[(&str, Period)]) -> Application {
         let mut app = Application::default();
         for (file, period) in periods {
-            app.add(file, Resolved::new(profile(period).encode_to_vec()).unwrap());
+            app.add(file, Resolved::new(&profile(period).encode_to_vec()).unwrap());
         }
         app
     }

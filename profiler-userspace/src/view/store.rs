@@ -185,6 +185,7 @@ impl Application {
             match resolved {
                 Ok(resolved) => self.add(name, resolved),
                 Err(error) => {
+                    log::warn!("{}: not read: {error:#}", dir.join(name).display());
                     self.unreadable.insert(name.to_owned(), format!("{error:#}"));
                 }
             }
@@ -213,7 +214,7 @@ impl Application {
     /// distinct functions, lines, stacks and label sets are looked up, and
     /// only those new to the application are copied.
     pub(super) fn add(&mut self, file_name: &str, resolved: Resolved) {
-        let bytes = &resolved.bytes;
+        let bytes = &resolved.text;
         let text = |index: u32| resolved.text(index, bytes);
         let columns_of_file: Vec<usize> = resolved
             .sample_types
@@ -295,8 +296,10 @@ impl Application {
 /// from its bytes: what a decoding thread hands over. Strings are indexes in
 /// the file's string table; stacks are leaf first, of indexes in `lines`.
 pub(super) struct Resolved {
-    bytes: Vec<u8>,
-    /// Where each string of the string table is in `bytes`.
+    /// The file's string table, copied: the span of the file from its first
+    /// string to its last (writers put them together, at the end).
+    text: Vec<u8>,
+    /// Where each string of the string table is in `text`.
     strings: Vec<(u32, u32)>,
     start_ms: i64,
     end_ms: i64,
@@ -316,9 +319,9 @@ pub(super) struct Resolved {
 
 impl Resolved {
     /// Reads a pprof `Profile` message (profile.proto's field numbers).
-    pub(super) fn new(bytes: Vec<u8>) -> Result<Resolved> {
+    pub(super) fn new(bytes: &[u8]) -> Result<Resolved> {
         let mut resolved = Resolved {
-            bytes: Vec::new(),
+            text: Vec::new(),
             strings: Vec::new(),
             start_ms: 0,
             end_ms: 0,
@@ -333,7 +336,7 @@ impl Resolved {
         // The tables may come in any order: note where each message is first.
         let (mut sample_types, mut samples, mut locations, mut functions) = (vec![], vec![], vec![], vec![]);
         let mut duration_nanos = 0;
-        for field in wire::fields(&bytes) {
+        for field in wire::fields(bytes) {
             let (number, value) = field?;
             match number {
                 1 => sample_types.push(value.bytes()),
@@ -382,7 +385,7 @@ impl Resolved {
                     _ => {}
                 }
             }
-            let file_name = resolved.text(file, &bytes);
+            let file_name = resolved.text(file, bytes);
             let kind = match () {
                 // The symbolizer's name for the kernel, and pprof's.
                 _ if file_name == "[kernel]" || file_name == "[kernel.kallsyms]" => Kind::Kernel,
@@ -482,8 +485,13 @@ impl Resolved {
             // A value per type; a short sample counts as zeros.
             resolved.values.extend((0..types).map(|i| values.get(i).copied().unwrap_or(0)));
         }
-        drop(label_sets_seen);
-        resolved.bytes = bytes;
+        // The strings, and nothing else of the file, go to the merging thread.
+        let first = resolved.strings.iter().map(|&(start, _)| start).min().unwrap_or(0);
+        let last = resolved.strings.iter().map(|&(_, end)| end).max().unwrap_or(0);
+        resolved.text = bytes[first as usize..last as usize].to_vec();
+        for (start, end) in &mut resolved.strings {
+            (*start, *end) = (*start - first, *end - first);
+        }
         Ok(resolved)
     }
 
@@ -554,10 +562,12 @@ fn read_in_parallel(
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let (sender, next) = (sender.clone(), &next);
+            // One buffer per thread for the files' bytes, which stay here.
+            let mut bytes = Vec::new();
             scope.spawn(move || loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 let Some((name, _)) = files.get(index) else { break };
-                let resolved = gunzip(&dir.join(name)).and_then(Resolved::new);
+                let resolved = gunzip(&dir.join(name), &mut bytes).and_then(|()| Resolved::new(&bytes));
                 if sender.send((index, resolved)).is_err() {
                     break;
                 }
@@ -571,12 +581,12 @@ fn read_in_parallel(
     });
 }
 
-/// The bytes of a gzipped file.
-fn gunzip(path: &Path) -> Result<Vec<u8>> {
+/// The bytes of a gzipped file, into `bytes`.
+fn gunzip(path: &Path, bytes: &mut Vec<u8>) -> Result<()> {
     let compressed = fs::read(path)?;
-    let mut bytes = Vec::with_capacity(compressed.len() * 8);
-    flate2::read::GzDecoder::new(compressed.as_slice()).read_to_end(&mut bytes).context("not gzip")?;
-    Ok(bytes)
+    bytes.clear();
+    flate2::read::GzDecoder::new(compressed.as_slice()).read_to_end(bytes).context("not gzip")?;
+    Ok(())
 }
 
 /// A profiles directory: one subdirectory per application, read when asked.
@@ -629,7 +639,8 @@ impl Store {
     /// Application `name`, its files read up to now.
     pub fn application(&self, name: &str) -> Result<Arc<Mutex<Application>>> {
         // Only a directory of the listing: never a path out of the root.
-        if !self.list()?.iter().any(|listed| listed.name == name) {
+        let listed = !name.is_empty() && !name.starts_with('.') && !name.contains('/');
+        if !listed || !self.root.join(name).is_dir() {
             bail!("no application `{name}` in {}", self.root.display());
         }
         let application =
@@ -641,6 +652,42 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_that_are_not_profiles_are_reported_and_the_others_read() {
+        use std::io::Write;
+
+        use prost::Message;
+
+        let dir = tempfile::tempdir().unwrap();
+        let profile = crate::pprof::proto::Profile {
+            string_table: vec![String::new()],
+            time_nanos: 5_000_000,
+            ..Default::default()
+        };
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&profile.encode_to_vec()).unwrap();
+        fs::write(dir.path().join("a.pb.gz"), gzip.finish().unwrap()).unwrap();
+        fs::write(dir.path().join("b.pb.gz"), b"not gzip").unwrap();
+        fs::write(dir.path().join(".c.pb.gz.tmp"), b"being written").unwrap();
+
+        let mut app = Application::default();
+        app.refresh(dir.path()).unwrap();
+        assert_eq!(app.periods.len(), 1);
+        assert_eq!(app.periods[0].start_ms, 5);
+        let unreadable = app.unreadable();
+        assert!(unreadable.len() == 1 && unreadable[0].starts_with("b.pb.gz: not gzip"), "{unreadable:?}");
+
+        // Rewritten, it is read again; removed, it is forgotten.
+        fs::remove_file(dir.path().join("b.pb.gz")).unwrap();
+        app.checked = None;
+        app.refresh(dir.path()).unwrap();
+        assert!(app.unreadable().is_empty());
+        fs::remove_file(dir.path().join("a.pb.gz")).unwrap();
+        app.checked = None;
+        app.refresh(dir.path()).unwrap();
+        assert!(app.periods.is_empty());
+    }
 
     #[test]
     fn series_are_the_hash_of_the_local_directory_names() {

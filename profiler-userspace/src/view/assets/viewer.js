@@ -513,6 +513,10 @@ async function loadProfile() {
   const typeName = TYPE_NAMES[state.type] || state.type;
   $('#status').textContent = `${typeName}: ${formatValue(reply.total, reply.unit)} in ${reply.periods} periods` +
     ` · ${flame.n.toLocaleString('en-US')} boxes · ${Math.round(performance.now() - started)} ms`;
+  const unreadable = timeline.unreadable.length;
+  if (unreadable) {
+    $('#status').textContent += ` · ${unreadable} file${unreadable === 1 ? '' : 's'} not read (see the viewer's terminal)`;
+  }
   document.body.dataset.loaded = String(id);
 }
 
@@ -538,7 +542,6 @@ async function loadTimeline() {
   $('#filter-value').disabled = true;
   $('#filter-add').disabled = true;
   showFilters();
-  if (timeline.unreadable.length) console.warn('unreadable files', timeline.unreadable);
 }
 
 function showFilters() {
