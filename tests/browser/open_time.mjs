@@ -58,6 +58,18 @@ try {
   await page.fill('#search', 'json');
   await page.waitForFunction(() => document.querySelector('#matched').textContent.startsWith('Matched'));
   times.search_ms = Date.now() - typed;
+  // A profile as large as the viewer draws: opened, then redrawn.
+  await page.goto('about:blank');
+  const wide = Date.now();
+  await page.goto(`http://${address}/#app=wide`);
+  await page.waitForFunction(() => document.body.dataset.loaded, null, { timeout: 60000 });
+  times.wide_open_ms = Date.now() - wide;
+  times.wide_boxes = Number((await page.locator('#status').innerText()).match(/([\d,]+) boxes/)[1].replace(/,/g, ''));
+  times.wide_redraw_ms = Math.round(await page.evaluate(() => {
+    const started = performance.now();
+    window.dispatchEvent(new Event('resize'));
+    return performance.now() - started;
+  }));
   const status = readFileSync(`/proc/${viewer.pid}/status`, 'utf8');
   times.peak_rss_kib = Number(status.match(/VmHWM:\s+(\d+)/)[1]);
 } finally {

@@ -54,6 +54,10 @@ pub async fn run(args: ViewArgs) -> Result<()> {
     crate::httpd::spawn(listener, move |request| {
         let store = store.clone();
         async move {
+            if !is_own_host(&request, address) {
+                let error = "this viewer answers requests for its own address only";
+                return json(StatusCode::FORBIDDEN, &serde_json::json!({ "error": error }));
+            }
             let answer = tokio::task::spawn_blocking(move || answer(&store, &request)).await;
             let answer = answer.unwrap_or_else(|error| Err(anyhow::anyhow!("the query failed: {error}")));
             answer.unwrap_or_else(|error| {
@@ -70,6 +74,25 @@ pub async fn run(args: ViewArgs) -> Result<()> {
     );
     tokio::signal::ctrl_c().await?;
     Ok(())
+}
+
+/// Whether a request names this server as its host. A web page elsewhere
+/// could otherwise read the profiles through a name of its own that resolves
+/// to loopback (DNS rebinding). A viewer on every address answers any name.
+fn is_own_host<B>(request: &Request<B>, address: SocketAddr) -> bool {
+    if address.ip().is_unspecified() {
+        return true;
+    }
+    let Some(host) = request.headers().get(hyper::header::HOST).and_then(|host| host.to_str().ok()) else {
+        return false;
+    };
+    // `name:port`, or `[v6 address]:port`; the port is optional.
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next(),
+        None => host.split(':').next(),
+    };
+    let name = name.unwrap_or_default();
+    name == "localhost" || name.parse() == Ok(address.ip())
 }
 
 /// The answer to one request: an asset, or JSON from the profiles.
@@ -169,5 +192,27 @@ impl Params {
             to_ms: bound("to", i64::MAX)?,
             filters: self.filters()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_its_own_host_names_only() {
+        let request = |host: &str| Request::builder().header("Host", host).body(()).unwrap();
+        let loopback: SocketAddr = "127.0.0.1:9465".parse().unwrap();
+        for host in ["127.0.0.1:9465", "localhost:9465", "localhost", "127.0.0.1"] {
+            assert!(is_own_host(&request(host), loopback), "{host}");
+        }
+        for host in ["evil.example:9465", "127.0.0.2:9465", "localhost.evil.example"] {
+            assert!(!is_own_host(&request(host), loopback), "{host}");
+        }
+        assert!(!is_own_host(&Request::new(()), loopback), "no Host header");
+        let v6: SocketAddr = "[::1]:9465".parse().unwrap();
+        assert!(is_own_host(&request("[::1]:9465"), v6) && is_own_host(&request("[::1]"), v6));
+        let everywhere: SocketAddr = "0.0.0.0:9465".parse().unwrap();
+        assert!(is_own_host(&request("profiles.internal:9465"), everywhere));
     }
 }

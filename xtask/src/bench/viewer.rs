@@ -29,6 +29,7 @@ pub fn run(agent_bin: &Path) -> Result<String> {
     let day = tempfile::tempdir()?;
     let sources = record_sources(agent_bin)?;
     let (bytes, samples) = make_day(&sources, &day.path().join("service"))?;
+    write_wide_profile(&day.path().join("wide"))?;
     let ours = time_ferroscope_view(agent_bin, day.path())?;
     let files: Vec<PathBuf> = profile_files(day.path(), "service")?;
     let peer_seconds = time_go_pprof(&files)?;
@@ -49,6 +50,8 @@ pub fn run(agent_bin: &Path) -> Result<String> {
          | the whole day's wall-time flame graph | {} |\n\
          | diff of the two halves of the day ({} boxes) | {} |\n\
          | search, from typing to the share shown (the page waits 120 ms for typing to pause) | {} |\n\
+         | a profile of {WIDE_STACKS} stacks {WIDE_DEPTH} deep ({} boxes): opened | {} |\n\
+         | the same: redrawn (a zoom, a resize) | {} |\n\
          | peer: `go tool pprof -http` until its flame graph answers | {:.0} |\n\n\
          Viewer peak RSS: {:.1} MiB. First open against the peer: x{:.2}.\n",
         bytes as f64 / (1 << 20) as f64,
@@ -62,6 +65,9 @@ pub fn run(agent_bin: &Path) -> Result<String> {
         ours.diff_boxes,
         ours.diff_ms,
         ours.search_ms,
+        ours.wide_boxes,
+        ours.wide_open_ms,
+        ours.wide_redraw_ms,
         peer_seconds * 1000.0,
         ours.peak_rss as f64 / (1 << 20) as f64,
         ours.first_open_ms as f64 / (peer_seconds * 1000.0),
@@ -208,6 +214,79 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
+/// The wide profile: as many boxes as the viewer sends (50,000), each wide
+/// enough to be drawn.
+const WIDE_STACKS: u64 = 2_000;
+const WIDE_DEPTH: u64 = 25;
+
+/// Writes, as application `wide`, one period whose flame graph is as large
+/// as the viewer draws: `WIDE_STACKS` stacks of `WIDE_DEPTH` functions of
+/// their own, under one root function.
+fn write_wide_profile(dir: &Path) -> Result<()> {
+    fn field_varint(out: &mut Vec<u8>, number: u64, value: u64) {
+        put_varint(out, number << 3);
+        put_varint(out, value);
+    }
+    fn field_bytes(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
+        put_varint(out, number << 3 | 2);
+        put_varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+    let mut profile = Vec::new();
+    for (kind, unit) in [(1, 2), (3, 4)] {
+        let mut value_type = Vec::new();
+        field_varint(&mut value_type, 1, kind);
+        field_varint(&mut value_type, 2, unit);
+        field_bytes(&mut profile, 1, &value_type);
+    }
+    let functions = WIDE_STACKS * WIDE_DEPTH + 1;
+    for stack in 0..WIDE_STACKS {
+        let mut sample = Vec::new();
+        let mut locations = Vec::new();
+        // Leaf first; location i+1 is function i+1; function 1 is the root.
+        for depth in (0..WIDE_DEPTH).rev() {
+            put_varint(&mut locations, 2 + stack * WIDE_DEPTH + depth);
+        }
+        put_varint(&mut locations, 1);
+        field_bytes(&mut sample, 1, &locations);
+        let weight = 1 + stack % 7;
+        let mut values = Vec::new();
+        put_varint(&mut values, weight);
+        put_varint(&mut values, weight * 10_000_000);
+        field_bytes(&mut sample, 2, &values);
+        field_bytes(&mut profile, 2, &sample);
+    }
+    for id in 1..=functions {
+        let mut line = Vec::new();
+        field_varint(&mut line, 1, id);
+        field_varint(&mut line, 2, id);
+        let mut location = Vec::new();
+        field_varint(&mut location, 1, id);
+        field_bytes(&mut location, 4, &line);
+        field_bytes(&mut profile, 4, &location);
+        let mut function = Vec::new();
+        field_varint(&mut function, 1, id);
+        field_varint(&mut function, 2, 5 + id);
+        field_varint(&mut function, 4, 5);
+        field_bytes(&mut profile, 5, &function);
+    }
+    for text in ["", "samples", "count", "cpu", "nanoseconds", "wide.py"] {
+        field_bytes(&mut profile, 6, text.as_bytes());
+    }
+    for id in 1..=functions {
+        field_bytes(&mut profile, 6, format!("function_{id}").as_bytes());
+    }
+    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() - 3_600;
+    field_varint(&mut profile, 9, start * 1_000_000_000);
+    field_varint(&mut profile, 10, PERIOD_SECONDS * 1_000_000_000);
+    fs::create_dir_all(dir)?;
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&profile)?;
+    let name = format!("{}-{}.pb.gz", compact_utc(start), compact_utc(start + PERIOD_SECONDS));
+    fs::write(dir.join(name), gzip.finish()?)?;
+    Ok(())
+}
+
 /// `20261122T003656Z`, as the agent names its files.
 fn compact_utc(unix_seconds: u64) -> String {
     // Days to a civil date (Howard Hinnant's algorithm).
@@ -235,6 +314,9 @@ struct ViewerTimes {
     diff_ms: u64,
     diff_boxes: u64,
     search_ms: u64,
+    wide_boxes: u64,
+    wide_open_ms: u64,
+    wide_redraw_ms: u64,
     peak_rss: u64,
 }
 
@@ -260,6 +342,9 @@ fn time_ferroscope_view(agent_bin: &Path, root: &Path) -> Result<ViewerTimes> {
         diff_ms: ms("diff_ms")?,
         diff_boxes: ms("diff_boxes")?,
         search_ms: ms("search_ms")?,
+        wide_boxes: ms("wide_boxes")?,
+        wide_open_ms: ms("wide_open_ms")?,
+        wide_redraw_ms: ms("wide_redraw_ms")?,
         peak_rss: ms("peak_rss_kib")? * 1024,
     })
 }

@@ -507,7 +507,6 @@ async function loadProfile() {
   const reply = await api(diff ? 'diff' : 'profile', params);
   if (id !== loadId) return;
   flame = layOut(reply);
-  flame.kind = diff ? 'diff' : 'profile';
   applySearch();
   showView();
   const typeName = TYPE_NAMES[state.type] || state.type;
