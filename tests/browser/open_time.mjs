@@ -31,6 +31,8 @@ try {
   };
   await open();
   times.first_open_ms = Date.now() - started;
+  await page.waitForFunction(() => document.body.dataset.complete === 'true', null, { timeout: 60000 });
+  times.complete_ms = Date.now() - started;
   times.status = await page.locator('#status').innerText();
   const reopened = Date.now();
   await open();

@@ -35,6 +35,8 @@ pub struct Timeline {
     /// Every label key with its values, sorted, for the filter.
     pub labels: Vec<(String, Vec<String>)>,
     pub unreadable: Vec<String>,
+    /// `[read, to read]` while the files are being read.
+    pub reading: Option<[usize; 2]>,
 }
 
 #[derive(Serialize)]
@@ -117,6 +119,7 @@ pub fn timeline(app: &Application, type_index: usize, filters: &[(String, String
         periods,
         labels,
         unreadable: app.unreadable(),
+        reading: app.reading().map(|(done, total)| [done, total]),
     }
 }
 

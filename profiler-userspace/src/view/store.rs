@@ -146,6 +146,8 @@ pub struct Application {
     /// Files that are not profiles, with why, reported to the page.
     unreadable: HashMap<String, String>,
     checked: Option<Instant>,
+    /// `(read, to read)` while files are being read.
+    reading: Option<(usize, usize)>,
 }
 
 /// How long what was read of a directory is trusted before it is read
@@ -154,11 +156,12 @@ pub struct Application {
 const FRESH_FOR: Duration = Duration::from_secs(2);
 
 impl Application {
-    /// Reads the files of `dir` that are new or changed since the last call,
-    /// and forgets those removed.
-    pub fn refresh(&mut self, dir: &Path) -> Result<()> {
-        if self.checked.is_some_and(|checked| checked.elapsed() < FRESH_FOR) {
-            return Ok(());
+    /// Forgets the files removed or changed since the last look, and returns
+    /// those to read, newest first (names sort by time); none while files are
+    /// being read, or if the last look was less than `FRESH_FOR` ago.
+    fn files_to_read(&mut self, dir: &Path) -> Result<Vec<(String, (u64, SystemTime))>> {
+        if self.reading.is_some() || self.checked.is_some_and(|checked| checked.elapsed() < FRESH_FOR) {
+            return Ok(Vec::new());
         }
         let mut on_disk = HashMap::new();
         for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
@@ -177,25 +180,30 @@ impl Application {
         self.files.retain(|name, stamp| on_disk.get(name) == Some(stamp));
         self.periods.retain(|period| self.files.contains_key(&period.file));
         self.unreadable.retain(|name, _| self.files.contains_key(name));
-        let to_read: Vec<(String, (u64, SystemTime))> =
-            on_disk.into_iter().filter(|(name, _)| !self.files.contains_key(name)).collect();
-        let started = Instant::now();
-        read_in_parallel(dir, &to_read, |name, stamp, resolved| {
-            self.files.insert(name.to_owned(), stamp);
-            match resolved {
-                Ok(resolved) => self.add(name, resolved),
-                Err(error) => {
-                    log::warn!("{}: not read: {error:#}", dir.join(name).display());
-                    self.unreadable.insert(name.to_owned(), format!("{error:#}"));
-                }
-            }
-        });
-        self.periods.sort_by(|a, b| (a.start_ms, &a.series).cmp(&(b.start_ms, &b.series)));
-        if to_read.len() > 1 {
-            log::info!("read {} files of {} in {} ms", to_read.len(), dir.display(), started.elapsed().as_millis());
-        }
+        let mut to_read: Vec<_> = on_disk.into_iter().filter(|(name, _)| !self.files.contains_key(name)).collect();
+        to_read.sort_unstable_by(|a, b| b.0.cmp(&a.0));
         self.checked = Some(Instant::now());
-        Ok(())
+        Ok(to_read)
+    }
+
+    /// Takes file `name` of `dir`, read by a reading thread.
+    fn take(&mut self, dir: &Path, name: &str, stamp: (u64, SystemTime), resolved: Result<Resolved>) {
+        self.files.insert(name.to_owned(), stamp);
+        match resolved {
+            Ok(resolved) => self.add(name, resolved),
+            Err(error) => {
+                log::warn!("{}: not read: {error:#}", dir.join(name).display());
+                self.unreadable.insert(name.to_owned(), format!("{error:#}"));
+            }
+        }
+        if let Some((done, _)) = &mut self.reading {
+            *done += 1;
+        }
+    }
+
+    /// Files read and to read, while a reading thread is at work.
+    pub fn reading(&self) -> Option<(usize, usize)> {
+        self.reading
     }
 
     /// The index of sample type `name`, such as `cpu`.
@@ -275,20 +283,31 @@ impl Application {
                 })
             })
             .collect();
-        self.periods.push(Period {
-            file: file_name.to_owned(),
-            start_ms: resolved.start_ms,
-            end_ms: resolved.end_ms,
-            series: series_of(file_name).to_owned(),
-            columns,
-            samples: resolved
-                .samples
-                .iter()
-                .map(|&(stack, labels)| Sample { stack: stacks[stack as usize], labels: label_sets[labels as usize] })
-                .collect(),
-            stride: columns_of_file.len(),
-            values: resolved.values,
-        });
+        // Kept in order of start, as files come in any order.
+        let series = series_of(file_name);
+        let at = self
+            .periods
+            .partition_point(|period| (period.start_ms, period.series.as_str()) <= (resolved.start_ms, series));
+        self.periods.insert(
+            at,
+            Period {
+                file: file_name.to_owned(),
+                start_ms: resolved.start_ms,
+                end_ms: resolved.end_ms,
+                series: series.to_owned(),
+                columns,
+                samples: resolved
+                    .samples
+                    .iter()
+                    .map(|&(stack, labels)| Sample {
+                        stack: stacks[stack as usize],
+                        labels: label_sets[labels as usize],
+                    })
+                    .collect(),
+                stride: columns_of_file.len(),
+                values: resolved.values,
+            },
+        );
     }
 }
 
@@ -645,10 +664,44 @@ impl Store {
         }
         let application =
             self.applications.lock().expect("no query panics").entry(name.to_owned()).or_default().clone();
-        application.lock().expect("no query panics").refresh(&self.root.join(name))?;
+        let dir = self.root.join(name);
+        let to_read = application.lock().expect("no query panics").files_to_read(&dir)?;
+        if !to_read.is_empty() {
+            application.lock().expect("no query panics").reading = Some((0, to_read.len()));
+            let reader = application.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                read_in_parallel(&dir, &to_read, |name, stamp, resolved| {
+                    reader.lock().expect("no query panics").take(&dir, name, stamp, resolved)
+                });
+                reader.lock().expect("no query panics").reading = None;
+                if to_read.len() > 1 {
+                    log::info!(
+                        "read {} files of {} in {} ms",
+                        to_read.len(),
+                        dir.display(),
+                        started.elapsed().as_millis()
+                    );
+                }
+            });
+        }
+        // Answer once the newest files (an hour of periods) are in: the page
+        // shows the rest as it comes.
+        loop {
+            match application.lock().expect("no query panics").reading {
+                Some((done, total)) if done < total.min(FIRST_ANSWER_FILES) => {}
+                _ => break,
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(application)
     }
 }
+
+/// How many of the newest files are read before the first answer: an hour
+/// of periods at the default period.
+const FIRST_ANSWER_FILES: usize = 80;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,7 +712,9 @@ mod tests {
 
         use prost::Message;
 
-        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("app");
+        fs::create_dir(&dir).unwrap();
         let profile = crate::pprof::proto::Profile {
             string_table: vec![String::new()],
             time_nanos: 5_000_000,
@@ -667,26 +722,32 @@ mod tests {
         };
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gzip.write_all(&profile.encode_to_vec()).unwrap();
-        fs::write(dir.path().join("a.pb.gz"), gzip.finish().unwrap()).unwrap();
-        fs::write(dir.path().join("b.pb.gz"), b"not gzip").unwrap();
-        fs::write(dir.path().join(".c.pb.gz.tmp"), b"being written").unwrap();
+        fs::write(dir.join("a.pb.gz"), gzip.finish().unwrap()).unwrap();
+        fs::write(dir.join("b.pb.gz"), b"not gzip").unwrap();
+        fs::write(dir.join(".c.pb.gz.tmp"), b"being written").unwrap();
 
-        let mut app = Application::default();
-        app.refresh(dir.path()).unwrap();
-        assert_eq!(app.periods.len(), 1);
-        assert_eq!(app.periods[0].start_ms, 5);
-        let unreadable = app.unreadable();
+        let store = Store::new(root.path().to_owned());
+        // Looks again, and waits for the reading thread to be done.
+        let look = || {
+            let app = store.application("app").unwrap();
+            while app.lock().unwrap().reading().is_some() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            app.lock().unwrap().checked = None;
+            app
+        };
+        let app = look();
+        assert_eq!(app.lock().unwrap().periods.len(), 1);
+        assert_eq!(app.lock().unwrap().periods[0].start_ms, 5);
+        let unreadable = app.lock().unwrap().unreadable();
         assert!(unreadable.len() == 1 && unreadable[0].starts_with("b.pb.gz: not gzip"), "{unreadable:?}");
 
-        // Rewritten, it is read again; removed, it is forgotten.
-        fs::remove_file(dir.path().join("b.pb.gz")).unwrap();
-        app.checked = None;
-        app.refresh(dir.path()).unwrap();
-        assert!(app.unreadable().is_empty());
-        fs::remove_file(dir.path().join("a.pb.gz")).unwrap();
-        app.checked = None;
-        app.refresh(dir.path()).unwrap();
-        assert!(app.periods.is_empty());
+        // Removed, a file is forgotten.
+        fs::remove_file(dir.join("b.pb.gz")).unwrap();
+        assert!(look().lock().unwrap().unreadable().is_empty());
+        fs::remove_file(dir.join("a.pb.gz")).unwrap();
+        assert!(look().lock().unwrap().periods.is_empty());
+        assert!(store.application("../app").is_err(), "a path out of the root is no application");
     }
 
     #[test]

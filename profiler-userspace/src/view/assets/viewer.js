@@ -22,6 +22,7 @@ let timeline = null; // The reply of /api/timeline.
 let flame = null; // The laid-out flame graph shown.
 let comparing = false; // The next drag on the timeline sets the baseline.
 let loadId = 0; // Replies to old requests are dropped.
+let readingPoll = null; // Looks again while the viewer reads files.
 
 // ---- Data ----
 
@@ -512,6 +513,15 @@ async function loadProfile() {
   const typeName = TYPE_NAMES[state.type] || state.type;
   $('#status').textContent = `${typeName}: ${formatValue(reply.total, reply.unit)} in ${reply.periods} periods` +
     ` · ${flame.n.toLocaleString('en-US')} boxes · ${Math.round(performance.now() - started)} ms`;
+  // While the viewer is still reading files, show what is in and look again.
+  clearTimeout(readingPoll);
+  if (timeline.reading) {
+    const [done, total] = timeline.reading;
+    $('#status').textContent = `Reading ${done.toLocaleString('en-US')} of ${total.toLocaleString('en-US')} files… ` +
+      $('#status').textContent;
+    readingPoll = setTimeout(reloadAll, 400);
+  }
+  document.body.dataset.complete = String(!timeline.reading);
   const unreadable = timeline.unreadable.length;
   if (unreadable) {
     $('#status').textContent += ` · ${unreadable} file${unreadable === 1 ? '' : 's'} not read (see the viewer's terminal)`;
