@@ -513,13 +513,10 @@ async function loadProfile() {
   const typeName = TYPE_NAMES[state.type] || state.type;
   $('#status').textContent = `${typeName}: ${formatValue(reply.total, reply.unit)} in ${reply.periods} periods` +
     ` · ${flame.n.toLocaleString('en-US')} boxes · ${Math.round(performance.now() - started)} ms`;
-  // While the viewer is still reading files, show what is in and look again.
   clearTimeout(readingPoll);
   if (timeline.reading) {
-    const [done, total] = timeline.reading;
-    $('#status').textContent = `Reading ${done.toLocaleString('en-US')} of ${total.toLocaleString('en-US')} files… ` +
-      $('#status').textContent;
-    readingPoll = setTimeout(reloadAll, 400);
+    $('#status').textContent = `${readingNote()} ${$('#status').textContent}`;
+    readingPoll = setTimeout(pollReading, 200);
   }
   document.body.dataset.complete = String(!timeline.reading);
   const unreadable = timeline.unreadable.length;
@@ -527,6 +524,30 @@ async function loadProfile() {
     $('#status').textContent += ` · ${unreadable} file${unreadable === 1 ? '' : 's'} not read (see the viewer's terminal)`;
   }
   document.body.dataset.loaded = String(id);
+}
+
+function readingNote() {
+  const [done, total] = timeline.reading;
+  return `Reading ${done.toLocaleString('en-US')} of ${total.toLocaleString('en-US')} files; so far:`;
+}
+
+// While the viewer reads files, the timeline grows; the rest is loaded again
+// once every file is in (a flame graph per poll would slow the reading).
+async function pollReading() {
+  try {
+    timeline = await api('timeline', { app: state.app, type: state.type, filter: filterParams() });
+  } catch (error) {
+    $('#status').textContent = `Error: ${error.message}`;
+    return;
+  }
+  drawTimeline();
+  showRanges();
+  if (timeline.reading) {
+    $('#status').textContent = $('#status').textContent.replace(/^Reading [^;]*; so far:/, readingNote());
+    readingPoll = setTimeout(pollReading, 200);
+  } else {
+    await reloadAll();
+  }
 }
 
 async function refresh() {
