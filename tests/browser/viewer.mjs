@@ -34,6 +34,8 @@ try {
   const opened = Date.now();
   await page.goto(url);
   await loaded();
+  // Every file read, so that no later load is the page's own.
+  await page.waitForFunction(() => document.body.dataset.complete === 'true', null, { timeout: 20000 });
   seen.open_ms = Date.now() - opened;
   seen.application = await page.locator('#application').inputValue();
   seen.sample_types = await page.locator('#sample-type option').allInnerTexts();

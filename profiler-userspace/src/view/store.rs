@@ -160,7 +160,7 @@ impl Application {
     /// those to read, newest first (names sort by time); none while files are
     /// being read, or if the last look was less than `FRESH_FOR` ago.
     fn files_to_read(&mut self, dir: &Path) -> Result<Vec<(String, (u64, SystemTime))>> {
-        if self.reading.is_some() || self.checked.is_some_and(|checked| checked.elapsed() < FRESH_FOR) {
+        if self.reading().is_some() || self.checked.is_some_and(|checked| checked.elapsed() < FRESH_FOR) {
             return Ok(Vec::new());
         }
         let mut on_disk = HashMap::new();
@@ -201,9 +201,9 @@ impl Application {
         }
     }
 
-    /// Files read and to read, while a reading thread is at work.
+    /// Files read and to read, while some are still to be read.
     pub fn reading(&self) -> Option<(usize, usize)> {
-        self.reading
+        self.reading.filter(|(done, total)| done < total)
     }
 
     /// The index of sample type `name`, such as `cpu`.
@@ -674,7 +674,12 @@ impl Store {
                 read_in_parallel(&dir, &to_read, |name, stamp, resolved| {
                     reader.lock().expect("no query panics").take(&dir, name, stamp, resolved)
                 });
-                reader.lock().expect("no query panics").reading = None;
+                let mut app = reader.lock().expect("no query panics");
+                // Unless a newer reading has begun.
+                if app.reading().is_none() {
+                    app.reading = None;
+                }
+                drop(app);
                 if to_read.len() > 1 {
                     log::info!(
                         "read {} files of {} in {} ms",
