@@ -99,7 +99,7 @@ impl Sinks {
         let mut sent = true;
         if let Some(local) = &self.local {
             match local.write(profile, &pprof_gz) {
-                Ok(written) => log::debug!("wrote {} and {}", written.pprof.display(), written.flamegraph.display()),
+                Ok(written) => log::debug!("wrote {} and {:?}", written.pprof.display(), written.flamegraph),
                 Err(error) => {
                     log::error!("cannot write the profile of {}: {error:#}", profile.application);
                     sent = false;

@@ -13,10 +13,44 @@ use inferno::flamegraph::{
     Options,
 };
 
-use crate::aggregate::{Frame, FrameKind, PeriodProfile};
+use crate::aggregate::{Frame, FrameKind, PeriodProfile, StackValue};
 
-/// The flame graph of `profile`, widths in samples.
-pub fn svg(profile: &PeriodProfile) -> anyhow::Result<Vec<u8>> {
+/// What the boxes' widths count: CPU samples, or for a profile without any
+/// (an application whose threads only waited, or only allocated), its
+/// off-CPU wall time, or the bytes it allocated.
+#[derive(Clone, Copy)]
+enum Width {
+    Samples,
+    WallMilliseconds,
+    AllocatedKibibytes,
+}
+
+impl Width {
+    fn of(self, value: &StackValue) -> u64 {
+        match self {
+            Width::Samples => value.samples,
+            Width::WallMilliseconds => value.wall_ns / 1_000_000,
+            Width::AllocatedKibibytes => value.alloc_bytes / 1024,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Width::Samples => "samples",
+            Width::WallMilliseconds => "ms of wall time",
+            Width::AllocatedKibibytes => "KiB allocated",
+        }
+    }
+}
+
+/// The flame graph of `profile`, widths in samples (see [`Width`]); none if
+/// it has nothing to draw.
+pub fn svg(profile: &PeriodProfile) -> anyhow::Result<Option<Vec<u8>>> {
+    let total = |width: Width| profile.stacks.values().map(|value| width.of(value)).sum::<u64>();
+    let widths = [Width::Samples, Width::WallMilliseconds, Width::AllocatedKibibytes];
+    let Some(width) = widths.into_iter().find(|&width| total(width) > 0) else {
+        return Ok(None);
+    };
     let cpu_ns: u64 = profile.stacks.values().map(|value| value.cpu_ns).sum();
     let mut options = Options::default();
     options.title = format!("{}: {} to {}", profile.application, utc(profile.start), utc(profile.end));
@@ -26,7 +60,7 @@ pub fn svg(profile: &PeriodProfile) -> anyhow::Result<Vec<u8>> {
         profile.total_samples(),
         humantime::format_duration(Duration::from_nanos(cpu_ns))
     ));
-    options.count_name = "samples".to_owned();
+    options.count_name = width.name().to_owned();
     // With the annotations of `frame_name`: Python aqua, kernel orange,
     // native red (C++ yellow).
     options.colors = Palette::Multi(MultiPalette::Js);
@@ -34,9 +68,9 @@ pub fn svg(profile: &PeriodProfile) -> anyhow::Result<Vec<u8>> {
     // its color from one period to the next.
     options.hash = true;
     let mut svg = Vec::new();
-    flamegraph::from_lines(&mut options, folded(profile).iter().map(String::as_str), &mut svg)
+    flamegraph::from_lines(&mut options, folded(profile, width).iter().map(String::as_str), &mut svg)
         .with_context(|| format!("cannot draw the flame graph of {}", profile.application))?;
-    Ok(svg)
+    Ok(Some(svg))
 }
 
 fn utc(time: SystemTime) -> humantime::Rfc3339Timestamp {
@@ -44,16 +78,17 @@ fn utc(time: SystemTime) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_seconds(time.max(UNIX_EPOCH))
 }
 
-/// Folded stacks, `root;…;leaf samples`, sorted as inferno wants them.
-/// Stacks that differ only by thread or line become one.
-fn folded(profile: &PeriodProfile) -> Vec<String> {
+/// Folded stacks, `root;…;leaf count`, sorted as inferno wants them.
+/// Stacks that differ only by thread or line become one; those of no width
+/// are left out.
+fn folded(profile: &PeriodProfile, width: Width) -> Vec<String> {
     let names: Vec<String> = profile.frames.iter().map(frame_name).collect();
-    let mut samples: BTreeMap<String, u64> = BTreeMap::new();
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for (key, value) in &profile.stacks {
         let stack: Vec<&str> = key.frames.iter().rev().map(|&frame| names[frame as usize].as_str()).collect();
-        *samples.entry(stack.join(";")).or_default() += value.samples;
+        *counts.entry(stack.join(";")).or_default() += width.of(value);
     }
-    samples.into_iter().map(|(stack, samples)| format!("{stack} {samples}")).collect()
+    counts.into_iter().filter(|(_, count)| *count > 0).map(|(stack, count)| format!("{stack} {count}")).collect()
 }
 
 /// A frame as the flame graph shows it: the function and the base name of its
@@ -120,7 +155,7 @@ mod tests {
     #[test]
     fn folds_lines_and_threads_of_a_function_together() {
         assert_eq!(
-            folded(&profile()),
+            folded(&profile(), Width::Samples),
             [
                 "<module> (app.py)_[j];a:b (app.py)_[j];__write (libc.so.6);ksys_write_[k] 1",
                 "<module> (app.py)_[j];crunch (app.py)_[j] 3",
@@ -130,8 +165,27 @@ mod tests {
     }
 
     #[test]
+    fn threads_that_only_waited_are_drawn_by_wall_time_and_nothing_is_not_drawn() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let mut profile = PeriodProfile::new("sleeper".to_owned(), BTreeMap::new(), start, 10_000_000);
+        assert!(svg(&profile).unwrap().is_none(), "an empty profile has no flame graph");
+        let thread = Thread {
+            pid: 1,
+            container_pid: None,
+            container_id: None,
+            tid: 1,
+            thread_name: "main".into(),
+            process_name: "python3".into(),
+            context: None,
+        };
+        profile.add_off_cpu(&[python("nap", 3, 4)], &thread, crate::aggregate::Wait::Sleep, 2_500_000_000);
+        let svg = String::from_utf8(svg(&profile).unwrap().unwrap()).unwrap();
+        assert!(svg.contains("nap (app.py) (2,500 ms of wall time, 100.00%)"), "{svg}");
+    }
+
+    #[test]
     fn draws_every_function() {
-        let svg = String::from_utf8(svg(&profile()).unwrap()).unwrap();
+        let svg = String::from_utf8(svg(&profile()).unwrap().unwrap()).unwrap();
         assert!(svg.starts_with("<?xml"), "{svg}");
         assert!(svg.trim_end().ends_with("</svg>"));
         for expected in [

@@ -26,7 +26,8 @@ pub struct LocalDir {
 #[derive(Debug)]
 pub struct Written {
     pub pprof: PathBuf,
-    pub flamegraph: PathBuf,
+    /// None for a profile with nothing to draw.
+    pub flamegraph: Option<PathBuf>,
 }
 
 impl LocalDir {
@@ -49,10 +50,12 @@ impl LocalDir {
         if !own_labels.is_empty() {
             stem.push_str(&format!("-{:08x}", fnv1a(format!("{own_labels:?}").as_bytes()) as u32));
         }
-        Ok(Written {
-            pprof: write_atomically(&dir, &format!("{stem}.pb.gz"), pprof_gz)?,
-            flamegraph: write_atomically(&dir, &format!("{stem}.svg"), &flamegraph::svg(profile)?)?,
-        })
+        let pprof = write_atomically(&dir, &format!("{stem}.pb.gz"), pprof_gz)?;
+        let flamegraph = match flamegraph::svg(profile)? {
+            Some(svg) => Some(write_atomically(&dir, &format!("{stem}.svg"), &svg)?),
+            None => None,
+        };
+        Ok(Written { pprof, flamegraph })
     }
 }
 
@@ -169,11 +172,11 @@ mod tests {
 
         let dir = root.path().join("profiles/_.._web");
         assert_eq!(written.pprof, dir.join("20261118T110640Z-20261118T110650Z.pb.gz"));
-        assert_eq!(written.flamegraph, dir.join("20261118T110640Z-20261118T110650Z.svg"));
+        assert_eq!(written.flamegraph, Some(dir.join("20261118T110640Z-20261118T110650Z.svg")));
         let mut pprof = Vec::new();
         flate2::read::GzDecoder::new(fs::File::open(&written.pprof).unwrap()).read_to_end(&mut pprof).unwrap();
         assert_eq!(pprof, pprof::encode(&profile));
-        assert_eq!(fs::read(&written.flamegraph).unwrap(), flamegraph::svg(&profile).unwrap());
+        assert_eq!(fs::read(written.flamegraph.unwrap()).unwrap(), flamegraph::svg(&profile).unwrap().unwrap());
 
         sink.write(&profile, &pprof::encode_gzipped(&profile).unwrap()).expect("a second write replaces the files");
         let mut names: Vec<_> = fs::read_dir(&dir).unwrap().map(|entry| entry.unwrap().file_name()).collect();
