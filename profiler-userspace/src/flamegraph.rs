@@ -120,6 +120,18 @@ mod tests {
         Frame { kind: FrameKind::Python, function: function.into(), file: "/srv/app.py".into(), start_line, line }
     }
 
+    fn main_thread() -> Thread {
+        Thread {
+            pid: 1,
+            container_pid: None,
+            container_id: None,
+            tid: 1,
+            thread_name: "main".into(),
+            process_name: "python3".into(),
+            context: None,
+        }
+    }
+
     fn profile() -> PeriodProfile {
         let start = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         let mut profile = PeriodProfile::new("web".to_owned(), BTreeMap::new(), start, 10_000_000);
@@ -134,15 +146,7 @@ mod tests {
         };
         let kernel =
             Frame { kind: FrameKind::Kernel, function: "ksys_write".into(), file: "".into(), start_line: 0, line: 0 };
-        let one = Thread {
-            pid: 1,
-            container_pid: None,
-            container_id: None,
-            tid: 1,
-            thread_name: "main".into(),
-            process_name: "python3".into(),
-            context: None,
-        };
+        let one = main_thread();
         let two = Thread { tid: 2, thread_name: "worker;1".into(), ..one.clone() };
         profile.add(&[python("crunch", 10, 12), main.clone()], &one);
         profile.add(&[python("crunch", 10, 14), main.clone()], &one);
@@ -169,15 +173,7 @@ mod tests {
         let start = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         let mut profile = PeriodProfile::new("sleeper".to_owned(), BTreeMap::new(), start, 10_000_000);
         assert!(svg(&profile).unwrap().is_none(), "an empty profile has no flame graph");
-        let thread = Thread {
-            pid: 1,
-            container_pid: None,
-            container_id: None,
-            tid: 1,
-            thread_name: "main".into(),
-            process_name: "python3".into(),
-            context: None,
-        };
+        let thread = main_thread();
         profile.add_off_cpu(&[python("nap", 3, 4)], &thread, crate::aggregate::Wait::Sleep, 2_500_000_000);
         let svg = String::from_utf8(svg(&profile).unwrap().unwrap()).unwrap();
         assert!(svg.contains("nap (app.py) (2,500 ms of wall time, 100.00%)"), "{svg}");

@@ -59,7 +59,7 @@ pub fn workload(file_name: &str) -> PathBuf {
 }
 
 /// A child process killed when dropped, so that a failing test leaves nothing running.
-struct KillOnDrop(Child);
+pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

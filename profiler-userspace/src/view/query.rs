@@ -524,6 +524,8 @@ mod tests {
             ("0-1-pod2.pb.gz", period(0, 10, 5)),
         ]);
         assert_eq!(flame(&app, &everything(&app, "alloc_space"), None).total, 210);
+        // One function each, however many files name it.
+        assert_eq!(app.functions.items.len(), 2);
         assert_eq!(flame(&app, &everything(&app, "inuse_space"), None).total, 75);
     }
 

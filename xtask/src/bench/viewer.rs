@@ -6,11 +6,11 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use e2e::{free_port, profile_files, Agent, Workload};
+use e2e::{free_port, profile_files, Agent, KillOnDrop, Workload};
 
 use crate::{setup, step, workspace_root};
 
@@ -377,15 +377,6 @@ fn time_go_pprof(files: &[PathBuf]) -> Result<f64> {
         ensure!(child.0.try_wait()?.is_none(), "go tool pprof -http exited");
         ensure!(started.elapsed() < Duration::from_secs(300), "go tool pprof -http did not answer in 5 minutes");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
