@@ -96,7 +96,7 @@ fn thread_state(process: &PyProcess, tid: u32) -> Result<u64, u32> {
         }
     }
     crate::count(stat::THREAD_SCANS);
-    let mut scan = ThreadScan { process: *process, pthread, interp: 0, tstate: 0, found: 0 };
+    let mut scan = ThreadScan { process, pthread, interp: 0, tstate: 0, found: 0 };
     scan.interp = read(field(process.runtime, process.offsets.runtime_interpreters_head)).unwrap_or(0);
     scan.tstate = read(field(scan.interp, process.offsets.interp_threads_head)).unwrap_or(0);
     repeat(MAX_THREADS_SCANNED as u32 + MAX_INTERPRETERS, scan_step, &mut scan);
@@ -110,9 +110,12 @@ fn thread_state(process: &PyProcess, tid: u32) -> Result<u64, u32> {
 
 /// A search of every interpreter's thread list for the thread state whose
 /// `thread_id` is `pthread`; this finds threads that don't hold the GIL.
+/// Walk states hold the process's map value by pointer, not a copy: every
+/// byte of a `bpf_loop` caller's stack counts in the verifier's 512-byte
+/// budget for the whole call chain.
 #[repr(C)]
 struct ThreadScan {
-    process: PyProcess,
+    process: *const PyProcess,
     pthread: u64,
     interp: u64,
     tstate: u64,
@@ -122,7 +125,8 @@ struct ThreadScan {
 unsafe extern "C" fn scan_step(_index: u64, state: *mut c_void) -> i64 {
     // SAFETY: `repeat` passes the `ThreadScan` it was given.
     let scan = unsafe { &mut *state.cast::<ThreadScan>() };
-    let off = &scan.process.offsets;
+    // SAFETY: a map value, valid for the program run.
+    let off = unsafe { &(*scan.process).offsets };
     if scan.tstate == 0 {
         // End of this interpreter's threads: on to the next interpreter.
         if scan.interp == 0 {
@@ -155,7 +159,7 @@ fn current_frame(process: &PyProcess, tstate: u64) -> Result<u64, u32> {
 /// The frame walk in progress; frames go to `sample.py_frames`.
 #[repr(C)]
 struct FrameWalk {
-    process: PyProcess,
+    process: *const PyProcess,
     sample: *mut Sample,
     frame: u64,
     /// A frame seen earlier, moved at every power-of-two step (Brent's cycle
@@ -185,25 +189,27 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
     if walk.frame == 0 {
         return Err(PY_OK);
     }
-    let off = &walk.process.offsets;
+    // SAFETY: a map value, valid for the program run.
+    let process = unsafe { &*walk.process };
+    let off = &process.offsets;
     let previous = read::<u64>(field(walk.frame, off.frame_previous))?;
     let owner_cstack =
-        off.frame_owner != NO_OFFSET && read::<u8>(field(walk.frame, off.frame_owner)) == Ok(walk.process.owner_cstack);
+        off.frame_owner != NO_OFFSET && read::<u8>(field(walk.frame, off.frame_owner)) == Ok(process.owner_cstack);
     if !owner_cstack {
         let mut code = read::<u64>(field(walk.frame, off.frame_code))? & !POINTER_TAG_BITS;
         let instr = read::<u64>(field(walk.frame, off.frame_instr))?;
-        if read::<u64>(field(code, off.object_type)) != Ok(walk.process.code_type) {
+        if read::<u64>(field(code, off.object_type)) != Ok(process.code_type) {
             return Err(PY_BAD_CODE);
         }
         // C code called this frame: 3.11 flags it, 3.12+ put a shim frame
         // (owned by the C stack) under it.
-        let is_entry = walk.process.frame_is_entry;
+        let is_entry = process.frame_is_entry;
         let entry = if is_entry != NO_OFFSET {
             read::<u8>(field(walk.frame, is_entry)).is_ok_and(|entry| entry != 0)
         } else {
             off.frame_owner != NO_OFFSET
                 && previous != 0
-                && read::<u8>(field(previous, off.frame_owner)) == Ok(walk.process.owner_cstack)
+                && read::<u8>(field(previous, off.frame_owner)) == Ok(process.owner_cstack)
         };
         if entry {
             code |= PY_ENTRY_FRAME;
@@ -231,7 +237,7 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
 /// Walks the Python stack of thread `tid` into `sample.py_frames`, innermost
 /// first, setting `sample.py_len` and `sample.py_status`.
 pub fn walk(process: &PyProcess, tid: u32, sample: *mut Sample) {
-    let mut walk = FrameWalk { process: *process, sample, frame: 0, checkpoint: 0, steps: 0, len: 0, status: WALKING };
+    let mut walk = FrameWalk { process, sample, frame: 0, checkpoint: 0, steps: 0, len: 0, status: WALKING };
     match thread_state(process, tid).and_then(|tstate| current_frame(process, tstate)) {
         Ok(frame) => {
             walk.frame = frame;

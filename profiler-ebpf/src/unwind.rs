@@ -56,16 +56,23 @@ pub fn has_tables(pid: u32) -> Option<*const ProcessUnwind> {
 /// Unwinds the current thread's user stack into `sample.user_stack`; returns
 /// the number of frames.
 pub fn walk(process: *const ProcessUnwind, sample: *mut Sample) -> u32 {
-    // SAFETY: the current task outlives this program run; its user
-    // registers are read with a fault-safe helper.
-    let regs = unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        bpf_probe_read_kernel(regs)
+    // SAFETY: the current task outlives this program run.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // Three registers read one by one: the whole `pt_regs` (168 bytes) on
+    // the stack would eat a third of the verifier's 512-byte budget.
+    // SAFETY: fault-safe reads of fields of the task's saved registers.
+    let registers = unsafe {
+        (
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rip)),
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rsp)),
+            bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rbp)),
+        )
     };
-    let Ok(regs) = regs else { return 0 };
+    let (Ok(rip), Ok(rsp), Ok(rbp)) = registers else {
+        return 0;
+    };
     crate::count(stat::UNWOUND_STACKS);
-    let mut walk = Walk { process, sample, rip: regs.rip, rsp: regs.rsp, rbp: regs.rbp, len: 0, cut: 0 };
+    let mut walk = Walk { process, sample, rip, rsp, rbp, len: 0, cut: 0 };
     // SAFETY: `step` takes a `*mut Walk`, which it is given.
     unsafe { bpf_loop(MAX_USER_FRAMES as u32, step as *mut c_void, (&mut walk as *mut Walk).cast(), 0) };
     if walk.cut != 0 || walk.len as usize >= MAX_USER_FRAMES && walk.rip != 0 {

@@ -278,8 +278,13 @@ impl Process {
     }
 }
 
-pub async fn run(settings: Settings) -> Result<()> {
+pub async fn run(mut settings: Settings) -> Result<()> {
     let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
+    // What the kernel refused is measured no further: the rest goes on.
+    settings.wall &= sampler.features.wall.is_on();
+    if !sampler.features.memory.is_on() {
+        settings.memory = None;
+    }
     let sinks = Sinks::start(&settings)?;
     let mut agent = Agent::new(&settings);
     if settings.native_unwind {
@@ -289,6 +294,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Some(kubernetes) = &settings.kubernetes {
         agent.pods = Some(Pods::watch(kubernetes).await?);
     }
+    agent.metrics.set_features(&sampler.features);
     if let Some(address) = settings.metrics_address {
         metrics::serve(address, agent.metrics.clone(), sinks.remote.clone()).await?;
     }
@@ -311,6 +317,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         humantime::format_duration(settings.period),
         sinks.describe(),
     );
+    for refusal in sampler.features.refusals() {
+        eprintln!("ferroscope: {refusal}; the other dimensions go on");
+    }
 
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as
     // the `AsyncFd` holds it.
@@ -825,6 +834,7 @@ impl<'a> Agent<'a> {
             summary.unwind_refused = stats.tables_refused.load(Relaxed);
         }
         summary.live_followed = self.heap.len();
+        summary.refusals = sampler.features.refusals();
         let mut threads: Vec<_> = self
             .processes
             .iter_mut()

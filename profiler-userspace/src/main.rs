@@ -8,8 +8,11 @@ mod control;
 mod cpython;
 mod discovery;
 mod ebpf;
+mod features;
 mod flamegraph;
+mod headroom;
 mod httpd;
+mod kernel_check;
 mod kubernetes;
 mod memory;
 mod metrics;
@@ -48,6 +51,14 @@ enum Command {
     /// diff against another range. Example: `ferroscope view ./profiles`,
     /// then open http://127.0.0.1:9465/
     View(view::ViewArgs),
+    /// Check which of Ferroscope's eBPF programs this kernel accepts.
+    ///
+    /// Loads every program (attaching none) and prints, for each, the
+    /// dimension it serves, whether the verifier accepted it (or its
+    /// complaint), the instructions it processed and the program's combined
+    /// stack. Exits with an error when a program is refused, or uses more
+    /// than --max-percent of either verifier limit. Needs root, like `agent`.
+    KernelCheck(kernel_check::KernelCheckArgs),
 }
 
 /// `info`, but for the Kubernetes client's retries, which the agent reports once per outage.
@@ -69,6 +80,7 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(view::run(args))),
+        Command::KernelCheck(args) => kernel_check::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -15,7 +15,11 @@ use std::{
 use http_body_util::Full;
 use hyper::{body::Bytes, Response};
 
-use crate::{ebpf::KernelStats, sinks::Shipper};
+use crate::{
+    ebpf::KernelStats,
+    features::{Features, State},
+    sinks::Shipper,
+};
 
 /// Counters the agent keeps up to date.
 #[derive(Default)]
@@ -27,6 +31,8 @@ pub struct Metrics {
     alloc_samples: AtomicU64,
     python_processes: AtomicU64,
     profiles: AtomicU64,
+    /// Per dimension, whether it runs and, if refused, why; set once.
+    features: std::sync::OnceLock<Vec<(String, u64)>>,
 }
 
 impl Metrics {
@@ -40,6 +46,22 @@ impl Metrics {
 
     pub fn set_python_processes(&self, count: usize) {
         self.python_processes.store(count as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_features(&self, features: &Features) {
+        let values = features
+            .each()
+            .into_iter()
+            .map(|(name, state)| {
+                let reason = match state {
+                    State::On => "",
+                    State::NotAsked => "not asked",
+                    State::Refused(why) => why,
+                };
+                (format!("{{feature=\"{name}\",reason=\"{}\"}}", label_value(reason)), u64::from(state.is_on()))
+            })
+            .collect();
+        let _ = self.features.set(values);
     }
 
     pub fn add_profiles(&self, count: u64) {
@@ -72,6 +94,8 @@ impl Metrics {
         metric("off_cpu_samples_total", "counter", "Off-CPU samples (kept waits).", &one(&self.off_cpu_samples));
         metric("alloc_samples_total", "counter", "Allocation samples (--memory).", &one(&self.alloc_samples));
         metric("python_processes", "gauge", "CPython processes being profiled.", &one(&self.python_processes));
+        let features = self.features.get().cloned().unwrap_or_default();
+        metric("feature_enabled", "gauge", "Whether a dimension runs (1) and why not (reason).", &features);
         metric("profiles_total", "counter", "Profiles made (one per application and period).", &one(&self.profiles));
         let per_sink = |value: &dyn Fn(&Shipper) -> u64| -> Vec<(String, u64)> {
             sinks.iter().map(|sink| (format!("{{sink=\"{}\"}}", sink.name()), value(sink))).collect()
@@ -105,6 +129,12 @@ impl Metrics {
         metric("spool_bytes", "gauge", "Bytes waiting in the spool.", &per_sink(&|sink| sink.waiting().1));
         text
     }
+}
+
+/// `text` as a Prometheus label value: backslashes, quotes and newlines
+/// escaped.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Serves `/metrics` and `/healthz` on `address` until the agent stops.

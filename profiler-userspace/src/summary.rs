@@ -41,6 +41,8 @@ pub struct PeriodSummary {
     /// Tables that did not fit in the kernel's space, since the start.
     pub unwind_refused: u64,
     pub memory_unwatched: u64,
+    /// Dimensions asked for that this kernel refused, with why.
+    pub refusals: Vec<String>,
     /// What each sink did, a line each.
     pub sinks: Vec<String>,
     /// Per profiled process, by pid.
@@ -108,6 +110,9 @@ impl PeriodSummary {
                 kib(rows),
                 kib(peak),
             );
+        }
+        for refusal in &self.refusals {
+            text += &format!("  {refusal}\n");
         }
         for ProcessThreads { pid, process_name, counts } in self.threads.iter().take(THREAD_LINES) {
             text += &format!(
