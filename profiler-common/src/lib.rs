@@ -373,6 +373,8 @@ pub mod config {
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
     /// Likewise for `task_struct.tgid` (the process id).
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
+    /// `task_struct.__state` (`state` before 5.14).
+    pub const TASK_STATE_OFFSET: &str = "TASK_STATE_OFFSET";
     /// Name of the global holding the CPU sampling period in nanoseconds:
     /// shorter waits are kept with probability (wait / period).
     pub const SAMPLE_PERIOD_NS: &str = "SAMPLE_PERIOD_NS";

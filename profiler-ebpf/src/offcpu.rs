@@ -30,9 +30,13 @@ static SAMPLE_PERIOD_NS: u64 = 10_000_000;
 /// Offset of `task_struct.pid` (the thread id), from the kernel's BTF.
 #[no_mangle]
 static TASK_PID_OFFSET: u64 = 0;
+/// Offset of `task_struct.__state`, from the kernel's BTF: the tracepoint's
+/// own `prev_state` argument only exists from 5.18.
+#[no_mangle]
+static TASK_STATE_OFFSET: u64 = 0;
 
 /// `task_struct.__state` of a task switching out for the last time.
-const TASK_DEAD: u64 = 0x80;
+const TASK_DEAD: u32 = 0x80;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -61,16 +65,20 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let (pid, tid) = pid_tid();
     let preempt: u64 = ctx.arg(0);
+    let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
-    let prev_state = prev_state & 0xffff_ffff;
-    if tid != 0 && prev_state & TASK_DEAD == 0 && profiled(pid) {
-        let off_cpu = OffCpu { since_ns: now, preempted: u64::from(preempt & 1 != 0 || prev_state == 0) };
-        match OFF_CPU_START.get_ptr_mut(tid) {
-            // SAFETY: a valid map value.
-            Some(entry) => unsafe { *entry = off_cpu },
-            None => {
-                let _ = OFF_CPU_START.insert(tid, off_cpu, 0);
+    if tid != 0 && profiled(pid) {
+        // A state that cannot be read counts as running: preempted, which
+        // keeps the wait without guessing its reason.
+        let prev_state = task_u32(prev, &TASK_STATE_OFFSET).unwrap_or(0);
+        if prev_state & TASK_DEAD == 0 {
+            let off_cpu = OffCpu { since_ns: now, preempted: u64::from(preempt & 1 != 0 || prev_state == 0) };
+            match OFF_CPU_START.get_ptr_mut(tid) {
+                // SAFETY: a valid map value.
+                Some(entry) => unsafe { *entry = off_cpu },
+                None => {
+                    let _ = OFF_CPU_START.insert(tid, off_cpu, 0);
+                }
             }
         }
     }

@@ -341,6 +341,7 @@ fn load_object(filter_pids: u8, sample_period_ns: u64) -> Result<(Ebpf, Btf)> {
         .override_global(config::TASK_COMM_OFFSET, &task.comm, true)
         .override_global(config::TASK_PID_OFFSET, &task.pid, true)
         .override_global(config::TASK_TGID_OFFSET, &task.tgid, true)
+        .override_global(config::TASK_STATE_OFFSET, &task.state, true)
         .override_global(config::SAMPLE_PERIOD_NS, &sample_period_ns, true)
         .load(OBJECT)
         .map_err(explain_load_error)?;
@@ -508,6 +509,8 @@ struct TaskOffsets {
     pid: u64,
     /// The process id.
     tgid: u64,
+    /// What the task is doing (`TASK_RUNNING`, sleeping, dead).
+    state: u64,
 }
 
 impl TaskOffsets {
@@ -531,6 +534,8 @@ impl TaskOffsets {
             comm: offset("task_struct", "comm")?,
             pid: offset("task_struct", "pid")?,
             tgid: offset("task_struct", "tgid")?,
+            // Renamed in 5.14.
+            state: offset("task_struct", "__state").or_else(|_| offset("task_struct", "state"))?,
         })
     }
 }
@@ -904,7 +909,7 @@ mod tests {
     #[test]
     fn finds_task_offsets_in_the_kernel_btf() {
         let task = TaskOffsets::from_kernel_btf().unwrap();
-        for offset in [task.fsbase, task.group_leader, task.comm, task.pid, task.tgid] {
+        for offset in [task.fsbase, task.group_leader, task.comm, task.pid, task.tgid, task.state] {
             assert!(offset > 0 && offset < 16384, "{offset}");
         }
     }
