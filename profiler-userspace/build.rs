@@ -1,23 +1,108 @@
 //! Embeds the eBPF object built by `cargo xtask build` into the agent, and
 //! compiles the official .proto files of pprof and OTLP profiles (`proto/`)
 //! into prost types.
-use std::{env, path::PathBuf};
+//!
+//! Without the object (a fresh clone, no nightly), it embeds an empty stub, as
+//! aya's build scripts do, so that `cargo check`, `clippy` and `test` work: the
+//! agent it makes stops at start saying how to build it whole. The unit tests
+//! that load eBPF programs are then left out (cfg `ferroscope_root_tests_left_out`),
+//! as they are when this build cannot load programs (not root); the test
+//! `tests/ebpf_tests_left_out.rs` says so when it runs, and fails under
+//! `FERROSCOPE_REQUIRE_ROOT_TESTS=1`, which `cargo xtask test` sets.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
+
+const OBJECT_VAR: &str = "FERROSCOPE_EBPF_OBJECT";
+/// Capabilities loading the programs needs (or CAP_SYS_ADMIN), with their bit in `CapEff`,
+/// as `Sampler::start` checks them.
+const NEEDED_CAPABILITIES: [(&str, u32); 3] = [("CAP_BPF", 39), ("CAP_PERFMON", 38), ("CAP_SYS_PTRACE", 19)];
+const CAP_SYS_ADMIN: u32 = 21;
 
 fn main() {
     compile_protos();
-    println!("cargo:rerun-if-env-changed=FERROSCOPE_EBPF_OBJECT");
-    let object = env::var_os("FERROSCOPE_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
-            .join("../profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf")
-    });
-    if !object.exists() {
-        panic!(
-            "the eBPF object {} is missing: build the agent with `cargo xtask build`, which builds it first",
-            object.display()
+    println!("cargo:rerun-if-env-changed={OBJECT_VAR}");
+    println!("cargo:rustc-check-cfg=cfg(ferroscope_root_tests_left_out)");
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let (object, stub) = match env::var_os(OBJECT_VAR).map(PathBuf::from) {
+        // Asked for by name (as `cargo xtask build` does): it must be there.
+        Some(object) => {
+            if !object.exists() {
+                panic!(
+                    "{OBJECT_VAR}={} is missing: build the agent with `cargo xtask build`, which builds it first",
+                    object.display()
+                );
+            }
+            (object, false)
+        }
+        None => {
+            let workspace = manifest_dir.parent().expect("the crate is in the workspace");
+            let default = workspace.join("profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf");
+            if default.exists() {
+                (default, false)
+            } else {
+                (stub_object(&default), true)
+            }
+        }
+    };
+    if !stub {
+        println!("cargo:rerun-if-changed={}", object.display());
+    }
+    println!("cargo:rustc-env={OBJECT_VAR}={}", object.canonicalize().unwrap().display());
+
+    let left_out = if stub {
+        Some("the eBPF object is a stub (profiler-ebpf is not built: `cargo xtask build` builds it)".to_owned())
+    } else {
+        missing_capabilities().map(|missing| {
+            format!("this build runs without root or {missing}, which loading eBPF programs needs (run it as root)")
+        })
+    };
+    // Who builds is who runs a plain `cargo test`: built again under sudo (another USER).
+    println!("cargo:rerun-if-env-changed=USER");
+    if let Some(reason) = left_out {
+        println!("cargo:rustc-cfg=ferroscope_root_tests_left_out");
+        println!("cargo:rustc-env=FERROSCOPE_ROOT_TESTS_LEFT_OUT={reason}");
+        println!(
+            "cargo:warning=the unit tests that load eBPF programs (src/ebpf.rs) are left out of this build: \
+             {reason}; `cargo xtask test` runs them"
         );
     }
-    println!("cargo:rerun-if-changed={}", object.display());
-    println!("cargo:rustc-env=FERROSCOPE_EBPF_OBJECT={}", object.canonicalize().unwrap().display());
+}
+
+/// Writes an empty object into OUT_DIR, and says the agent will not load programs; until
+/// `default` (where `cargo xtask build` puts the object) appears.
+fn stub_object(default: &Path) -> PathBuf {
+    let stub = PathBuf::from(env::var("OUT_DIR").unwrap()).join("profiler-ebpf.stub");
+    fs::write(&stub, []).expect("writing the stub eBPF object into OUT_DIR");
+    // A path that does not exist would run this script again on every build: watch the
+    // nearest directory that does (the object's, once made, is newer than the last run).
+    let watched = default.ancestors().skip(1).find(|dir| dir.is_dir()).expect("an existing ancestor of the crate");
+    println!("cargo:rerun-if-changed={}", watched.display());
+    println!(
+        "cargo:warning=the eBPF object {} is missing: this build embeds an empty stub, so its agent cannot load \
+         its programs (it stops at start, saying so); build the agent with `cargo xtask build`",
+        default.display()
+    );
+    stub
+}
+
+/// The capabilities loading programs needs that this process lacks (none with root or
+/// CAP_SYS_ADMIN), if any.
+fn missing_capabilities() -> Option<String> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let missing: Vec<&str> = NEEDED_CAPABILITIES
+        .iter()
+        .filter(|(_, bit)| !has(*bit) && !has(CAP_SYS_ADMIN))
+        .map(|(name, _)| *name)
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 fn compile_protos() {

@@ -511,7 +511,7 @@ mod tests {
         assert!(!is_libc("/lib/x86_64-linux-gnu/libcrypt.so.1"));
         assert!(!is_libc("/usr/lib/libc++.so.1"));
     }
-    use crate::cpython::{pyenv_build, FrameSymbolizer};
+    use crate::cpython::{install_hint, pyenv_build, skip_or_fail, FrameSymbolizer};
     use profiler_common::{PyFrame, NO_OFFSET};
     use std::{
         io::{BufRead, BufReader},
@@ -700,7 +700,7 @@ main()
     fn check_supported_in(root: &str, python: &str, binary: &str, version: &str) {
         let host_path = Path::new(root).join(python.trim_start_matches('/'));
         if !host_path.exists() {
-            eprintln!("skipped: {} not installed", host_path.display());
+            skip_or_fail(&format!("{} is not installed", host_path.display()), &install_hint(root, python));
             return;
         }
         let sleeper = Sleeper::start_in(root, python, version);
@@ -747,7 +747,8 @@ main()
     /// 3.11 comes from `sys.version` in its `.bss`.
     fn check_pyenv(minor: u8) {
         let Some(build) = pyenv_build(minor) else {
-            eprintln!("skipped: pyenv's CPython 3.{minor} not installed");
+            let install = install_hint("/", &format!("/root/.pyenv/versions/3.{minor}/bin/python3.{minor}"));
+            skip_or_fail(&format!("pyenv's CPython 3.{minor} is not installed"), &install);
             return;
         };
         check_supported(build.python.to_str().unwrap(), build.libpython.to_str().unwrap(), &build.version);
@@ -848,7 +849,7 @@ main()
     fn a_libpython_mapped_as_data_is_not_python() {
         let path = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
         let Ok(file) = File::open(path) else {
-            eprintln!("skipped: {path} not installed");
+            skip_or_fail(&format!("{path} is not installed"), &install_hint("/", "/root/.pyenv/versions/3.11.7/"));
             return;
         };
         let len = file.metadata().unwrap().len() as usize;

@@ -480,7 +480,7 @@ pub struct ProgramCheck {
 pub fn check_programs() -> Result<Vec<ProgramCheck>> {
     check_privileges()?;
     let (mut ebpf, btf) = load_object(0, 10_000_000)?;
-    let stacks: std::collections::HashMap<String, u32> = crate::headroom::program_stacks(OBJECT)?.into_iter().collect();
+    let stacks: std::collections::HashMap<String, u32> = crate::headroom::program_stacks(object())?.into_iter().collect();
     let mut programs: Vec<(&'static str, &'static str, Option<&'static str>)> = Vec::new();
     programs.extend(LIFECYCLE_TRACEPOINTS.iter().map(|&(name, tracepoint)| ("process", name, Some(tracepoint))));
     programs.push(("cpu", SAMPLER_PROGRAM, None));

@@ -23,8 +23,14 @@ pub fn run(args: &KernelCheckArgs) -> Result<()> {
     let mut problems = Vec::new();
     for check in ebpf::check_programs()? {
         let stack = format!("{} B ({}%)", check.stack, percent(check.stack, headroom::STACK_LIMIT));
-        if percent(check.stack, headroom::STACK_LIMIT) > args.max_percent {
-            problems.push(format!("{}: combined stack {} of {} bytes", check.program, check.stack, headroom::STACK_LIMIT));
+        if percent(check.stack, headroom::STACK_LIMIT) > args.max_percent || check.stack > ebpf::STACK_BUDGET {
+            problems.push(format!(
+                "{}: combined stack {} of {} bytes (the programs keep under {})",
+                check.program,
+                check.stack,
+                headroom::STACK_LIMIT,
+                ebpf::STACK_BUDGET
+            ));
         }
         let (instructions, result) = match &check.verified {
             Ok(Some(count)) => {

@@ -12,7 +12,9 @@
 Each upload is saved in DIR as `NNNN.json` (path, query, headers, the parts'
 names, the sample type config or the event; for OTLP, the resource and per
 profile its sample type and the value of each function, summed over the
-stacks it is in) and `NNNN.pprof` (the profile part as sent).
+stacks it is in) and `NNNN.pprof` (the profile part as sent). Each file
+appears whole (written aside, then renamed), the `.json` last, so that a test
+that reads the directory while uploads arrive never reads half a record.
 
 Usage: intake.py DIR (PORT | --unix PATH) [--fail-first N] [--hang-first N].
 Prints `listening PORT` (or `listening PATH`) once it accepts connections.
@@ -30,6 +32,13 @@ import socketserver
 import time
 import urllib.parse
 
+
+
+def save(path, data):
+    """Writes `path` whole: aside first, then renamed into place."""
+    aside = path.with_name(f".{path.name}.part")
+    aside.write_bytes(data)
+    aside.rename(path)
 
 def main():
     parser = argparse.ArgumentParser()
@@ -75,8 +84,8 @@ def main():
                 "parts": sorted(parts),
                 "sample_type_config": json.loads(parts.get("sample_type_config") or b"{}"),
             }
-            (args.dir / f"{number:04}.pprof").write_bytes(parts.get(attachments[0]) or b"")
-            (args.dir / f"{number:04}.json").write_text(json.dumps(record))
+            save(args.dir / f"{number:04}.pprof", parts.get(attachments[0]) or b"")
+            save(args.dir / f"{number:04}.json", json.dumps(record).encode())
             self.answer(200, b"")
 
         def otlp(self, body):
@@ -113,7 +122,7 @@ def main():
                 record["resources"].append(resource_entry)
             number = state["saved"]
             state["saved"] += 1
-            (args.dir / f"{number:04}.json").write_text(json.dumps(record))
+            save(args.dir / f"{number:04}.json", json.dumps(record).encode())
             self.answer(200, b"")
 
         def answer(self, status, text):

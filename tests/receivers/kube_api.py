@@ -13,7 +13,7 @@ Each request is appended to DIR/requests.jsonl (method, path, query,
 authorization header).
 
 Usage: kube_api.py DIR PODS PORT. Prints `listening PORT` once it accepts
-connections.
+connections, and `sent TYPE NAME` once it has sent a watch event.
 """
 import argparse
 import http.server
@@ -83,6 +83,7 @@ def main():
                     pod = dict(event["object"])
                     pod["metadata"] = dict(pod["metadata"], resourceVersion=str(version))
                     self.chunk(json.dumps({"type": event["type"], "object": pod}).encode() + b"\n")
+                    print(f"sent {event['type']} {pod['metadata']['name']}", flush=True)
                 time.sleep(IDLE_WATCH_SECONDS)
                 self.chunk(b"")
             except (BrokenPipeError, ConnectionResetError):

@@ -255,15 +255,171 @@ pub fn run_agent_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus
     }
 }
 
-/// Whether `python` (of `container_root`, if given) is installed; if not, says that the test
-/// is skipped and how to install it.
-pub fn installed(container_root: Option<&str>, python: &str) -> bool {
-    let path = Path::new(container_root.unwrap_or("/")).join(python.trim_start_matches('/'));
-    let complete = container_root.is_none_or(|root| Path::new(root).join(DEBIAN_ROOT_STAMP).is_file());
-    if !complete || !path.exists() {
-        eprintln!("skipped: {} not installed (`cargo xtask setup --test` makes {DEBIAN_ROOT})", path.display());
+/// The variable that lets a test that cannot run here (an interpreter, the Debian root or a
+/// tool is missing) pass as skipped, saying so, instead of failing. `cargo xtask test` and
+/// CI never set it: on the machines they run on, everything is installed.
+pub const ALLOW_SKIP_VAR: &str = "FERROSCOPE_ALLOW_SKIP";
+/// The file (set by `cargo xtask test`) to which each skip adds a line
+/// `ferroscope-skip: TEST: WHAT IS MISSING`, so that the run can list them at its end.
+pub const SKIP_LOG_VAR: &str = "FERROSCOPE_SKIP_LOG";
+
+/// What a test does when `missing` (something it needs: an interpreter, a tool) is not
+/// here; `install` says how to install it ("run `...`"). An error naming both, unless
+/// `FERROSCOPE_ALLOW_SKIP=1`: then the test is skipped (Ok), with a line
+/// `skipped: TEST: MISSING` on stderr past the test harness's capture, so that it shows with
+/// or without `--nocapture`, and one in `$FERROSCOPE_SKIP_LOG`.
+pub fn skip_or_fail(missing: &str, install: &str) -> Result<()> {
+    let allowed = std::env::var_os(ALLOW_SKIP_VAR).is_some_and(|allow| allow == "1");
+    let log = std::env::var_os(SKIP_LOG_VAR);
+    // Straight to the file descriptor: `eprintln!` would be captured with the test's output.
+    skip_or_fail_as(&test_name(), missing, install, allowed, log.as_deref(), &mut std::io::stderr())
+}
+
+/// [`skip_or_fail`] for `test`, saying it on `out`.
+fn skip_or_fail_as(
+    test: &str,
+    missing: &str,
+    install: &str,
+    allowed: bool,
+    log: Option<&std::ffi::OsStr>,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    use std::io::Write;
+    ensure!(
+        allowed,
+        "{test} cannot run: {missing}; {install}. (To skip the tests that need it instead of failing, set \
+         {ALLOW_SKIP_VAR}=1.)"
+    );
+    let reason = format!("{missing}; {install}").replace('\n', " ");
+    let _ = writeln!(out, "skipped: {test}: {reason}");
+    if let Some(log) = log {
+        // One write: the tests of several binaries may add lines at once.
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut file| file.write_all(format!("ferroscope-skip: {test}: {reason}\n").as_bytes()))
+            .with_context(|| format!("recording the skip in {}", Path::new(log).display()))?;
     }
-    complete && path.exists()
+    Ok(())
+}
+
+/// The running test, as `TEST_BINARY::path::to::test` (`python_api::the_example_...`): the
+/// test harness names each test's thread after the test.
+fn test_name() -> String {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_name().map(|name| name.to_string_lossy().into_owned()))
+        // Cargo names test binaries `NAME-HASH`.
+        .map(|name| name.rsplit_once('-').map_or(name.clone(), |(name, _hash)| name.to_owned()))
+        .unwrap_or_default();
+    let test = thread::current().name().unwrap_or("(unnamed test)").to_owned();
+    if binary.is_empty() {
+        test
+    } else {
+        format!("{binary}::{test}")
+    }
+}
+
+/// Whether `python` (of `container_root`, if given) is installed. If it is not, an error
+/// that says how to install it, or, with `FERROSCOPE_ALLOW_SKIP=1`, false: the test is
+/// skipped (see [`skip_or_fail`]).
+pub fn installed(container_root: Option<&str>, python: &str) -> Result<bool> {
+    match missing_python(container_root, python) {
+        None => Ok(true),
+        Some((missing, install)) => skip_or_fail(&missing, &install).map(|()| false),
+    }
+}
+
+/// None if `python` (of `container_root`, if given) is installed; else what is missing and
+/// how to install it.
+fn missing_python(container_root: Option<&str>, python: &str) -> Option<(String, String)> {
+    let path = Path::new(container_root.unwrap_or("/")).join(python.trim_start_matches('/'));
+    match container_root {
+        Some(root) => match fs::read_to_string(Path::new(root).join(DEBIAN_ROOT_STAMP)) {
+            Err(_) => Some((
+                format!("the Debian unstable root {root} is missing or incomplete (no {DEBIAN_ROOT_STAMP})"),
+                "run `cargo xtask setup --test`, which makes it with debootstrap in about a minute".to_owned(),
+            )),
+            Ok(_) if path.exists() => None,
+            Ok(made_with) => Some((
+                format!("{} is not in {root}, which holds {}", path.display(), made_with.trim()),
+                format!(
+                    "Debian unstable may not have had it when the root was made: remove {root}, then run \
+                     `cargo xtask setup --test` again"
+                ),
+            )),
+        },
+        None if path.exists() => None,
+        None => Some((format!("{} is not installed", path.display()), install_hint(python))),
+    }
+}
+
+/// Whether `tool` (a command on `PATH`, or a file's path) is installed. If it is not, an
+/// error that says how to install it (`install`: "run `...`"), or, with
+/// `FERROSCOPE_ALLOW_SKIP=1`, false: the test is skipped (see [`skip_or_fail`]).
+pub fn tool_installed(tool: &str, install: &str) -> Result<bool> {
+    let found = if tool.contains('/') {
+        Path::new(tool).exists()
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|dir| dir.join(tool).is_file())
+    };
+    if found {
+        return Ok(true);
+    }
+    skip_or_fail(&format!("{tool} is not installed"), install).map(|()| false)
+}
+
+/// How to install the interpreter `python` of the host.
+fn install_hint(python: &str) -> String {
+    let pyenv = Path::new(python).strip_prefix("/root/.pyenv/versions/").ok();
+    match pyenv.and_then(|rest| rest.iter().next()) {
+        // The tests rely on pyenv's shared libpython, with its symbol table.
+        Some(version) => format!(
+            "install it with pyenv (https://github.com/pyenv/pyenv), as root: \
+             `PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install {}`",
+            version.to_string_lossy()
+        ),
+        None => {
+            let package = Path::new(python).file_name().map_or(python.into(), |name| name.to_string_lossy());
+            format!("install it: `apt-get install {package}` (Debian)")
+        }
+    }
+}
+
+/// The CPU time process `pid` has used so far (all its threads, user and system), from
+/// `/proc/PID/stat`, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
+    // After `(comm)`, which may hold spaces: state is field 3, utime and stime 14 and 15.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').context("no (comm) in /proc/PID/stat")?.1.split_whitespace().collect();
+    let ticks = |index: usize| -> Result<f64> {
+        Ok(fields.get(index - 3).with_context(|| format!("no field {index} in {stat:?}"))?.parse::<f64>()?)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(14)? + ticks(15)?) / per_second)
+}
+
+/// Waits until process `pid` has used `seconds` more of CPU time than now, however busy the
+/// host is, for at most `timeout`: what a test that samples a running process for a while
+/// needs rather than a sleep, after which a loaded host may have given it little CPU.
+pub fn wait_for_cpu(pid: u32, seconds: f64, timeout: Duration) -> Result<()> {
+    let until = cpu_seconds(pid)? + seconds;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let used = cpu_seconds(pid)?;
+        if used >= until {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "process {pid} used {:.2} s of CPU in {timeout:?}, not {seconds} s",
+            used - (until - seconds)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A port on loopback that nobody listens on (yet).
@@ -324,6 +480,8 @@ pub struct Workload {
     child: KillOnDrop,
     /// The Python process, as the host sees it.
     pid: u32,
+    /// Its stdout, line by line, once [`Workload::wait_for_line`] has started reading it.
+    lines: Option<mpsc::Receiver<String>>,
 }
 
 /// Where [`Workload::start_in_container`] puts workloads, inside the root.
@@ -347,7 +505,7 @@ impl Workload {
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {} {}", program.display(), args.join(" ")))?;
-        Ok(Workload { pid: child.id(), child: KillOnDrop(child) })
+        Ok(Workload { pid: child.id(), child: KillOnDrop(child), lines: None })
     }
 
     /// Starts `python SCRIPT ARGS` in a container: in new PID and mount namespaces, chrooted
@@ -387,7 +545,7 @@ impl Workload {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(pid) = fs::read_to_string(&children)?.split_whitespace().next() {
-                return Ok(Workload { pid: pid.parse()?, child });
+                return Ok(Workload { pid: pid.parse()?, child, lines: None });
             }
             ensure!(Instant::now() < deadline, "{python} did not start in {root}");
             thread::sleep(Duration::from_millis(10));
@@ -405,29 +563,44 @@ impl Workload {
     }
 
     /// Waits until the workload prints `line` on a line of its own (its output up to there
-    /// is read and dropped), for at most `timeout`.
+    /// is read and dropped), for at most `timeout`. May be called again for a later line.
     pub fn wait_for_line(&mut self, line: &str, timeout: Duration) -> Result<()> {
-        let stdout = self.child.0.stdout.take().context("stdout already read")?;
-        let (sender, receiver) = std::sync::mpsc::channel();
-        let wanted = line.to_owned();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let found = lines.by_ref().map_while(|line| line.ok()).any(|line| line == wanted);
-            let _ = sender.send(found);
-            // Keep reading, so that the workload never blocks on a full pipe.
-            lines.for_each(drop);
-        });
-        match receiver.recv_timeout(timeout) {
-            Ok(true) => Ok(()),
-            Ok(false) => bail!("the workload ended without printing {line:?}"),
-            Err(_) => bail!("the workload did not print {line:?} within {timeout:?}"),
+        if self.lines.is_none() {
+            let stdout = self.child.0.stdout.take().context("stdout already read")?;
+            let (sender, receiver) = mpsc::channel();
+            // Reads all along, so that the workload never blocks on a full pipe.
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(|line| line.ok()) {
+                    let _ = sender.send(line);
+                }
+            });
+            self.lines = Some(receiver);
+        }
+        let lines = self.lines.as_ref().expect("set above");
+        let deadline = Instant::now() + timeout;
+        loop {
+            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(printed) if printed == line => return Ok(()),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the workload ended without printing {line:?}"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("the workload did not print {line:?} within {timeout:?}")
+                }
+            }
         }
     }
 
-    /// Waits for the workload to exit successfully; returns what it printed.
+    /// Waits for the workload to exit successfully; returns what it printed (after the
+    /// lines [`Workload::wait_for_line`] waited for).
     pub fn wait(mut self) -> Result<String> {
         let mut stdout = String::new();
-        self.child.0.stdout.take().unwrap().read_to_string(&mut stdout)?;
+        match (self.lines.take(), self.child.0.stdout.take()) {
+            (Some(lines), _) => lines.iter().for_each(|line| stdout.push_str(&(line + "\n"))),
+            (None, Some(mut pipe)) => {
+                pipe.read_to_string(&mut stdout)?;
+            }
+            (None, None) => bail!("stdout already read"),
+        }
         let status = self.child.0.wait()?;
         ensure!(status.success(), "the workload exited with {status}");
         Ok(stdout)
@@ -793,10 +966,68 @@ Mappings
     }
 
     #[test]
-    fn finds_function_line_ranges() {
-        let ranges = function_line_ranges(PYENV_PYTHON_3_11, &workload("split.py")).unwrap();
+    fn finds_function_line_ranges() -> Result<()> {
+        if !installed(None, PYENV_PYTHON_3_11)? {
+            return Ok(());
+        }
+        let ranges = function_line_ranges(PYENV_PYTHON_3_11, &workload("split.py"))?;
         let (first, last) = ranges["Cruncher.crunch_a"];
         assert!(first < last);
         assert!(ranges.contains_key("main"));
+        Ok(())
+    }
+
+    #[test]
+    fn waits_for_cpu_time_used() -> Result<()> {
+        let me = std::process::id();
+        let before = cpu_seconds(me)?;
+        // Until it has used the CPU time waited for, however busy the host is.
+        let spinner = thread::spawn(move || {
+            let mut spin = 0u64;
+            while cpu_seconds(me).unwrap() < before + 0.2 {
+                for _ in 0..100_000 {
+                    spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(7));
+                }
+            }
+        });
+        wait_for_cpu(me, 0.1, Duration::from_secs(30))?;
+        assert!(cpu_seconds(me)? >= before + 0.1);
+        spinner.join().unwrap();
+        let idle = Command::new("sleep").arg("5").stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let mut idle = KillOnDrop(idle);
+        assert!(wait_for_cpu(idle.0.id(), 1.0, Duration::from_millis(200)).is_err());
+        let _ = idle.0.kill();
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_interpreter_fails_unless_skips_are_allowed() -> Result<()> {
+        let (missing, install) = missing_python(None, "/root/.pyenv/versions/3.0.0/bin/python3.0").unwrap();
+        assert!(missing.contains("python3.0") && install.contains("pyenv install 3.0.0"), "{missing}; {install}");
+        let (missing, install) = missing_python(None, "/usr/bin/python3.0").unwrap();
+        assert!(missing.contains("/usr/bin/python3.0") && install.contains("apt-get install python3.0"));
+        let (missing, install) = missing_python(Some("/nonexistent"), "/usr/bin/python3.14").unwrap();
+        assert!(missing.contains("/nonexistent") && install.contains("cargo xtask setup --test"), "{install}");
+        assert!(missing_python(None, "/bin/sh").is_none());
+
+        let mut out = Vec::new();
+        let error = skip_or_fail_as("a::test", &missing, &install, false, None, &mut out).unwrap_err().to_string();
+        assert!(error.starts_with("a::test cannot run: the Debian") && error.contains("FERROSCOPE_ALLOW_SKIP=1"));
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("skips");
+        let log = Some(log.as_os_str());
+        skip_or_fail_as("self_test::a", "python3.0 is not installed", "install it", true, log, &mut out)?;
+        skip_or_fail_as("self_test::b", "gcc is not installed", "install it", true, log, &mut out)?;
+        assert_eq!(
+            String::from_utf8(out)?,
+            "skipped: self_test::a: python3.0 is not installed; install it\n\
+             skipped: self_test::b: gcc is not installed; install it\n"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("skips"))?,
+            "ferroscope-skip: self_test::a: python3.0 is not installed; install it\n\
+             ferroscope-skip: self_test::b: gcc is not installed; install it\n"
+        );
+        Ok(())
     }
 }

@@ -60,6 +60,13 @@ fn tools_python() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// Whether the receivers can run: see [`e2e::tool_installed`].
+fn receivers_installed() -> Result<bool> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/python");
+    let install = "run `cargo xtask setup --test`, which makes the tools' Python environment";
+    e2e::tool_installed(python.to_str().context("a UTF-8 path")?, install)
+}
+
 fn query<'a>(record: &'a Value, key: &str) -> &'a str {
     record["query"][key].as_str().unwrap_or_default()
 }
@@ -71,6 +78,9 @@ fn of_application(uploads: Vec<(Value, PathBuf)>, application: &str) -> Vec<(Val
 
 #[test]
 fn profiles_arrive_with_their_name_labels_time_range_and_credentials() -> Result<()> {
+    if !receivers_installed()? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let receiver = Receiver::start(dir.path(), port, 0)?;
@@ -128,6 +138,9 @@ fn profiles_arrive_with_their_name_labels_time_range_and_credentials() -> Result
 /// order, once it is back (after one more refusal with a 503).
 #[test]
 fn a_backend_that_is_down_costs_no_profile() -> Result<()> {
+    if !receivers_installed()? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let spool = dir.path().join("spool");
     let port = free_port()?;
@@ -163,6 +176,9 @@ fn a_backend_that_is_down_costs_no_profile() -> Result<()> {
 /// event names the service and tags and the attachment, which `go tool pprof` reads.
 #[test]
 fn profiles_arrive_at_a_datadog_style_intake_on_a_unix_socket() -> Result<()> {
+    if !receivers_installed()? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("agent.sock");
     let receiver = Receiver::start_unix(&dir.path().join("received"), &socket)?;
@@ -195,6 +211,9 @@ fn profiles_arrive_at_a_datadog_style_intake_on_a_unix_socket() -> Result<()> {
 /// `--metrics-address`: the agent's own counters in Prometheus' text format, per sink too.
 #[test]
 fn the_agent_reports_its_health_on_a_metrics_endpoint() -> Result<()> {
+    if !receivers_installed()? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let _receiver = Receiver::start(dir.path(), port, 0)?;
@@ -203,18 +222,27 @@ fn the_agent_reports_its_health_on_a_metrics_endpoint() -> Result<()> {
     let url = format!("http://127.0.0.1:{port}");
     let agent = Agent::start(&["--period", "1s", "--pyroscope-url", &url, "--metrics-address", &metrics_address])?;
     Workload::start(PYENV_PYTHON_3_11, "spin.py", &["2"])?.wait()?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let text = http_get(&metrics_address, "/metrics")?;
-    let health = http_get(&metrics_address, "/healthz")?;
-    let run = agent.stop()?;
-    let value = |name: &str| -> Result<f64> {
+    let value = |text: &str, name: &str| -> Result<f64> {
         let line =
             text.lines().find(|line| line.starts_with(name)).with_context(|| format!("no {name} in:\n{text}"))?;
         Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
     };
-    ensure!(value("ferroscope_samples_total ")? > 0.0, "no samples counted:\n{text}");
-    ensure!(value("ferroscope_profiles_total ")? > 0.0, "no profiles counted:\n{text}");
-    ensure!(value("ferroscope_uploads_delivered_total{sink=\"pyroscope\"}")? > 0.0, "nothing delivered:\n{text}");
+    let delivered = |text: &str| value(text, "ferroscope_uploads_delivered_total{sink=\"pyroscope\"}");
+    // A period ends every second and its upload follows, however late on a busy host: until
+    // the counters show one delivered, not a fixed wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = http_get(&metrics_address, "/metrics")?;
+        if delivered(&text).is_ok_and(|delivered| delivered > 0.0) || std::time::Instant::now() >= deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let health = http_get(&metrics_address, "/healthz")?;
+    let run = agent.stop()?;
+    ensure!(value(&text, "ferroscope_samples_total ")? > 0.0, "no samples counted:\n{text}");
+    ensure!(value(&text, "ferroscope_profiles_total ")? > 0.0, "no profiles counted:\n{text}");
+    ensure!(delivered(&text)? > 0.0, "nothing delivered within 30 s:\n{text}");
     ensure!(text.contains("# TYPE ferroscope_spool_bytes gauge"), "metrics:\n{text}");
     ensure!(health.ends_with("ok\n"), "healthz: {health}; agent output:\n{}", run.log);
     Ok(())
@@ -236,6 +264,9 @@ fn http_get(address: &str, path: &str) -> Result<String> {
 /// profile per sample type, and the CPU of `spin` is there.
 #[test]
 fn profiles_arrive_as_otlp_at_a_collector() -> Result<()> {
+    if !receivers_installed()? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let receiver = Receiver::start(dir.path(), port, 0)?;
@@ -276,6 +307,9 @@ fn profiles_arrive_as_otlp_at_a_collector() -> Result<()> {
 /// `--upload-timeout`, retries, and the upload arrives all the same.
 #[test]
 fn a_backend_that_hangs_is_retried_after_the_upload_timeout() -> Result<()> {
+    if !receivers_installed()? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let receiver = Receiver::start_with(dir.path(), &[&port.to_string(), "--hang-first", "1"], &port.to_string())?;

@@ -14,7 +14,7 @@ const PYTHON: &str = "/usr/bin/python3.13";
 
 #[test]
 fn container_samples_carry_both_pids_and_the_container_id() -> Result<()> {
-    if !installed(Some(DEBIAN_ROOT), PYTHON) {
+    if !installed(Some(DEBIAN_ROOT), PYTHON)? {
         return Ok(());
     }
     let id = new_container_id();

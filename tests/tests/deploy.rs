@@ -31,6 +31,32 @@ fn tools_bin(name: &str) -> PathBuf {
     repository().join("target/tools/venv/bin").join(name)
 }
 
+/// Whether the tools of a test are installed: commands (on `PATH`) and files of the tools'
+/// Python environment (`venv:NAME`). See [`e2e::tool_installed`].
+fn installed(tools: &[&str]) -> Result<bool> {
+    for tool in tools {
+        let (tool, install) = match tool.strip_prefix("venv:") {
+            Some(name) => (
+                tools_bin(name).to_str().context("a UTF-8 path")?.to_owned(),
+                "run `cargo xtask setup --test`, which installs it in the tools' Python environment".to_owned(),
+            ),
+            None => {
+                let package = match *tool {
+                    "kubectl" => "kubernetes-client",
+                    "systemd-analyze" => "systemd",
+                    "setpriv" => "util-linux",
+                    other => other,
+                };
+                ((*tool).to_owned(), format!("run `cargo xtask setup --test`, or `apt-get install {package}`"))
+            }
+        };
+        if !e2e::tool_installed(&tool, &install)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Runs `command`, failing with its output unless it succeeds.
 fn run(command: &mut Command) -> Result<Output> {
     let output = command.output().with_context(|| format!("starting {command:?}"))?;
@@ -154,6 +180,9 @@ fn unit_values(key: &str) -> Result<Vec<String>> {
 
 #[test]
 fn kubernetes_base_renders_and_validates() -> Result<()> {
+    if !installed(&["kubectl", "venv:python", "venv:kubernetes-validate"])? {
+        return Ok(());
+    }
     let (yaml, documents) = kustomize("deploy/kubernetes/base")?;
     let expected: BTreeSet<String> =
         ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
@@ -165,6 +194,9 @@ fn kubernetes_base_renders_and_validates() -> Result<()> {
 
 #[test]
 fn kubernetes_pyroscope_example_renders_and_validates() -> Result<()> {
+    if !installed(&["kubectl", "venv:python", "venv:kubernetes-validate"])? {
+        return Ok(());
+    }
     let (yaml, documents) = kustomize("deploy/kubernetes/examples/pyroscope")?;
     validate("examples/pyroscope", &yaml, &documents)?;
     // The overlay's config.toml replaces the base's, and the DaemonSet mounts it.
@@ -186,6 +218,9 @@ fn kubernetes_pyroscope_example_renders_and_validates() -> Result<()> {
 
 #[test]
 fn daemonset_has_the_documented_privileges_and_no_more() -> Result<()> {
+    if !installed(&["kubectl", "venv:python"])? {
+        return Ok(());
+    }
     let (_, documents) = kustomize("deploy/kubernetes/base")?;
     let daemonset = only(&documents, "DaemonSet")?;
     let pod = &daemonset["spec"]["template"]["spec"];
@@ -344,6 +379,9 @@ fn systemd_unit_grants_the_daemonsets_capabilities() -> Result<()> {
 
 #[test]
 fn systemd_unit_verifies() -> Result<()> {
+    if !installed(&["systemd-analyze"])? {
+        return Ok(());
+    }
     // A root holding the unit, the system's units it refers to, and an executable where
     // ExecStart expects the agent.
     let root = tempfile::tempdir()?;
@@ -413,6 +451,9 @@ fn agent_accepts(args: &[&str], config: &str) -> Result<()> {
 
 #[test]
 fn agent_accepts_the_deployments_settings() -> Result<()> {
+    if !installed(&["kubectl", "venv:python", "setpriv"])? {
+        return Ok(());
+    }
     let (_, base) = kustomize("deploy/kubernetes/base")?;
     let (_, example) = kustomize("deploy/kubernetes/examples/pyroscope")?;
     let daemonset = only(&base, "DaemonSet")?;

@@ -87,8 +87,7 @@ fn matching(test: impl Fn(&str) -> bool + 'static, what: &'static str) -> FrameT
 /// Runs `script` on `python` for 4 s under an agent; for each `(function, chain)`, at least
 /// half the samples in `function` must hold the frames of `chain` in that order, leaf first.
 fn check_chains(python: &str, script: &str, cases: Vec<(&str, Vec<FrameTest>)>) -> Result<()> {
-    if !Path::new(python).exists() {
-        eprintln!("{python} is not installed: skipped");
+    if !e2e::installed(None, python)? {
         return Ok(());
     }
     let agent = Agent::start(&[])?;

@@ -1,7 +1,8 @@
 //! The known split (see `known_split.rs`) on CPython 3.13+, read through the interpreter's
 //! own `_Py_DebugOffsets`: pyenv's 3.13 (shared libpython) on the host, and Debian
 //! unstable's static 3.14 and 3.15 (another glibc) in a container, in the root that
-//! `cargo xtask setup --test` makes. A missing interpreter is skipped, and says so.
+//! `cargo xtask setup --test` makes. A missing interpreter fails the test, unless
+//! `FERROSCOPE_ALLOW_SKIP=1` (then it is skipped, and says so).
 
 use anyhow::Result;
 use e2e::known_split::{check_in, Names};

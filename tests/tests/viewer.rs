@@ -26,6 +26,15 @@ const TOLERANCE_PP: f64 = 5.0;
 
 #[test]
 fn the_page_shows_ranges_flame_graphs_top_tables_and_diffs_of_real_profiles() -> Result<()> {
+    let setup = "run `cargo xtask setup --test`, which installs Debian's chromium and nodejs and Playwright";
+    let playwright = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/node_modules/playwright-core");
+    // viewer.mjs runs $CHROMIUM, by default Debian's.
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    for tool in ["node", chromium.as_str(), playwright.to_str().context("a UTF-8 path")?] {
+        if !e2e::tool_installed(tool, setup)? {
+            return Ok(());
+        }
+    }
     let _cpus = one_at_a_time();
     let agent = Agent::start(&["--period", PERIOD, "--frequency", "499", "--memory"])?;
     let first = run_split("5,3,2")?;

@@ -71,14 +71,31 @@ fn check(profile: &Profile, pid: u32, ids: &HashMap<String, String>, elapsed: f6
         ensure!(waiting >= 0.9 * off_cpu, "{role}: only {waiting:.3} s of {off_cpu:.3} s off-CPU is {function}/{wait}");
     }
 
-    // The main thread also burned CPU for 1 s before the others started.
+    // The main thread also burned CPU for 1 s before the others started, after the
+    // interpreter started (which takes seconds on an emulated CPU). Its wall time is its CPU
+    // samples plus its off-CPU time; on a busy host the cpu-clock event itself counts more
+    // CPU than the thread ran (perf record does too), so the off-CPU time is checked with the
+    // kernel's own CPU time of the thread, and the CPU samples are asked to cover that time,
+    // not to match it: together at least the burning, at most the process's life.
     let main = &ids["main"];
+    let main_cpu: f64 = ids["main_cpu"].parse()?;
+    let lifetime: f64 = ids["lifetime"].parse()?;
     let main_wall = seconds(of_thread(profile, main), WALL);
+    let main_off_cpu = seconds(of_thread(profile, main), OFF_CPU);
+    let main_cpu_sampled = main_wall - main_off_cpu;
     let expected = elapsed + 1.0;
-    eprintln!("main (tid {main}): wall {main_wall:.3} s, expected {expected:.3} s");
+    eprintln!(
+        "main (tid {main}): wall {main_wall:.3} s ({main_cpu_sampled:.3} s CPU sampled, {main_off_cpu:.3} s off-CPU), \
+         expected {expected:.3} s to {lifetime:.3} s; CPU {main_cpu:.3} s"
+    );
     ensure!(
-        (main_wall - expected).abs() <= 0.1 * expected,
-        "main: wall {main_wall:.3} s, expected {expected:.3} s ± 10%"
+        main_cpu + main_off_cpu >= 0.9 * expected && main_cpu + main_off_cpu <= 1.1 * lifetime,
+        "main: {main_cpu:.3} s on CPU and {main_off_cpu:.3} s off-CPU, expected {expected:.3} s to the {lifetime:.3} s \
+         it lived, ± 10%"
+    );
+    ensure!(
+        main_cpu_sampled >= 0.9 * main_cpu,
+        "main: {main_cpu_sampled:.3} s of CPU sampled of the {main_cpu:.3} s it ran"
     );
     let pid_cpu = seconds(profile.samples_of_pid(pid), CPU);
     let burn_cpu = seconds(profile.samples_of_pid(pid).filter(|sample| sample.has_function("burn")), CPU);
@@ -88,7 +105,8 @@ fn check(profile: &Profile, pid: u32, ids: &HashMap<String, String>, elapsed: f6
 }
 
 /// `gil_contention.py`: two threads run Python code at once; each waits for the GIL about
-/// half the run, and that wait is labelled `gil` in the function that waits. The GIL lies
+/// half the run (on a busy host, part of that half is spent waiting for a CPU instead), and
+/// that wait is labelled `gil` in the function that waits. The GIL lies
 /// in a struct of `_PyRuntime` up to 3.12 (generated layouts), in the main interpreter
 /// from 3.13 (debug offsets).
 #[test]
@@ -107,7 +125,7 @@ fn threads_contending_for_the_gil_wait_for_it_half_the_time_on_3_14_in_a_contain
 }
 
 fn check_gil_contention(container_root: Option<&str>, python: &str) -> Result<()> {
-    if !installed(container_root, python) {
+    if !installed(container_root, python)? {
         return Ok(());
     }
     let _cpus = one_at_a_time();
@@ -136,11 +154,19 @@ fn check_gil_contention(container_root: Option<&str>, python: &str) -> Result<()
                 .filter(|sample| sample.has_function("contend") && sample.label("wait") == Some("gil")),
             OFF_CPU,
         );
-        eprintln!("{python}: thread {tid} waited {gil:.2} s for the GIL in contend out of {wall:.2} s");
+        // On a busy host a thread also waits for a CPU (runnable: `preempted`), both while it
+        // holds the GIL and once handed it: of the half of its time the other thread holds
+        // the GIL, some is then preempted rather than gil, and the gil share is at most half.
+        let preempted = seconds(of_thread(&profile, tid).filter(|s| s.label("wait") == Some("preempted")), OFF_CPU);
+        let (share, with_preempted) = (gil / wall, (gil + preempted) / wall);
+        eprintln!(
+            "{python}: thread {tid} waited {gil:.2} s for the GIL in contend out of {wall:.2} s of wall time \
+             ({share:.2}), {preempted:.2} s preempted ({with_preempted:.2} with them)"
+        );
         ensure!(
-            (0.3..=0.7).contains(&(gil / wall)),
-            "thread {tid} waited {gil:.2} s for the GIL in contend out of {wall:.2} s of wall time, not about half; \
-             agent output:\n{}",
+            (0.15..=0.7).contains(&share) && with_preempted >= 0.3,
+            "thread {tid} waited {gil:.2} s for the GIL in contend out of {wall:.2} s of wall time, not about half \
+             (with the {preempted:.2} s it was preempted, {with_preempted:.2}); agent output:\n{}",
             run.log
         );
     }

@@ -2,7 +2,9 @@
 SECONDS while three threads wait all along: one sleeps, one waits on an Event,
 one blocks on a pipe read.
 
-Prints `role native_thread_id` per thread, then `elapsed SECONDS`.
+Prints `role native_thread_id` per thread, then `elapsed SECONDS`,
+`main_cpu SECONDS` (the main thread's CPU time as the kernel counts it) and
+`lifetime SECONDS` (since the process started, interpreter start-up included).
 """
 import argparse
 import os
@@ -58,6 +60,17 @@ def main():
     for role, tid in ids.items():
         print(role, tid)
     print("elapsed", time.monotonic() - started)
+    print("main_cpu", time.thread_time())
+    print("lifetime", lifetime())
+
+
+def lifetime():
+    """Seconds since this process started, interpreter start-up included."""
+    with open("/proc/self/stat") as stat:
+        started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as uptime:
+        now = float(uptime.read().split()[0])
+    return now - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|dist|bench|cpython-layouts`.
+//! Ferroscope's build tasks: `cargo xtask setup|build|run|test|dist|bench|cpython-layouts|matrix`.
 
 mod bench;
 mod dist;
 mod layouts;
+mod matrix;
 mod setup;
 
 use std::ffi::OsString;
@@ -64,6 +65,10 @@ enum Task {
     /// and run. Versions without headers keep their entry. 3.13 is probed and printed only, to
     /// cross-check its `_Py_DebugOffsets`.
     CpythonLayouts(layouts::Options),
+    /// Boot Debian's kernels (5.10, 6.1, 6.12, sid's newest) one after another under qemu with
+    /// virtme-ng, run a command in each (by default `ferroscope kernel-check`), and print a
+    /// table of how it ended on each; everything downloaded is kept in target/matrix/.
+    Matrix(matrix::Options),
 }
 
 fn main() -> Result<()> {
@@ -87,6 +92,7 @@ fn main() -> Result<()> {
         }
         Task::Bench(options) => bench::run(&options)?,
         Task::CpythonLayouts(options) => layouts::generate(&options)?,
+        Task::Matrix(options) => matrix::run(&options)?,
     }
     Ok(())
 }
@@ -199,10 +205,21 @@ fn ebpf_object() -> PathBuf {
     workspace_root().join("profiler-ebpf/target/bpfel-unknown-none/release/profiler-ebpf")
 }
 
-/// Setup, a release build, the unit tests, then the end-to-end tests; ends with one
-/// `N passed, N failed` line for the whole run.
+/// Setup, a release build, the unit tests, the end-to-end tests, then the kernel matrix (the
+/// end-to-end tests of the known answers in each guest kernel); ends with one
+/// `N passed, N failed` line for the whole run, after a line listing the tests skipped
+/// because something they need is missing (only with `FERROSCOPE_ALLOW_SKIP=1`: without it
+/// they fail).
 fn test() -> Result<()> {
     setup::test_tools()?;
+    // Each skipped test adds a line here (see e2e::skip_or_fail).
+    let skip_log = target_dir().join("test-skips.log");
+    match std::fs::remove_file(&skip_log) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            bail!("cannot remove {}: {error}", skip_log.display())
+        }
+        _ => {}
+    }
     let agent = build(true)?;
     // The release tarball, for the test of the static agent. A failed build is that test's
     // failure, not the end of the run.
@@ -213,18 +230,47 @@ fn test() -> Result<()> {
     // Release for both, so the tests reuse the agent's build; no doctests (there are none).
     let targets = ["--lib", "--bins", "--tests", "--release", "--no-fail-fast"];
     step("running the unit tests");
+    // Here, as root, the unit tests that load eBPF programs must run: not be left out.
     let unit = run_tests(
-        cargo().args(["test", "--workspace", "--exclude", "e2e"]).args(targets).env(EBPF_OBJECT_VAR, ebpf_object()),
+        cargo()
+            .args(["test", "--workspace", "--exclude", "e2e"])
+            .args(targets)
+            .env(EBPF_OBJECT_VAR, ebpf_object())
+            .env("FERROSCOPE_REQUIRE_ROOT_TESTS", "1")
+            .env(e2e::SKIP_LOG_VAR, &skip_log),
     )?;
     step("running the end-to-end tests");
     let mut e2e = cargo();
-    e2e.args(["test", "-p", "e2e"]).args(targets).args(["--", "--test-threads=1"]).env("FERROSCOPE_BIN", &agent);
+    e2e.args(["test", "-p", "e2e"])
+        .args(targets)
+        .args(["--", "--test-threads=1"])
+        .env("FERROSCOPE_BIN", &agent)
+        .env(e2e::SKIP_LOG_VAR, &skip_log);
     match &dist {
         Ok(tarball) => e2e.env("FERROSCOPE_DIST", tarball),
         Err(error) => e2e.env("FERROSCOPE_DIST_ERROR", error),
     };
     let e2e = run_tests(&mut e2e)?;
-    let (passed, failed) = (unit.passed + e2e.passed, unit.failed + e2e.failed);
+    step("running the kernel matrix (docs/kernels.md)");
+    let matrix = matrix::run_counting(&matrix::Options::test_plan()).unwrap_or_else(|error| {
+        step(format!("the kernel matrix could not run: {error:#}"));
+        (0, 1)
+    });
+    // `ferroscope-skip: TEST: WHAT IS MISSING (HOW TO INSTALL IT)`, one line per skip.
+    let log = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    let mut skipped: Vec<&str> = Vec::new();
+    for (test, reason) in log.lines().filter_map(|line| line.strip_prefix("ferroscope-skip: ")?.split_once(": ")) {
+        step(format!("skipped {test}: {reason}"));
+        if !skipped.contains(&test) {
+            skipped.push(test);
+        }
+    }
+    if !skipped.is_empty() || std::env::var_os(e2e::ALLOW_SKIP_VAR).is_some_and(|allow| allow == "1") {
+        // A skipped test counts as passed in the counts below, as the test harness counts it.
+        let names = if skipped.is_empty() { "none".to_owned() } else { skipped.join(", ") };
+        println!("xtask: {} skipped ({}=1, counted as passed): {names}", skipped.len(), e2e::ALLOW_SKIP_VAR);
+    }
+    let (passed, failed) = (unit.passed + e2e.passed + matrix.0, unit.failed + e2e.failed + matrix.1);
     if failed > 0 || !unit.success || !e2e.success {
         // A build that failed before its tests ran still counts as a failure.
         println!("{passed} passed, {} failed", failed.max(1));

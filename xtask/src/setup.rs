@@ -78,7 +78,7 @@ const DEPLOY_TEST_TOOLS: [(&str, &str, &str); 3] = [
 ];
 
 /// Installs the Debian package of each `(command, package, why)` whose command is missing.
-fn debian_packages(tools: &[(&str, &str, &str)]) -> Result<()> {
+pub fn debian_packages(tools: &[(&str, &str, &str)]) -> Result<()> {
     for (command, package, why) in tools {
         if crate::on_path(command) {
             step(format!("setup: {command} ({why}): present, skipped"));
@@ -325,7 +325,7 @@ fn debian_root() -> Result<()> {
 
 /// The Debian archive this machine's apt already uses (a URI ending in `/debian`), from the
 /// one-line `sources.list` format or deb822 `.sources` files.
-fn debian_mirror() -> Result<String> {
+pub fn debian_mirror() -> Result<String> {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
         let mut more: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();

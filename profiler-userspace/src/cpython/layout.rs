@@ -114,6 +114,49 @@ pub fn layout(major: u8, minor: u8) -> Option<Layout> {
     layouts::LAYOUTS.iter().find(|(version, _)| *version == (major, minor)).map(|(_, layout)| *layout)
 }
 
+/// What a unit test does when something it needs is not here (`missing`: an interpreter;
+/// `install` says how to install it). A plain `cargo test` skips the test, saying so (on
+/// stderr, past the test harness's capture, and in `$FERROSCOPE_SKIP_LOG`); under `cargo
+/// xtask test`, which sets `FERROSCOPE_REQUIRE_ROOT_TESTS=1` (the machine it runs on has
+/// everything), it is a failure, as in the end-to-end tests, unless `FERROSCOPE_ALLOW_SKIP=1`.
+#[cfg(test)]
+#[track_caller]
+pub fn skip_or_fail(missing: &str, install: &str) {
+    use std::io::Write;
+    let set = |name: &str| std::env::var_os(name).is_some_and(|value| value == "1");
+    let test = format!("ferroscope::{}", std::thread::current().name().unwrap_or("(unnamed test)"));
+    if set("FERROSCOPE_REQUIRE_ROOT_TESTS") && !set("FERROSCOPE_ALLOW_SKIP") {
+        panic!(
+            "{test} cannot run: {missing}; {install}. (To skip the tests that need it instead of failing, set \
+             FERROSCOPE_ALLOW_SKIP=1.)"
+        );
+    }
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: {missing}; {install}");
+    if let Some(log) = std::env::var_os("FERROSCOPE_SKIP_LOG") {
+        let line = format!("ferroscope-skip: {test}: {missing}; {install}\n");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut file| file.write_all(line.as_bytes()))
+            .unwrap_or_else(|error| panic!("recording the skip in {}: {error}", log.to_string_lossy()));
+    }
+}
+
+/// How to install the interpreter `python` (of `root`) the tests use.
+#[cfg(test)]
+pub fn install_hint(root: &str, python: &str) -> String {
+    if root != "/" {
+        return format!("run `cargo xtask setup --test`, which makes {root} with the Debian unstable CPythons it has");
+    }
+    match python.strip_prefix("/root/.pyenv/versions/").and_then(|rest| rest.split('/').next()) {
+        Some(version) => {
+            format!("install it with pyenv, as root: `PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install {version}`")
+        }
+        None => format!("install it: `apt-get install {}`", python.rsplit('/').next().unwrap_or(python)),
+    }
+}
+
 /// A pyenv build of CPython, for tests against real interpreters.
 #[cfg(test)]
 pub struct PyenvBuild {

@@ -121,7 +121,7 @@ fn signed_varint(bytes: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpython::layout::{layout, pyenv_build};
+    use crate::cpython::layout::{install_hint, layout, pyenv_build, skip_or_fail};
     use std::{path::Path, process::Command};
 
     #[test]
@@ -210,7 +210,8 @@ def far_away(f=lambda x: x + 1):
     fn agrees_with_every_cpython() {
         for minor in 7..=12 {
             let Some(build) = pyenv_build(minor) else {
-                eprintln!("skipped: pyenv's CPython 3.{minor} not installed");
+                let install = install_hint("/", &format!("/root/.pyenv/versions/3.{minor}/bin/python3.{minor}"));
+                skip_or_fail(&format!("pyenv's CPython 3.{minor} is not installed"), &install);
                 continue;
             };
             let format = layout(3, minor).unwrap().line_table;

@@ -7,7 +7,7 @@ mod linetable;
 
 pub use code::FrameSymbolizer;
 #[cfg(test)]
-pub use layout::pyenv_build;
+pub use layout::{install_hint, pyenv_build, skip_or_fail};
 
 use crate::procmem::ProcessMemory;
 use layout::Layout;
