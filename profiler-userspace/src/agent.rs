@@ -299,6 +299,9 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         metrics::serve(address, agent.metrics.clone(), sinks.remote.clone()).await?;
     }
     agent.native.load_kernel_symbols();
+    // Before the start-up line: whoever reads it to know the agent runs may stop it at once.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     eprintln!(
         "ferroscope: sampling {} at {} Hz on {} CPUs{}; a profile every {} to {}",
         if settings.pids.is_empty() {
@@ -325,8 +328,6 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     // the `AsyncFd` holds it.
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|error| anyhow::anyhow!("cannot poll the events ring buffer: {error}"))?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
     let started = Instant::now();
     let deadline = settings.duration.map(|duration| started + duration);
     let mut next_period = started + settings.period;

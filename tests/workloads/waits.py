@@ -4,7 +4,8 @@ one blocks on a pipe read.
 
 Prints `role native_thread_id` per thread, then `elapsed SECONDS`,
 `main_cpu SECONDS` (the main thread's CPU time as the kernel counts it) and
-`lifetime SECONDS` (since the process started, interpreter start-up included).
+`lifetime SECONDS` (since the process started, interpreter start-up included)
+and `startup_cpu SECONDS` (the CPU the interpreter took to get to `main`).
 """
 import argparse
 import os
@@ -42,6 +43,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=4.0)
     options = parser.parse_args()
     # Time for the profiler to find this process before the threads start.
+    startup_cpu = time.process_time()
     burn(1.0)
     ids = {"main": threading.get_native_id()}
     started = time.monotonic()
@@ -61,6 +63,7 @@ def main():
         print(role, tid)
     print("elapsed", time.monotonic() - started)
     print("main_cpu", time.thread_time())
+    print("startup_cpu", startup_cpu)
     print("lifetime", lifetime())
 
 
