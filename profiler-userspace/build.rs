@@ -15,14 +15,13 @@ use std::{
 };
 
 const OBJECT_VAR: &str = "FERROSCOPE_EBPF_OBJECT";
-/// Capabilities loading the programs needs (or CAP_SYS_ADMIN), with their bit in `CapEff`,
-/// as `Sampler::start` checks them.
-const NEEDED_CAPABILITIES: [(&str, u32); 3] = [("CAP_BPF", 39), ("CAP_PERFMON", 38), ("CAP_SYS_PTRACE", 19)];
-const CAP_SYS_ADMIN: u32 = 21;
+#[path = "src/capabilities.rs"]
+mod capabilities;
 
 fn main() {
     compile_protos();
     println!("cargo:rerun-if-env-changed={OBJECT_VAR}");
+    println!("cargo:rerun-if-changed=src/capabilities.rs");
     println!("cargo:rustc-check-cfg=cfg(ferroscope_root_tests_left_out)");
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let (object, stub) = match env::var_os(OBJECT_VAR).map(PathBuf::from) {
@@ -54,8 +53,12 @@ fn main() {
     let left_out = if stub {
         Some("the eBPF object is a stub (profiler-ebpf is not built: `cargo xtask build` builds it)".to_owned())
     } else {
-        missing_capabilities().map(|missing| {
-            format!("this build runs without root or {missing}, which loading eBPF programs needs (run it as root)")
+        let missing = capabilities::missing();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "this build runs without root or {}, which loading eBPF programs needs (run it as root)",
+                missing.join(", ")
+            )
         })
     };
     // Who builds is who runs a plain `cargo test`: built again under sudo (another USER).
@@ -85,24 +88,6 @@ fn stub_object(default: &Path) -> PathBuf {
         default.display()
     );
     stub
-}
-
-/// The capabilities loading programs needs that this process lacks (none with root or
-/// CAP_SYS_ADMIN), if any.
-fn missing_capabilities() -> Option<String> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| effective & (1 << bit) != 0;
-    let missing: Vec<&str> = NEEDED_CAPABILITIES
-        .iter()
-        .filter(|(_, bit)| !has(*bit) && !has(CAP_SYS_ADMIN))
-        .map(|(name, _)| *name)
-        .collect();
-    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 fn compile_protos() {

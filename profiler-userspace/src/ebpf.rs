@@ -540,24 +540,9 @@ impl TaskOffsets {
     }
 }
 
-/// Capabilities the agent needs, with the bit of each in `CapEff`.
-const NEEDED_CAPABILITIES: [(&str, u32); 3] = [("CAP_BPF", 39), ("CAP_PERFMON", 38), ("CAP_SYS_PTRACE", 19)];
-const CAP_SYS_ADMIN: u32 = 21;
-
 /// Fails with a message naming what is missing rather than an errno later.
 fn check_privileges() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| effective & (1 << bit) != 0;
-    let missing: Vec<&str> = NEEDED_CAPABILITIES
-        .iter()
-        .filter(|(_, bit)| !has(*bit) && !has(CAP_SYS_ADMIN))
-        .map(|(name, _)| *name)
-        .collect();
+    let missing = crate::capabilities::missing();
     if !missing.is_empty() {
         bail!(
             "ferroscope needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE \

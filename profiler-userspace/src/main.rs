@@ -2,6 +2,7 @@
 
 mod agent;
 mod aggregate;
+mod capabilities;
 mod config;
 mod containers;
 mod control;

@@ -55,6 +55,8 @@ pub fn check_in(container_root: Option<&str>, python: &str, names: Names, cpu_se
         Ok(value) => value.parse::<u32>().with_context(|| format!("{FREQUENCY_VAR}={value}"))?,
         Err(_) => FREQUENCY,
     };
+    // As many samples at another frequency: the tolerance holds for that many.
+    let cpu_seconds = cpu_seconds * f64::from(FREQUENCY) / f64::from(frequency);
     let agent = Agent::start(&["--frequency", &frequency.to_string(), "--label", "suite=e2e"])?;
     let args = ["--cpu-seconds", &cpu_seconds.to_string()];
     let split = match container_root {
