@@ -480,7 +480,8 @@ pub struct ProgramCheck {
 pub fn check_programs() -> Result<Vec<ProgramCheck>> {
     check_privileges()?;
     let (mut ebpf, btf) = load_object(0, 10_000_000)?;
-    let stacks: std::collections::HashMap<String, u32> = crate::headroom::program_stacks(object())?.into_iter().collect();
+    let stacks: std::collections::HashMap<String, u32> =
+        crate::headroom::program_stacks(object())?.into_iter().collect();
     let mut programs: Vec<(&'static str, &'static str, Option<&'static str>)> = Vec::new();
     programs.extend(LIFECYCLE_TRACEPOINTS.iter().map(|&(name, tracepoint)| ("process", name, Some(tracepoint))));
     programs.push(("cpu", SAMPLER_PROGRAM, None));
@@ -489,10 +490,11 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>> {
     Ok(programs
         .into_iter()
         .map(|(feature, program, tracepoint)| {
-            let verified = load_program(&mut ebpf, program, tracepoint.map(|tracepoint| (tracepoint, &btf))).map(|()| {
-                let info = ebpf.program(program).and_then(|program| program.info().ok());
-                info.and_then(|info| info.verified_instruction_count())
-            });
+            let verified =
+                load_program(&mut ebpf, program, tracepoint.map(|tracepoint| (tracepoint, &btf))).map(|()| {
+                    let info = ebpf.program(program).and_then(|program| program.info().ok());
+                    info.and_then(|info| info.verified_instruction_count())
+                });
             ProgramCheck { program, feature, verified, stack: stacks.get(program).copied().unwrap_or(0) }
         })
         .collect())

@@ -79,12 +79,15 @@ pub fn program_stacks(elf: &[u8]) -> Result<Vec<(String, u32)>> {
                 None if !call.address_load || call.pseudo_func => (section_index, call.local_target),
                 None => continue,
             };
-            let callee = *index.get(&target).with_context(|| format!("a call into no function from {}", functions[me].name))?;
+            let callee =
+                *index.get(&target).with_context(|| format!("a call into no function from {}", functions[me].name))?;
             functions[me].callees.push(callee);
         }
     }
-    let mut stacks: Vec<(String, u32)> =
-        programs.iter().map(|&program| (functions[program].name.clone(), chain_depth(&functions, program, 0))).collect();
+    let mut stacks: Vec<(String, u32)> = programs
+        .iter()
+        .map(|&program| (functions[program].name.clone(), chain_depth(&functions, program, 0)))
+        .collect();
     stacks.sort();
     Ok(stacks)
 }

@@ -49,7 +49,12 @@ pub fn run(args: &KernelCheckArgs) -> Result<()> {
         println!("{:<18} {:<8} {instructions:>22} {stack:>18}  {result}", check.program, check.feature);
     }
     if !problems.is_empty() {
-        bail!("{} problem(s), over {}% of a limit or refused: {}", problems.len(), args.max_percent, problems.join("; "));
+        bail!(
+            "{} problem(s), over {}% of a limit or refused: {}",
+            problems.len(),
+            args.max_percent,
+            problems.join("; ")
+        );
     }
     println!("every program loaded, within {}% of the verifier's limits", args.max_percent);
     Ok(())

@@ -126,21 +126,10 @@ fn named(kind: FrameKind, function: &str, file: &str) -> Frame {
 mod tests {
     use super::*;
 
-    /// Whether this process holds the capability of bit `bit`, or CAP_SYS_ADMIN.
-    fn capable(bit: u32) -> bool {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let effective = status
-            .lines()
-            .find_map(|line| line.strip_prefix("CapEff:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .unwrap_or(0);
-        effective & (1 << bit | 1 << 21) != 0
-    }
-
     #[test]
     fn names_kernel_and_own_addresses() {
         // Native frames are named through /proc/PID/map_files, which needs it.
-        if !capable(40) {
+        if !crate::capabilities::has(40) {
             let missing = "it runs without root or CAP_CHECKPOINT_RESTORE, which reading /proc/PID/map_files needs";
             crate::cpython::skip_or_fail(missing, "run it as root");
             return;

@@ -260,9 +260,10 @@ fn test_counts(output: &str) -> (u64, u64) {
             .find_map(|part| part.trim().rsplit(". ").next()?.strip_suffix(word)?.trim().parse().ok())
             .unwrap_or(0)
     };
-    output.lines().filter_map(|line| line.strip_prefix("test result: ")).fold((0, 0), |(passed, failed), result| {
-        (passed + count(result, " passed"), failed + count(result, " failed"))
-    })
+    output
+        .lines()
+        .filter_map(|line| line.strip_prefix("test result: "))
+        .fold((0, 0), |(passed, failed), result| (passed + count(result, " passed"), failed + count(result, " failed")))
 }
 
 /// What kernel-check printed in a guest's output: programs loaded (`N of M`), and the
