@@ -15,13 +15,13 @@ use std::{
 };
 
 const OBJECT_VAR: &str = "FERROSCOPE_EBPF_OBJECT";
-#[path = "src/capabilities.rs"]
+#[path = "src/kernel/capabilities.rs"]
 mod capabilities;
 
 fn main() {
     compile_protos();
     println!("cargo:rerun-if-env-changed={OBJECT_VAR}");
-    println!("cargo:rerun-if-changed=src/capabilities.rs");
+    println!("cargo:rerun-if-changed=src/kernel/capabilities.rs");
     println!("cargo:rustc-check-cfg=cfg(ferroscope_root_tests_left_out)");
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let (object, stub) = match env::var_os(OBJECT_VAR).map(PathBuf::from) {
@@ -67,7 +67,7 @@ fn main() {
         println!("cargo:rustc-cfg=ferroscope_root_tests_left_out");
         println!("cargo:rustc-env=FERROSCOPE_ROOT_TESTS_LEFT_OUT={reason}");
         println!(
-            "cargo:warning=the unit tests that load eBPF programs (src/ebpf.rs) are left out of this build: \
+            "cargo:warning=the unit tests that load eBPF programs (src/kernel/sampler.rs) are left out of this build: \
              {reason}; `cargo xtask test` runs them"
         );
     }

@@ -22,19 +22,22 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Series, Thread, ThreadCounts, Wait},
     config::Settings,
-    containers::{self, Container},
+    aggregate::heap::{self as memory, LiveHeap, Origin},
     control::{self, Request},
-    cpython::{FrameSymbolizer, Pymalloc},
-    discovery::{self, PythonStatus},
-    ebpf::{KernelStats, MemoryWatch, Sampler},
-    kubernetes::Pods,
-    memory::{self, LiveHeap, Origin},
+    cpython::{self, FrameSymbolizer, Pymalloc},
+    export::{
+        pprof,
+        sinks::{Backend, Datadog, LocalDir, Otlp, Pyroscope, Shipper, Upload},
+    },
+    kernel::{KernelStats, MemoryWatch, Sampler},
     metrics::{self, Metrics},
-    pprof,
-    sinks::{Backend, Datadog, LocalDir, Otlp, Pyroscope, Shipper, Upload},
+    native::{self as unwind, symbolize::NativeSymbolizer},
+    process::{
+        containers::{self, Container},
+        discovery::{self, PythonStatus},
+        kubernetes::Pods,
+    },
     summary::PeriodSummary,
-    symbolize::NativeSymbolizer,
-    unwind,
 };
 
 /// The next request on the control socket, if there is one.
@@ -694,9 +697,9 @@ impl<'a> Agent<'a> {
                     summary.unnamed_python_frames += 1;
                     Frame::marker("[unknown python frame]")
                 });
-                (named, unwind::is_entry(frame.code, python.inline_calls))
+                (named, cpython::is_entry(frame.code, python.inline_calls))
             });
-            unwind::merge(stack, user_from, frames);
+            cpython::merge(stack, user_from, frames);
             match sample.py_status {
                 PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
                 PY_BAD_POINTER | PY_BAD_CODE | PY_CYCLE => {

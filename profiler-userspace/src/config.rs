@@ -13,8 +13,8 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::{
-    kubernetes::KubernetesSettings,
-    sinks::{Auth, Endpoint},
+    export::sinks::{Auth, Endpoint},
+    process::kubernetes::KubernetesSettings,
 };
 
 pub const DEFAULT_FREQUENCY: u64 = 100;

@@ -1,31 +1,6 @@
 //! `ferroscope`: system-wide continuous profiler for Python, on eBPF.
 
-mod agent;
-mod aggregate;
-mod capabilities;
-mod config;
-mod containers;
-mod control;
-mod cpython;
-mod discovery;
-mod ebpf;
-mod features;
-mod flamegraph;
-mod headroom;
-mod httpd;
-mod kernel_check;
-mod kubernetes;
-mod memory;
-mod metrics;
-mod pprof;
-mod probe_sites;
-mod procmem;
-mod sinks;
-mod summary;
-mod symbolize;
-mod unwind;
-mod view;
-
+use ferroscope::{agent, config, kernel, view};
 use clap::{Parser, Subcommand};
 
 /// Continuous profiler for Python: samples every CPython process on the host
@@ -59,7 +34,7 @@ enum Command {
     /// complaint), the instructions it processed and the program's combined
     /// stack. Exits with an error when a program is refused, or uses more
     /// than --max-percent of either verifier limit. Needs root, like `agent`.
-    KernelCheck(kernel_check::KernelCheckArgs),
+    KernelCheck(kernel::check::KernelCheckArgs),
 }
 
 /// `info`, but for the Kubernetes client's retries, which the agent reports once per outage.
@@ -81,7 +56,7 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(view::run(args))),
-        Command::KernelCheck(args) => kernel_check::run(&args),
+        Command::KernelCheck(args) => kernel::check::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

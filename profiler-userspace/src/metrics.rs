@@ -16,9 +16,11 @@ use http_body_util::Full;
 use hyper::{body::Bytes, Response};
 
 use crate::{
-    ebpf::KernelStats,
-    features::{Features, State},
-    sinks::Shipper,
+    export::sinks::Shipper,
+    kernel::{
+        features::{Features, State},
+        KernelStats,
+    },
 };
 
 /// Counters the agent keeps up to date.

@@ -1,4 +1,4 @@
-//! The unit tests of src/ebpf.rs load the real programs into the real kernel: build.rs leaves
+//! The unit tests of src/kernel/sampler.rs load the real programs into the real kernel: build.rs leaves
 //! them out of a build that cannot (the eBPF object is a stub, or the build runs without
 //! root). This test says so, as a skip, so that a plain `cargo test` passes on a fresh clone
 //! without hiding it; with `FERROSCOPE_REQUIRE_ROOT_TESTS=1` (as `cargo xtask test` runs
@@ -9,7 +9,7 @@ use std::io::Write;
 #[test]
 fn the_unit_tests_that_load_ebpf_programs_are_built() {
     let Some(reason) = option_env!("FERROSCOPE_ROOT_TESTS_LEFT_OUT") else { return };
-    let what = "the unit tests that load eBPF programs (src/ebpf.rs) are left out of this build";
+    let what = "the unit tests that load eBPF programs (src/kernel/sampler.rs) are left out of this build";
     let required = std::env::var_os("FERROSCOPE_REQUIRE_ROOT_TESTS").is_some_and(|value| value == "1");
     assert!(
         !required,

@@ -4,7 +4,7 @@
 use super::{layout::Layout, linetable, Interpreter};
 use crate::{
     aggregate::{Frame, FrameKind},
-    procmem::ProcessMemory,
+    process::procmem::ProcessMemory,
 };
 use anyhow::{ensure, Context};
 use profiler_common::{PyFrame, PY_ENTRY_FRAME};

@@ -10,7 +10,7 @@
 //! what it says holds together.
 
 use super::layout::{BytesLayout, CodeLayout, GilLayout, InstrEncoding, Layout, LineTable, UnicodeLayout};
-use crate::procmem::ProcessMemory;
+use crate::process::procmem::ProcessMemory;
 use profiler_common::{PyOffsets, NO_OFFSET};
 
 /// The first bytes of `_PyRuntime` when it starts with the debug offsets.

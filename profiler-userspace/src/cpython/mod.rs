@@ -4,12 +4,15 @@ mod code;
 mod debug_offsets;
 mod layout;
 mod linetable;
+mod merge;
+pub mod probe_sites;
 
 pub use code::FrameSymbolizer;
+pub use merge::{is_entry, merge};
 #[cfg(test)]
 pub use layout::{install_hint, pyenv_build, skip_or_fail};
 
-use crate::procmem::ProcessMemory;
+use crate::process::procmem::ProcessMemory;
 use layout::Layout;
 use profiler_common::{PyProcess, NO_OFFSET};
 use std::{fmt, sync::Arc};

@@ -350,7 +350,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::{pprof::proto, view::store::Resolved};
+    use crate::{export::pprof::proto, view::store::Resolved};
 
     /// A sample of a test period: its stack (root first), values and labels.
     type TestSample<'a> = (&'a [&'a str], Vec<i64>, &'a [(&'a str, &'a str)]);

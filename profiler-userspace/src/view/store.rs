@@ -720,7 +720,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("app");
         fs::create_dir(&dir).unwrap();
-        let profile = crate::pprof::proto::Profile {
+        let profile = crate::export::pprof::proto::Profile {
             string_table: vec![String::new()],
             time_nanos: 5_000_000,
             ..Default::default()

@@ -101,7 +101,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::pprof::proto;
+    use crate::export::pprof::proto;
 
     /// What prost writes, read back in place.
     #[test]

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::{ebpf, headroom};
+use super::{headroom, sampler as ebpf};
 
 /// Instructions the verifier may process in one program (privileged).
 const INSTRUCTION_LIMIT: u32 = 1_000_000;

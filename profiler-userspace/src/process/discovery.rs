@@ -4,11 +4,11 @@
 //! executable of a static build, `libpython3.X.so` of a shared one, or any
 //! object that embeds CPython under another name.
 
-use crate::{
+use super::{
     containers::{self, Container},
-    cpython::{Interpreter, Version},
     procmem::ProcessMemory,
 };
+use crate::cpython::{Interpreter, Version};
 use anyhow::{ensure, Context};
 use object::{Object, ObjectSegment, ObjectSymbol};
 use std::{

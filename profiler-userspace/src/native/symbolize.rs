@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn names_kernel_and_own_addresses() {
         // Native frames are named through /proc/PID/map_files, which needs it.
-        if !crate::capabilities::has(40) {
+        if !crate::kernel::capabilities::has(40) {
             let missing = "it runs without root or CAP_CHECKPOINT_RESTORE, which reading /proc/PID/map_files needs";
             crate::cpython::skip_or_fail(missing, "run it as root");
             return;

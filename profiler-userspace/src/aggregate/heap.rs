@@ -17,7 +17,7 @@ use profiler_common::ALLOC_BUDGETS;
 use crate::{
     aggregate::{Frame, Series, Thread},
     cpython::Pymalloc,
-    procmem::ProcessMemory,
+    process::procmem::ProcessMemory,
 };
 
 /// Byte budgets between two samples: `ALLOC_BUDGETS` quantiles of the

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context;
 
-use crate::{aggregate::PeriodProfile, flamegraph};
+use crate::{aggregate::PeriodProfile, export::flamegraph};
 
 /// A directory with one subdirectory per application.
 pub struct LocalDir {
@@ -116,7 +116,7 @@ mod tests {
     use super::*;
     use crate::{
         aggregate::{Frame, FrameKind, Thread},
-        pprof,
+        export::pprof,
     };
 
     #[test]

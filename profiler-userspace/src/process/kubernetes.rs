@@ -20,7 +20,7 @@ use kube::{
     Api, Client,
 };
 
-use crate::containers::Container;
+use crate::process::containers::Container;
 
 /// What `--kubernetes` needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,10 +15,8 @@ use aya::{
 };
 use profiler_common::{config, stat, LiveKey, ProcessUnwind, PyProcess, ThreadTally, UnwindChunk};
 
-use crate::{
-    features::{Features, State},
-    probe_sites,
-};
+use super::features::{Features, State};
+use crate::cpython::probe_sites;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
 
@@ -366,7 +364,7 @@ fn load_program(ebpf: &mut Ebpf, name: &str, tracepoint: Option<(&str, &Btf)>) -
 fn refusal(program: &str, error: &ProgramError) -> String {
     match error {
         ProgramError::LoadError { io_error, verifier_log } => {
-            match crate::features::verifier_complaint(&verifier_log.to_string()) {
+            match crate::kernel::features::verifier_complaint(&verifier_log.to_string()) {
                 Some(complaint) => format!("this kernel's verifier refused {program} ({complaint})"),
                 None => format!("this kernel refused {program} ({io_error})"),
             }
@@ -450,7 +448,7 @@ fn load_memory(ebpf: &mut Ebpf, mean: u64) -> State {
     let loaded = (|| {
         let map = ebpf.map_mut("BUDGETS").ok_or("the eBPF object has no BUDGETS map")?;
         let mut budgets: Array<_, u64> = Array::try_from(map).map_err(|error| error.to_string())?;
-        for (index, budget) in crate::memory::budgets(mean).into_iter().enumerate() {
+        for (index, budget) in crate::aggregate::heap::budgets(mean).into_iter().enumerate() {
             budgets.set(index as u32, budget, 0).map_err(|error| format!("cannot fill BUDGETS: {error}"))?;
         }
         names.iter().try_for_each(|name| load_program(ebpf, name, None))
@@ -481,7 +479,7 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>> {
     check_privileges()?;
     let (mut ebpf, btf) = load_object(0, 10_000_000)?;
     let stacks: std::collections::HashMap<String, u32> =
-        crate::headroom::program_stacks(object())?.into_iter().collect();
+        crate::kernel::headroom::program_stacks(object())?.into_iter().collect();
     let mut programs: Vec<(&'static str, &'static str, Option<&'static str>)> = Vec::new();
     programs.extend(LIFECYCLE_TRACEPOINTS.iter().map(|&(name, tracepoint)| ("process", name, Some(tracepoint))));
     programs.push(("cpu", SAMPLER_PROGRAM, None));
@@ -544,7 +542,7 @@ impl TaskOffsets {
 
 /// Fails with a message naming what is missing rather than an errno later.
 fn check_privileges() -> Result<()> {
-    let missing = crate::capabilities::missing();
+    let missing = crate::kernel::capabilities::missing();
     if !missing.is_empty() {
         bail!(
             "ferroscope needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE \

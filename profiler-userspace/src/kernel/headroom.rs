@@ -261,7 +261,7 @@ mod tests {
     /// the kernel matrix checks the verifier's own instruction counts).
     #[test]
     fn every_embedded_program_keeps_a_stack_margin() {
-        let object = crate::ebpf::object();
+        let object = crate::kernel::object();
         if object.is_empty() {
             let missing = "the eBPF object is missing (this build embeds an empty stand-in)";
             crate::cpython::skip_or_fail(missing, "build it with `cargo xtask build`, which builds it first");
@@ -270,7 +270,7 @@ mod tests {
         let stacks = program_stacks(object).unwrap();
         assert!(stacks.len() >= 10, "{stacks:?}");
         for (program, stack) in stacks {
-            assert!(stack <= crate::ebpf::STACK_BUDGET, "{program}: combined stack {stack} of {STACK_LIMIT} bytes");
+            assert!(stack <= crate::kernel::STACK_BUDGET, "{program}: combined stack {stack} of {STACK_LIMIT} bytes");
         }
     }
 }

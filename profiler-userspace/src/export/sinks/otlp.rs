@@ -14,7 +14,7 @@ use std::{collections::HashMap, io::Read};
 use prost::Message;
 
 use super::{DeliveryError, Upload};
-use crate::pprof::proto as pprof;
+use crate::export::pprof::proto as pprof;
 
 /// The types prost made of the official .proto files (see `build.rs`), in
 /// modules that follow their packages, as the generated code expects.
@@ -250,7 +250,7 @@ mod tests {
         profile.add(&[frame("crunch", 3), frame("main", 9)], &thread);
         profile.add(&[frame("crunch", 3), frame("main", 9)], &thread);
         profile.add(&[frame("main", 10)], &thread);
-        let upload = Upload::new(&profile, crate::pprof::encode_gzipped(&profile).unwrap());
+        let upload = Upload::new(&profile, crate::export::pprof::encode_gzipped(&profile).unwrap());
 
         let request = export_request(&upload).unwrap();
         let dictionary = request.dictionary.as_ref().unwrap();

@@ -1,0 +1,7 @@
+//! What leaves the agent: pprof profiles (`pprof`), flame graphs
+//! (`flamegraph`), and the sinks that write them locally or ship them
+//! (`sinks`).
+
+pub mod flamegraph;
+pub mod pprof;
+pub mod sinks;
