@@ -1,283 +1,53 @@
-//! The agent's loop: kernel events in, named stacks aggregated per period,
-//! profiles out.
+//! The controller: wires the stages together. Kernel events come in
+//! ([`kernel::events`]); each process is looked at once ([`process`],
+//! [`cpython`]); each sample becomes a named stack ([`stack`]) added to its
+//! application's period ([`aggregate`]); each period's profiles go out
+//! ([`export`]).
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    ops::Range,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{
-    kind, MemoryEvent, ProcessEvent, Sample, ThreadTally, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED,
-};
+use profiler_common::Sample;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
 
 use crate::{
-    aggregate::{Aggregator, Frame, PeriodProfile, ProcessThreads, Series, Thread, ThreadCounts, Wait},
+    aggregate::{
+        heap::{self, LiveHeap, Origin, Sampled},
+        Aggregator, Frame, ProcessThreads, Series, ThreadCounts, Wait,
+    },
     config::Settings,
-    aggregate::heap::{self as memory, LiveHeap, Origin},
     control::{self, Request},
-    cpython::{self, FrameSymbolizer, Pymalloc},
-    export::{
-        pprof,
-        sinks::{Backend, Datadog, LocalDir, Otlp, Pyroscope, Shipper, Upload},
+    cpython::{self, MemoryProbes, PythonStatus},
+    export::Sinks,
+    kernel::{
+        events::{self, Event},
+        KernelStats, Sampler,
     },
-    kernel::{KernelStats, MemoryWatch, Sampler},
     metrics::{self, Metrics},
-    native::{self as unwind, symbolize::NativeSymbolizer},
-    process::{
-        containers::{self, Container},
-        discovery::{self, PythonStatus},
-        kubernetes::Pods,
-    },
+    native::{self, symbolize::NativeSymbolizer},
+    process::{discovery, kubernetes::Pods, Look, Recheck, Table},
+    stack::{self, InterpreterFrames},
     summary::PeriodSummary,
 };
-
-/// The next request on the control socket, if there is one.
-async fn recv(control: &mut Option<tokio::sync::mpsc::Receiver<control::Command>>) -> Option<control::Command> {
-    match control {
-        Some(receiver) => receiver.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Where each period's profiles go.
-struct Sinks {
-    local: Option<LocalDir>,
-    remote: Vec<Arc<Shipper>>,
-}
-
-impl Sinks {
-    fn start(settings: &Settings) -> Result<Sinks> {
-        let mut backends = Vec::new();
-        if let Some(pyroscope) = &settings.pyroscope {
-            backends.push(Backend::Pyroscope(Pyroscope::new(
-                &pyroscope.url,
-                pyroscope.auth.clone(),
-                pyroscope.tenant.clone(),
-            )?));
-        }
-        if let Some((endpoint, api_key)) = &settings.datadog {
-            backends.push(Backend::Datadog(Datadog::new(endpoint.clone(), api_key.clone())));
-        }
-        if let Some(url) = &settings.otlp_url {
-            backends.push(Backend::Otlp(Otlp::new(url)));
-        }
-        let remote = backends
-            .into_iter()
-            .map(|backend| {
-                let spool = settings.spool_dir.join(backend.name());
-                Shipper::start(backend, &spool, settings.spool_max_bytes, settings.upload_timeout).map(Arc::new)
-            })
-            .collect::<Result<_>>()?;
-        Ok(Sinks {
-            local: settings.output_dir.as_deref().map(|dir| LocalDir::new(dir, settings.labels.clone())),
-            remote,
-        })
-    }
-
-    /// `./profiles and pyroscope`.
-    fn describe(&self) -> String {
-        let local = self.local.iter().map(|local| local.root().display().to_string());
-        local.chain(self.remote.iter().map(|shipper| shipper.name().to_owned())).collect::<Vec<_>>().join(" and ")
-    }
-
-    /// Writes `profile` and queues it for every backend; whether it was
-    /// written or queued everywhere.
-    fn send(&self, profile: &PeriodProfile) -> bool {
-        let pprof_gz = match pprof::encode_gzipped(profile) {
-            Ok(pprof_gz) => pprof_gz,
-            Err(error) => {
-                log::error!("cannot compress the profile of {}: {error}", profile.application);
-                return false;
-            }
-        };
-        let mut sent = true;
-        if let Some(local) = &self.local {
-            match local.write(profile, &pprof_gz) {
-                Ok(written) => log::debug!("wrote {} and {:?}", written.pprof.display(), written.flamegraph),
-                Err(error) => {
-                    log::error!("cannot write the profile of {}: {error:#}", profile.application);
-                    sent = false;
-                }
-            }
-        }
-        if !self.remote.is_empty() {
-            let upload = Upload::new(profile, pprof_gz);
-            for shipper in &self.remote {
-                shipper.ship(&upload);
-            }
-        }
-        sent
-    }
-
-    /// A line per sink for the summary.
-    fn report(&self) -> Vec<String> {
-        let local = self.local.iter().map(|local| {
-            let root = local.root().display();
-            format!("wrote to {root} (look at them: ferroscope view {root})")
-        });
-        let remote = self.remote.iter().map(|shipper| {
-            let stats = &shipper.stats;
-            let (waiting, bytes) = shipper.waiting();
-            let count = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
-            format!(
-                "{}: {} delivered, {waiting} waiting ({} KiB spooled), {} retries, {} refused, {} dropped (spool full)",
-                shipper.name(),
-                count(&stats.delivered),
-                bytes / 1024,
-                count(&stats.retries),
-                count(&stats.refused),
-                count(&stats.dropped),
-            )
-        });
-        local.chain(remote).collect()
-    }
-
-    /// Gives the backends until `deadline` to take what is queued; the rest
-    /// stays spooled for the next start.
-    async fn drain(&self, deadline: Instant) {
-        for shipper in &self.remote {
-            shipper.drain(deadline).await;
-            let (waiting, _) = shipper.waiting();
-            if waiting > 0 {
-                log::warn!("{}: {waiting} uploads left in the spool for the next start", shipper.name());
-            }
-        }
-    }
-}
-
-/// Accounts an allocation sample: what it stands for, allocated over the
-/// period and, until freed, in use. An arena counts as one allocation of its
-/// size; what is in use in it is read from its pools at the period's end.
-fn on_allocation(
-    aggregator: &mut Aggregator,
-    heap: &mut LiveHeap,
-    sample: &Sample,
-    origin: Origin,
-    mean: u64,
-    pymalloc: Option<Pymalloc>,
-) {
-    let weight = memory::weight(sample.bytes, mean);
-    let Origin { series, stack, thread } = &origin;
-    aggregator.add_alloc(series, stack, thread, weight, sample.bytes as f64 * weight);
-    match (sample.kind, sample.address, pymalloc) {
-        (_, 0, _) => {}
-        (kind::ARENA, address, Some(pymalloc)) => {
-            heap.arena(sample.pid, address, origin, sample.bytes, weight, pymalloc)
-        }
-        (_, address, _) => heap.allocated(sample.pid, address, origin, sample.bytes, weight),
-    }
-}
-
-/// `series` with the labels of the pod `container` belongs to, if known; the
-/// process's own labels win.
-fn with_pod_labels(pods: Option<&Pods>, series: Series, container: Option<&Container>) -> Series {
-    let Some(mut pod_labels) = pods.zip(container).and_then(|(pods, container)| pods.labels(container)) else {
-        return series;
-    };
-    if pod_labels.keys().all(|key| series.labels.contains_key(key)) {
-        return series;
-    }
-    pod_labels.extend(series.labels.iter().map(|(key, value)| (key.clone(), value.clone())));
-    Series { application: series.application, labels: Arc::new(pod_labels) }
-}
-
-/// What the agent knows of one process.
-struct Process {
-    /// The application it is profiled as, with its own labels.
-    series: Series,
-    /// The application name discovery gave it.
-    discovered: Arc<str>,
-    /// What it registered as on the control socket, if it did.
-    registered: Option<Series>,
-    process_name: Arc<str>,
-    /// Its pid in its own PID namespace, when that differs.
-    container_pid: Option<u32>,
-    /// The container it runs in, from its cgroup.
-    container: Option<Container>,
-    python: Option<FrameSymbolizer>,
-    /// Whether and when to look at it again.
-    recheck: Recheck,
-    /// Executable address ranges, sorted; empty when unknown.
-    code: Vec<Range<u64>>,
-    /// When `code` was read: it is read again, at most this often, when an
-    /// address falls outside it (a library loaded since, or garbage).
-    code_read: Instant,
-    exited: bool,
-    /// The kernel's thread tally at the end of the last period.
-    threads_seen: ThreadTally,
-    /// It asked, on the control socket, not to be profiled any more.
-    stopped: bool,
-    /// Its context label sets, by id (see `Sample::label_set`).
-    label_sets: HashMap<u64, Arc<BTreeMap<String, String>>>,
-    /// With `--memory`, for CPython: the allocation probes and, when its
-    /// arenas are probed, the geometry of its pools.
-    memory: Option<(MemoryWatch, Option<Pymalloc>)>,
-}
-
-/// When to look at a process again.
-enum Recheck {
-    Never,
-    /// No CPython was found in it: again when it maps new code, which may be
-    /// a libpython it loads with `dlopen` (uwsgi's Python plugin, say).
-    OnNewCode,
-    /// CPython still starting up (its version not yet in memory): again at
-    /// `next`, until `give_up`.
-    At {
-        next: Instant,
-        give_up: Instant,
-    },
-}
-
-/// How often, and how long, a starting CPython is looked at again.
-const STARTING_RECHECK: Duration = Duration::from_millis(50);
-const STARTING_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How often the agent reads samples from the ring buffer.
 const READ_INTERVAL: Duration = Duration::from_millis(100);
 /// The kernel's counters are copied into the metrics every this many ticks.
 const METRICS_TICKS: u64 = 10;
 
-/// How often a process's executable ranges may be read again.
-const CODE_RANGES_REFRESH: Duration = Duration::from_secs(1);
-
-impl Process {
-    /// The user return addresses that can be trusted: without frame pointers
-    /// `bpf_get_stack` reads stack garbage after the first frames, so the
-    /// stack ends at the first address outside executable code (or after the
-    /// sampled instruction when the mappings are unknown).
-    fn user_stack<'s>(&self, addrs: &'s [u64]) -> &'s [u64] {
-        let executable = |addr: &u64| {
-            let next = self.code.partition_point(|range| range.end <= *addr);
-            self.code.get(next).is_some_and(|range| range.contains(addr))
-        };
-        let len = addrs.iter().skip(1).position(|addr| !executable(addr)).map_or(addrs.len(), |bad| bad + 1);
-        &addrs[..len]
-    }
-
-    /// Reads the process's executable mappings again if `addrs` leaves them
-    /// (at most once per [`CODE_RANGES_REFRESH`]); true when they changed.
-    fn refresh_code(&mut self, pid: u32, addrs: &[u64]) -> bool {
-        if self.user_stack(addrs).len() == addrs.len() || self.exited || self.code_read.elapsed() <= CODE_RANGES_REFRESH
-        {
-            return false;
-        }
-        self.code_read = Instant::now();
-        match discovery::code_ranges(pid) {
-            Ok(code) if code != self.code => {
-                self.code = code;
-                true
-            }
-            _ => false,
-        }
+/// The next request on the control socket, if there is one.
+async fn recv(control: &mut Option<tokio::sync::mpsc::Receiver<control::Command>>) -> Option<control::Command> {
+    match control {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -289,13 +59,14 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         settings.memory = None;
     }
     let sinks = Sinks::start(&settings)?;
-    let mut agent = Agent::new(&settings);
+    let pods = match &settings.kubernetes {
+        Some(kubernetes) => Some(Pods::watch(kubernetes).await?),
+        None => None,
+    };
+    let mut agent = Agent::new(&settings, pods);
     if settings.native_unwind {
         let (rows, unwind_processes) = sampler.unwind_maps()?;
-        agent.unwind = Some(unwind::Loader::start(rows, unwind_processes));
-    }
-    if let Some(kubernetes) = &settings.kubernetes {
-        agent.pods = Some(Pods::watch(kubernetes).await?);
+        agent.unwind = Some(native::Loader::start(rows, unwind_processes));
     }
     agent.metrics.set_features(&sampler.features);
     if let Some(address) = settings.metrics_address {
@@ -305,24 +76,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     // Before the start-up line: whoever reads it to know the agent runs may stop it at once.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    eprintln!(
-        "ferroscope: sampling {} at {} Hz on {} CPUs{}; a profile every {} to {}",
-        if settings.pids.is_empty() {
-            "every process".to_owned()
-        } else {
-            format!("pid {}", settings.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
-        },
-        settings.frequency,
-        sampler.cpus,
-        match (settings.wall, settings.memory) {
-            (true, Some(_)) => ", with wall time and memory",
-            (true, None) => ", with wall time",
-            (false, Some(_)) => ", with memory",
-            (false, None) => "",
-        },
-        humantime::format_duration(settings.period),
-        sinks.describe(),
-    );
+    eprintln!("{}", startup_line(&settings, sampler.cpus, &sinks));
     for refusal in sampler.features.refusals() {
         eprintln!("ferroscope: {refusal}; the other dimensions go on");
     }
@@ -359,7 +113,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             }
             _ = read_tick.tick() => {
                 agent.drain(events.get_mut(), &mut sampler);
-                agent.label_new_pods();
+                agent.processes.label_new_pods();
                 for profile in agent.aggregator.finish_own_periods(SystemTime::now()) {
                     sinks.send(&profile);
                 }
@@ -401,9 +155,30 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     }
 }
 
+/// `ferroscope: sampling every process at 100 Hz on 2 CPUs, with wall time; a profile every 45s to ./profiles`.
+fn startup_line(settings: &Settings, cpus: usize, sinks: &Sinks) -> String {
+    format!(
+        "ferroscope: sampling {} at {} Hz on {cpus} CPUs{}; a profile every {} to {}",
+        if settings.pids.is_empty() {
+            "every process".to_owned()
+        } else {
+            format!("pid {}", settings.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+        },
+        settings.frequency,
+        match (settings.wall, settings.memory) {
+            (true, Some(_)) => ", with wall time and memory",
+            (true, None) => ", with wall time",
+            (false, Some(_)) => ", with memory",
+            (false, None) => "",
+        },
+        humantime::format_duration(settings.period),
+        sinks.describe(),
+    )
+}
+
 struct Agent<'a> {
     settings: &'a Settings,
-    processes: HashMap<u32, Process>,
+    processes: Table,
     native: NativeSymbolizer,
     aggregator: Aggregator,
     metrics: Arc<Metrics>,
@@ -412,19 +187,15 @@ struct Agent<'a> {
     summary: PeriodSummary,
     /// Reused for every sample.
     stack: Vec<Frame>,
-    /// With `--kubernetes`: this node's pods.
-    pods: Option<Pods>,
     /// Loads the unwind tables of the processes' files into the kernel.
-    unwind: Option<unwind::Loader>,
-    /// The pods' generation the processes' labels were last set from.
-    pods_seen: u64,
+    unwind: Option<native::Loader>,
 }
 
 impl<'a> Agent<'a> {
-    fn new(settings: &'a Settings) -> Self {
+    fn new(settings: &'a Settings, pods: Option<Pods>) -> Self {
         Agent {
             settings,
-            processes: HashMap::new(),
+            processes: Table::new(settings.application_name.clone(), pods),
             native: NativeSymbolizer::new(),
             aggregator: Aggregator::new(
                 settings.labels.clone(),
@@ -437,62 +208,34 @@ impl<'a> Agent<'a> {
             metrics: Arc::default(),
             summary: PeriodSummary::default(),
             stack: Vec::with_capacity(256),
-            pods: None,
-            pods_seen: 0,
             unwind: None,
-        }
-    }
-
-    /// Labels the processes in pods that have become known since last time.
-    fn label_new_pods(&mut self) {
-        let Some(pods) = &self.pods else { return };
-        let generation = pods.generation();
-        if generation == self.pods_seen {
-            return;
-        }
-        self.pods_seen = generation;
-        for process in self.processes.values_mut().filter(|process| process.container.is_some()) {
-            process.series = with_pod_labels(Some(pods), process.series.clone(), process.container.as_ref());
         }
     }
 
     fn drain(&mut self, events: &mut RingBuf<MapData>, sampler: &mut Sampler) {
         while let Some(record) = events.next() {
-            let Some(kind) = record.get(..4).map(|bytes| u32::from_ne_bytes(bytes.try_into().unwrap())) else {
-                continue;
-            };
-            match kind {
-                kind::SAMPLE | kind::OFF_CPU | kind::ALLOC | kind::ARENA if record.len() >= size_of::<Sample>() => {
-                    // SAFETY: the kernel wrote a whole `Sample`; any bytes are valid for it.
-                    let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
-                    self.on_sample(&sample, sampler);
-                }
-                kind::FREE if record.len() >= size_of::<MemoryEvent>() => {
-                    // SAFETY: as above, for a `MemoryEvent`.
-                    let event = unsafe { record.as_ptr().cast::<MemoryEvent>().read_unaligned() };
-                    self.heap.freed(event.pid, event.address);
-                }
-                kind::NEW_PROCESS | kind::EXIT if record.len() >= size_of::<ProcessEvent>() => {
-                    // SAFETY: as above, for a `ProcessEvent`.
-                    let event = unsafe { record.as_ptr().cast::<ProcessEvent>().read_unaligned() };
-                    if event.kind == kind::NEW_PROCESS {
-                        self.inspect(event.pid, &event.comm, sampler);
-                        let pid = event.pid;
-                        // The agent's own stacks are not what users look for;
-                        // CPython processes are loaded once found (`inspect`).
-                        if let Some(loader) = self.unwind.as_ref().filter(|_| pid != std::process::id()) {
-                            loader.process(pid, self.settings.pids.contains(&pid));
-                        }
-                    } else {
-                        if let Some(process) = self.processes.get_mut(&event.pid) {
-                            process.exited = true;
-                        }
-                        if let Some(loader) = &self.unwind {
-                            loader.exited(event.pid);
-                        }
+            match events::decode(&record) {
+                Ok(Event::Cpu(sample)) => self.on_sample(&sample, None, sampler),
+                Ok(Event::OffCpu(sample)) => self.on_sample(&sample, Some(Wait::from_kernel(sample.wait)), sampler),
+                Ok(Event::Alloc(sample) | Event::Arena(sample)) => self.on_sample(&sample, None, sampler),
+                Ok(Event::Free { pid, address }) => self.heap.freed(pid, address),
+                Ok(Event::NewProcess { pid, comm }) => {
+                    self.inspect(pid, &comm, sampler);
+                    // The agent's own stacks are not what users look for;
+                    // CPython processes are loaded once found (`inspect`).
+                    if let Some(loader) = self.unwind.as_ref().filter(|_| pid != std::process::id()) {
+                        loader.process(pid, self.settings.pids.contains(&pid));
                     }
                 }
-                _ => log::warn!("unexpected record of kind {kind} and {} bytes from the kernel", record.len()),
+                Ok(Event::Exit { pid }) => {
+                    if let Some(process) = self.processes.get_mut(pid) {
+                        process.exited = true;
+                    }
+                    if let Some(loader) = &self.unwind {
+                        loader.exited(pid);
+                    }
+                }
+                Err(unexpected) => log::warn!("{unexpected}"),
             }
         }
     }
@@ -504,159 +247,65 @@ impl<'a> Agent<'a> {
         // First, so that its native frames can be named even if it exits
         // while we look at it.
         self.native.remember_process(pid);
-        let info = match discovery::inspect(pid) {
-            Ok(info) => info,
-            Err(_) => {
-                // Alive but not readable yet (caught in exec): look again soon.
-                let alive = Path::new(&format!("/proc/{pid}")).exists();
-                let recheck = match alive.then(|| self.retry(pid)).flatten() {
-                    Some(recheck) => recheck,
-                    None => {
-                        self.summary.vanished_processes += 1;
-                        Recheck::Never
-                    }
-                };
-                let name = comm_text(comm);
-                let process = Process {
-                    series: Series::new(self.settings.application_name.as_deref().unwrap_or(&name)),
-                    discovered: name.clone(),
-                    registered: None,
-                    process_name: name,
-                    // What can be read of it: its samples keep their container.
-                    container_pid: discovery::own_namespace_pid(pid),
-                    container: containers::of_process(pid),
-                    python: None,
-                    exited: matches!(recheck, Recheck::Never),
-                    recheck,
-                    code: Vec::new(),
-                    code_read: Instant::now(),
-                    threads_seen: ThreadTally::default(),
-                    stopped: false,
-                    label_sets: HashMap::new(),
-                    memory: None,
-                };
-                self.processes.insert(pid, process);
-                return;
-            }
+        let Ok(info) = discovery::inspect(pid) else {
+            // Alive but not readable yet (caught in exec): look again soon.
+            let alive = Path::new(&format!("/proc/{pid}")).exists();
+            let recheck = alive.then(|| self.processes.retry(pid)).flatten().unwrap_or_else(|| {
+                self.summary.vanished_processes += 1;
+                Recheck::Never
+            });
+            self.processes.unreadable(pid, comm_text(comm), recheck);
+            return;
         };
         // A new program image (exec): what was probed in the old one goes.
-        if let Some(old) = self.processes.get_mut(&pid) {
-            if let Some((watch, _)) = old.memory.take() {
-                sampler.unwatch_memory(watch);
-            }
-            sampler.forget_live(pid, &self.heap.forget_process(pid));
+        if let Some(python) = self.processes.get_mut(pid).and_then(|old| old.python.take()) {
+            python.detach(sampler);
         }
+        sampler.forget_live(pid, &self.heap.forget_process(pid));
         let mut recheck = Recheck::Never;
-        let mut memory = None;
-        let python = match info.python {
+        let python = match &info.python {
             PythonStatus::NotPython => {
                 // Without libc yet, its loader may still be mapping a libpython.
-                recheck = info.libc.is_none().then(|| self.retry(pid)).flatten().unwrap_or(Recheck::OnNewCode);
+                let starting = info.libc.is_none().then(|| self.processes.retry(pid)).flatten();
+                recheck = starting.unwrap_or(Recheck::OnNewCode);
                 None
             }
             PythonStatus::Starting(reason) => {
-                match self.retry(pid) {
+                match self.processes.retry(pid) {
                     Some(again) => recheck = again,
-                    None => self.skip_unsupported(pid, &reason),
+                    None => self.skip_unsupported(pid, reason),
                 }
                 None
             }
-            PythonStatus::Supported(interpreter) => match sampler.add_python(pid, &interpreter.kernel) {
-                Ok(()) => {
-                    self.summary.python_processes += 1;
-                    log::info!("pid {pid}: {}", interpreter.describe());
-                    if self.settings.memory.is_some() {
-                        let root = format!("/proc/{pid}/root");
-                        let object = PathBuf::from(format!("{root}{}", interpreter.path));
-                        let libc_path = |libc: &str| PathBuf::from(format!("{root}{libc}"));
-                        let mut watched =
-                            sampler.watch_memory(pid, &object, info.libc.as_deref().map(libc_path).as_deref());
-                        if watched.is_err() && info.libc.is_none() {
-                            // Looked at as it started, before the loader mapped libc: a
-                            // stripped build needs it, and it comes within milliseconds.
-                            if let Some(libc) = discovery::wait_for_libc(pid, Duration::from_millis(100)) {
-                                watched = sampler.watch_memory(pid, &object, Some(&libc_path(&libc)));
-                            }
+            PythonStatus::Supported(interpreter) => {
+                let memory = self.settings.memory.is_some();
+                match cpython::Instance::attach(pid, interpreter, info.libc.as_deref(), sampler, memory) {
+                    Ok((instance, probes)) => {
+                        self.summary.python_processes += 1;
+                        log::info!("pid {pid}: {}", interpreter.describe());
+                        if let MemoryProbes::Failed(error) = probes {
+                            self.summary.memory_unwatched += 1;
+                            log::warn!("pid {pid}: memory not profiled: {error:#}");
                         }
-                        match watched {
-                            Ok(watch) => {
-                                let pymalloc = interpreter.pymalloc().filter(|_| watch.arenas);
-                                if pymalloc.is_none() {
-                                    log::info!(
-                                        "pid {pid}: memory: objects of 512 bytes or less are not profiled (a build \
-                                         without symbol table or without pymalloc)"
-                                    );
-                                }
-                                memory = Some((watch, pymalloc));
-                            }
-                            Err(error) => {
-                                self.summary.memory_unwatched += 1;
-                                log::warn!("pid {pid}: memory not profiled: {error:#}");
-                            }
-                        }
+                        Some(instance)
                     }
-                    Some(FrameSymbolizer::new(pid, &interpreter))
+                    Err(error) => {
+                        log::warn!("pid {pid}: {error:#}");
+                        None
+                    }
                 }
-                Err(error) => {
-                    log::warn!("pid {pid}: {error:#}");
-                    None
-                }
-            },
+            }
             PythonStatus::Unsupported(reason) => {
-                self.skip_unsupported(pid, &reason);
+                self.skip_unsupported(pid, reason);
                 None
             }
         };
-        // Looked at again (still starting, or new code): its threads were
-        // counted up to the last period end all the same.
-        let threads_seen = self.processes.get(&pid).map_or_else(ThreadTally::default, |known| known.threads_seen);
-        // A process's own name for itself wins over the agent's.
-        let application = info.own.application.as_deref().or(self.settings.application_name.as_deref());
-        let discovered = application.map_or(info.application, Arc::from);
-        // A registration (control socket) made before this look, as by a
-        // forked child before its first sample, holds unless the process now
-        // runs another program.
-        let registered = self
-            .processes
-            .get(&pid)
-            .and_then(|known| known.registered.clone().filter(|_| known.discovered == discovered));
-        let series =
-            registered.clone().unwrap_or(Series { application: discovered.clone(), labels: Arc::new(info.own.labels) });
-        let series = with_pod_labels(self.pods.as_ref(), series, info.container.as_ref());
-        let stopped = self.processes.get(&pid).is_some_and(|known| known.stopped && known.discovered == discovered);
-        let process = Process {
-            series,
-            discovered,
-            registered,
-            process_name: info.process_name,
-            container_pid: info.namespace_pid,
-            container: info.container,
-            python,
-            recheck,
-            code: info.code,
-            code_read: Instant::now(),
-            exited: false,
-            threads_seen,
-            stopped,
-            label_sets: self.processes.get(&pid).map(|known| known.label_sets.clone()).unwrap_or_default(),
-            memory,
-        };
-        if let Some(loader) = self.unwind.as_ref().filter(|_| process.python.is_some()) {
+        let is_python = python.is_some();
+        self.processes.looked_at(pid, Look { info, python, recheck });
+        if let Some(loader) = self.unwind.as_ref().filter(|_| is_python) {
             loader.process(pid, true);
         }
-        self.processes.insert(pid, process);
-        self.metrics.set_python_processes(self.processes.values().filter(|process| process.python.is_some()).count());
-    }
-
-    /// When to look again at a process caught starting, unless it has been
-    /// starting for [`STARTING_PATIENCE`] already.
-    fn retry(&self, pid: u32) -> Option<Recheck> {
-        let now = Instant::now();
-        let give_up = match self.processes.get(&pid).map(|process| &process.recheck) {
-            Some(Recheck::At { give_up, .. }) => *give_up,
-            _ => now + STARTING_PATIENCE,
-        };
-        (now < give_up).then_some(Recheck::At { next: now + STARTING_RECHECK, give_up })
+        self.metrics.set_python_processes(self.processes.pythons());
     }
 
     /// Reports, once per process, a CPython that cannot be profiled.
@@ -665,72 +314,44 @@ impl<'a> Agent<'a> {
         log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
     }
 
-    fn on_sample(&mut self, sample: &Sample, sampler: &mut Sampler) {
+    /// A stack sampled on the CPU, off it (`wait`), or at an allocation.
+    fn on_sample(&mut self, sample: &Sample, wait: Option<Wait>, sampler: &mut Sampler) {
         let pid = sample.pid;
-        if !self.processes.contains_key(&pid) {
+        if self.processes.get(pid).is_none() {
             // Its NEW_PROCESS event was lost: the thread's name will do.
             self.inspect(pid, &sample.comm, sampler);
         }
         let user = valid(&sample.user_stack, sample.user_len);
-        let Some(process) = self.processes.get_mut(&pid) else { return };
-        let recheck = match process.recheck {
-            Recheck::Never => false,
-            Recheck::OnNewCode => process.refresh_code(pid, user),
-            Recheck::At { next, .. } => Instant::now() >= next,
-        };
-        if recheck {
+        if self.processes.get_mut(pid).is_some_and(|process| process.due(pid, user)) {
             self.inspect(pid, &sample.comm, sampler);
         }
-        let Some(process) = self.processes.get_mut(&pid).filter(|process| !process.stopped) else { return };
-        let stack = &mut self.stack;
-        stack.clear();
-        self.native.kernel(valid(&sample.kernel_stack, sample.kernel_len), stack);
-        let user_from = stack.len();
-        // Unwound with tables, every frame is real: libraries loaded since
-        // the process was looked at included.
-        let user = if sample.user_unwound != 0 { user } else { process.user_stack(user) };
-        self.native.user(pid, user, stack);
-        if let Some(python) = process.python.as_mut() {
-            let summary = &mut self.summary;
-            let frames = valid(&sample.py_frames, sample.py_len).iter().map(|frame| {
-                let named = python.symbolize(frame).unwrap_or_else(|| {
-                    summary.unnamed_python_frames += 1;
-                    Frame::marker("[unknown python frame]")
-                });
-                (named, cpython::is_entry(frame.code, python.inline_calls))
-            });
-            cpython::merge(stack, user_from, frames);
-            match sample.py_status {
-                PY_TRUNCATED => stack.push(Frame::marker("[truncated]")),
-                PY_BAD_POINTER | PY_BAD_CODE | PY_CYCLE => {
-                    self.summary.broken_python_stacks += 1;
-                    stack.push(Frame::marker("[broken python stack]"))
-                }
-                _ => {}
-            }
-        }
-        let wait = (sample.kind == kind::OFF_CPU).then(|| Wait::from_kernel(sample.wait));
-        if wait == Some(Wait::Preempted) {
-            // Sampled as it got the CPU back: its stacks are not known.
-            stack.push(Frame::marker("[preempted]"));
-        }
-        let series = &process.series;
-        let thread = Thread {
+        let Some(process) = self.processes.get_mut(pid).filter(|process| !process.stopped) else { return };
+        let raw = stack::Raw {
             pid,
-            container_pid: process.container_pid,
-            container_id: process.container.as_ref().and_then(|container| container.id.clone()),
-            tid: sample.tid,
-            thread_name: comm_text(&sample.comm),
-            process_name: process.process_name.clone(),
-            context: process.label_sets.get(&sample.label_set).cloned(),
+            kernel: valid(&sample.kernel_stack, sample.kernel_len),
+            // Unwound with tables, every frame is real: libraries loaded
+            // since the process was looked at included.
+            user: if sample.user_unwound != 0 { user } else { process.user_stack(user) },
+            python: valid(&sample.py_frames, sample.py_len),
+            python_status: sample.py_status,
+            wait,
         };
+        let interpreter = process.python.as_mut().map(|python| python as &mut dyn InterpreterFrames);
+        let walk = stack::assemble(&mut self.stack, &raw, &mut self.native, interpreter);
+        self.summary.unnamed_python_frames += walk.unnamed;
+        self.summary.broken_python_stacks += u64::from(walk.broken);
+        let stack = &self.stack;
+        let series = &process.series;
+        let thread = process.thread(pid, sample.tid, comm_text(&sample.comm), sample.label_set);
         match (sample.kind, wait) {
             (_, Some(wait)) => self.aggregator.add_off_cpu(series, stack, &thread, wait, sample.off_cpu_ns),
-            (kind::ALLOC | kind::ARENA, _) => {
+            (profiler_common::kind::ALLOC | profiler_common::kind::ARENA, _) => {
                 let Some(mean) = self.settings.memory else { return };
+                let arena = process.python.as_ref().and_then(|python| python.pymalloc());
+                let arena = arena.filter(|_| sample.kind == profiler_common::kind::ARENA);
+                let sampled = Sampled { pid, address: sample.address, bytes: sample.bytes, arena };
                 let origin = Origin { series: series.clone(), stack: stack.as_slice().into(), thread };
-                let pymalloc = process.memory.as_ref().and_then(|(_, pymalloc)| *pymalloc);
-                on_allocation(&mut self.aggregator, &mut self.heap, sample, origin, mean, pymalloc);
+                heap::account(&mut self.aggregator, &mut self.heap, sampled, origin, mean);
             }
             _ => {
                 self.summary.samples += 1;
@@ -739,44 +360,22 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// A process's request on the control socket.
+    /// A process's request on the control socket (its fields already checked).
     fn control(&mut self, pid: u32, request: Request, sinks: &Sinks, sampler: &mut Sampler) -> Result<(), String> {
-        if !self.processes.contains_key(&pid) {
+        if self.processes.get(pid).is_none() {
             self.inspect(pid, &[0; 16], sampler);
         }
-        let process = self.processes.get_mut(&pid).ok_or("the agent cannot see this process")?;
+        let process = self.processes.get(pid).ok_or("the agent cannot see this process")?;
         match request {
             Request::Start { application_name, labels, period, upload_timeout } => {
-                let seconds = |value: Option<f64>, what: &str| -> Result<Option<Duration>, String> {
-                    value
-                        .map(|seconds| {
-                            Duration::try_from_secs_f64(seconds)
-                                .ok()
-                                .filter(|duration| *duration >= Duration::from_secs(1))
-                                .ok_or_else(|| format!("{what} must be at least 1 second"))
-                        })
-                        .transpose()
-                };
-                let (period, upload_timeout) = (seconds(period, "period")?, seconds(upload_timeout, "upload_timeout")?);
-                for (key, value) in &labels {
-                    crate::config::validate_label(key, value)?;
+                let application = application_name.map_or_else(|| process.series.application.clone(), Arc::from);
+                let registered = Series { application, labels: Arc::new(labels) };
+                let series = self.processes.register(pid, registered).expect("known above").series.clone();
+                if let Some(period) = period.map(Duration::from_secs_f64) {
+                    let upload_timeout = upload_timeout.map(Duration::from_secs_f64);
+                    self.aggregator.set_own_period(&series, period, upload_timeout, SystemTime::now());
                 }
-                let application = match application_name {
-                    Some(name) if name.trim().is_empty() => return Err("the application name is empty".into()),
-                    Some(name) => Arc::from(name),
-                    None => process.series.application.clone(),
-                };
-                process.registered = Some(Series { application, labels: Arc::new(labels) });
-                process.series = with_pod_labels(
-                    self.pods.as_ref(),
-                    process.registered.clone().unwrap(),
-                    process.container.as_ref(),
-                );
-                if let Some(period) = period {
-                    self.aggregator.set_own_period(&process.series, period, upload_timeout, SystemTime::now());
-                }
-                process.stopped = false;
-                log::info!("pid {pid}: registered as {}", process.series.application);
+                log::info!("pid {pid}: registered as {}", series.application);
             }
             Request::Thread { tid, address } => {
                 // Only a thread of its own.
@@ -785,18 +384,10 @@ impl<'a> Agent<'a> {
                 }
                 sampler.set_label_slot(tid, address).map_err(|error| format!("{error:#}"))?;
             }
-            Request::LabelSet { id, labels } => {
-                if id == 0 {
-                    return Err("label set 0 means none".into());
-                }
-                for (key, value) in &labels {
-                    crate::config::validate_label(key, value)?;
-                }
-                process.label_sets.insert(id, Arc::new(labels));
-            }
+            Request::LabelSet { id, labels } => self.processes.set_label_set(pid, id, labels),
             Request::Stop => {
-                process.stopped = true;
                 let series = process.series.clone();
+                self.processes.get_mut(pid).expect("known above").stopped = true;
                 if let Some(profile) = self.aggregator.take(&series, SystemTime::now()) {
                     sinks.send(&profile);
                 }
@@ -808,14 +399,7 @@ impl<'a> Agent<'a> {
 
     /// Ends the period; `last`: the agent stops, and the periods processes
     /// have of their own end too.
-    fn finish_period(
-        &mut self,
-        sinks: &Sinks,
-        sampler: &mut Sampler,
-        stats: KernelStats,
-        before: KernelStats,
-        last: bool,
-    ) {
+    fn finish_period(&mut self, sinks: &Sinks, sampler: &mut Sampler, stats: KernelStats, before: KernelStats, last: bool) {
         for in_use in self.heap.in_use() {
             let Origin { series, stack, thread } = in_use.origin;
             self.aggregator.add_inuse(series, stack, thread, in_use.objects, in_use.bytes);
@@ -823,35 +407,13 @@ impl<'a> Agent<'a> {
         let end = SystemTime::now();
         let mut profiles = if last { self.aggregator.finish_all(end) } else { self.aggregator.finish_period(end) };
         let mut summary = std::mem::take(&mut self.summary);
-        summary.samples_dropped = stats.samples_dropped - before.samples_dropped;
-        summary.events_dropped = stats.events_dropped - before.events_dropped;
-        summary.off_cpu_samples = stats.off_cpu_samples - before.off_cpu_samples;
-        summary.alloc_samples = stats.alloc_samples - before.alloc_samples;
-        summary.live_overflow = stats.live_overflow - before.live_overflow;
-        summary.unwound_stacks = stats.unwound_stacks - before.unwound_stacks;
-        summary.unwind_cut = stats.unwind_cut - before.unwind_cut;
+        summary.kernel(&stats, &before);
         if let Some(loader) = &self.unwind {
-            use std::sync::atomic::Ordering::Relaxed;
-            let stats = &loader.stats;
-            summary.unwind_tables =
-                (stats.tables.load(Relaxed), stats.rows.load(Relaxed), stats.peak_rows.load(Relaxed));
-            summary.unwind_refused = stats.tables_refused.load(Relaxed);
+            summary.unwinder(&loader.stats);
         }
         summary.live_followed = self.heap.len();
         summary.refusals = sampler.features.refusals();
-        let mut threads: Vec<_> = self
-            .processes
-            .iter_mut()
-            .filter(|(pid, process)| process.python.is_some() || self.settings.pids.contains(pid))
-            .map(|(&pid, process)| {
-                let tally = sampler.thread_tally(pid);
-                let live = if process.exited { 0 } else { discovery::live_threads(pid).unwrap_or(0) };
-                let counts = ThreadCounts::between(process.threads_seen, tally, live);
-                process.threads_seen = tally;
-                (process.series.clone(), ProcessThreads { pid, process_name: process.process_name.clone(), counts })
-            })
-            .collect();
-        threads.sort_by_key(|(_, threads)| threads.pid);
+        let threads = self.thread_counts(sampler);
         for profile in &mut profiles {
             profile.threads = threads
                 .iter()
@@ -870,20 +432,40 @@ impl<'a> Agent<'a> {
         self.metrics.add_profiles(profiles.len() as u64);
         self.metrics.set_kernel(&stats);
         summary.print(&profiles);
-        let exited: Vec<u32> = self.processes.iter().filter(|(_, p)| p.exited).map(|(&pid, _)| pid).collect();
-        for pid in exited {
-            if let Some((watch, _)) = self.processes.remove(&pid).and_then(|process| process.memory) {
-                sampler.unwatch_memory(watch);
+        for (pid, process) in self.processes.take_exited() {
+            if let Some(python) = process.python {
+                python.detach(sampler);
             }
             // Its allocations were freed with it.
             sampler.forget_live(pid, &self.heap.forget_process(pid));
             sampler.forget_threads(pid);
             self.native.forget_process(pid);
         }
-        for python in self.processes.values_mut().filter_map(|process| process.python.as_mut()) {
-            python.forget_code();
+        for (_, process) in self.processes.iter_mut() {
+            if let Some(python) = process.python.as_mut() {
+                python.forget_code();
+            }
         }
-        self.metrics.set_python_processes(self.processes.values().filter(|process| process.python.is_some()).count());
+        self.metrics.set_python_processes(self.processes.pythons());
+    }
+
+    /// The thread counts of the period of every process profiled, by pid.
+    fn thread_counts(&mut self, sampler: &Sampler) -> Vec<(Series, ProcessThreads)> {
+        let pids = &self.settings.pids;
+        let mut threads: Vec<_> = self
+            .processes
+            .iter_mut()
+            .filter(|(pid, process)| process.python.is_some() || pids.contains(pid))
+            .map(|(pid, process)| {
+                let tally = sampler.thread_tally(pid);
+                let live = if process.exited { 0 } else { discovery::live_threads(pid).unwrap_or(0) };
+                let counts = ThreadCounts::between(process.threads_seen, tally, live);
+                process.threads_seen = tally;
+                (process.series.clone(), ProcessThreads { pid, process_name: process.process_name.clone(), counts })
+            })
+            .collect();
+        threads.sort_by_key(|(_, threads)| threads.pid);
+        threads
     }
 }
 
@@ -895,41 +477,4 @@ fn valid<T>(items: &[T], len: u32) -> &[T] {
 fn comm_text(comm: &[u8; 16]) -> Arc<str> {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     Arc::from(String::from_utf8_lossy(&comm[..len]).as_ref())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn process(code: Vec<Range<u64>>) -> Process {
-        Process {
-            series: Series::new("app"),
-            discovered: "app".into(),
-            registered: None,
-            process_name: "app".into(),
-            container_pid: None,
-            container: None,
-            python: None,
-            recheck: Recheck::OnNewCode,
-            code,
-            code_read: Instant::now(),
-            exited: false,
-            threads_seen: ThreadTally::default(),
-            stopped: false,
-            label_sets: HashMap::new(),
-            memory: None,
-        }
-    }
-
-    #[test]
-    fn user_stacks_end_at_the_first_address_outside_code() {
-        let known = process(vec![0x1000..0x2000, 0x5000..0x6000]);
-        assert_eq!(known.user_stack(&[0x1500, 0x5fff, 0x9000, 0x1100]), [0x1500, 0x5fff]);
-        assert_eq!(known.user_stack(&[0x1500, 0x1600]), [0x1500, 0x1600]);
-        // The sampled instruction itself is always kept.
-        assert_eq!(known.user_stack(&[0x9000, 0x9500, 0x1500]), [0x9000]);
-        assert_eq!(known.user_stack(&[]), [] as [u64; 0]);
-        let unknown = process(Vec::new());
-        assert_eq!(unknown.user_stack(&[0x1500, 0x1600]), [0x1500]);
-    }
 }

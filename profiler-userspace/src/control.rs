@@ -4,7 +4,7 @@
 //! the kernel (`SO_PEERCRED`), not by what it says: a process can only
 //! register itself.
 
-use std::{collections::BTreeMap, os::unix::fs::PermissionsExt, path::Path};
+use std::{collections::BTreeMap, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -35,6 +35,35 @@ pub enum Request {
     Thread { tid: u32, address: u64 },
     /// Label set `id` (never 0) stands for these labels.
     LabelSet { id: u64, labels: BTreeMap<String, String> },
+}
+
+impl Request {
+    /// Whether its fields hold what they must; the agent gets only requests that do.
+    pub fn check(&self) -> Result<(), String> {
+        let at_least_a_second = |value: Option<f64>, what: &str| match value {
+            Some(seconds) if !Duration::try_from_secs_f64(seconds).is_ok_and(|d| d >= Duration::from_secs(1)) => {
+                Err(format!("{what} must be at least 1 second"))
+            }
+            _ => Ok(()),
+        };
+        let labels = |labels: &BTreeMap<String, String>| {
+            labels.iter().try_for_each(|(key, value)| crate::config::validate_label(key, value))
+        };
+        match self {
+            Request::Start { application_name, labels: start_labels, period, upload_timeout } => {
+                at_least_a_second(*period, "period")?;
+                at_least_a_second(*upload_timeout, "upload_timeout")?;
+                labels(start_labels)?;
+                match application_name {
+                    Some(name) if name.trim().is_empty() => Err("the application name is empty".into()),
+                    _ => Ok(()),
+                }
+            }
+            Request::LabelSet { id: 0, .. } => Err("label set 0 means none".into()),
+            Request::LabelSet { labels: set, .. } => labels(set),
+            Request::Stop | Request::Thread { .. } => Ok(()),
+        }
+    }
 }
 
 /// A request from process `pid`, with where to answer.
@@ -73,7 +102,8 @@ async fn serve(stream: UnixStream, agent: mpsc::Sender<Command>) {
     let (reader, mut writer) = stream.into_split();
     let mut lines = BufReader::new(reader).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let answer = match serde_json::from_str::<Request>(&line) {
+        let request = serde_json::from_str::<Request>(&line).map_err(|error| format!("bad request: {error}"));
+        let answer = match request.and_then(|request| request.check().map(|()| request)) {
             Ok(request) => {
                 let (reply, answer) = oneshot::channel();
                 if agent.send(Command { pid, request, reply }).await.is_err() {
@@ -81,7 +111,7 @@ async fn serve(stream: UnixStream, agent: mpsc::Sender<Command>) {
                 }
                 answer.await.unwrap_or_else(|_| Err("the agent is stopping".into()))
             }
-            Err(error) => Err(format!("bad request: {error}")),
+            Err(error) => Err(error),
         };
         let text = match answer {
             Ok(()) => serde_json::json!({ "ok": true }),
@@ -110,5 +140,16 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op": "explode"}"#).is_err());
         let thread: Request = serde_json::from_str(r#"{"op": "thread", "tid": 7, "address": 4096}"#).unwrap();
         assert_eq!(thread, Request::Thread { tid: 7, address: 4096 });
+    }
+
+    #[test]
+    fn requests_that_break_a_rule_are_refused_with_the_rule() {
+        let check = |json: &str| serde_json::from_str::<Request>(json).unwrap().check();
+        assert_eq!(check(r#"{"op": "start", "period": 0.5}"#), Err("period must be at least 1 second".into()));
+        assert_eq!(check(r#"{"op": "start", "upload_timeout": -3}"#), Err("upload_timeout must be at least 1 second".into()));
+        assert_eq!(check(r#"{"op": "start", "application_name": " "}"#), Err("the application name is empty".into()));
+        assert!(check(r#"{"op": "start", "labels": {"pid": "1"}}"#).is_err());
+        assert_eq!(check(r#"{"op": "label_set", "id": 0, "labels": {}}"#), Err("label set 0 means none".into()));
+        assert_eq!(check(r#"{"op": "start", "application_name": "shop", "period": 10}"#), Ok(()));
     }
 }

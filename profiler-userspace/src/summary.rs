@@ -5,7 +5,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::aggregate::{Frame, FrameKind, PeriodProfile, ProcessThreads, Wait};
+use crate::{
+    aggregate::{Frame, FrameKind, PeriodProfile, ProcessThreads, Wait},
+    kernel::KernelStats,
+    native::UnwindStats,
+};
 
 /// Functions listed per period.
 const TOP_FUNCTIONS: usize = 5;
@@ -50,6 +54,24 @@ pub struct PeriodSummary {
 }
 
 impl PeriodSummary {
+    /// The kernel's counts of the period, from its counters at its start and end.
+    pub fn kernel(&mut self, end: &KernelStats, start: &KernelStats) {
+        self.samples_dropped = end.samples_dropped - start.samples_dropped;
+        self.events_dropped = end.events_dropped - start.events_dropped;
+        self.off_cpu_samples = end.off_cpu_samples - start.off_cpu_samples;
+        self.alloc_samples = end.alloc_samples - start.alloc_samples;
+        self.live_overflow = end.live_overflow - start.live_overflow;
+        self.unwound_stacks = end.unwound_stacks - start.unwound_stacks;
+        self.unwind_cut = end.unwind_cut - start.unwind_cut;
+    }
+
+    /// The unwind tables in the kernel, and those refused since the start.
+    pub fn unwinder(&mut self, stats: &UnwindStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.unwind_tables = (stats.tables.load(Relaxed), stats.rows.load(Relaxed), stats.peak_rows.load(Relaxed));
+        self.unwind_refused = stats.tables_refused.load(Relaxed);
+    }
+
     pub fn print(&self, profiles: &[PeriodProfile]) {
         eprint!("{}", self.render(profiles));
     }

@@ -15,8 +15,8 @@ use std::{collections::HashMap, sync::Arc};
 use profiler_common::ALLOC_BUDGETS;
 
 use crate::{
-    aggregate::{Frame, Series, Thread},
-    cpython::Pymalloc,
+    aggregate::{Aggregator, Frame, Series, Thread},
+    cpython::{arena_in_use, Pymalloc},
     process::procmem::ProcessMemory,
 };
 
@@ -32,35 +32,6 @@ pub fn weight(bytes: u64, mean: u64) -> f64 {
     1.0 / -(-(bytes as f64) / mean as f64).exp_m1()
 }
 
-/// pymalloc's pool header (`struct pool_header`), the same in every
-/// version: the blocks in use (`ref.count`) and the size class (`szidx`).
-const POOL_COUNT: usize = 0;
-const POOL_SIZE_CLASS: usize = 36;
-const POOL_HEADER: usize = 40;
-/// Blocks of at most 512 bytes.
-const SMALL_REQUEST_THRESHOLD: u64 = 512;
-
-/// Blocks in use and their bytes in the pools of the arena at `arena` of
-/// `arena_bytes`; None when the arena cannot be read (freed meanwhile).
-fn arena_in_use(mem: &ProcessMemory, arena: u64, arena_bytes: u64, pymalloc: Pymalloc) -> Option<(u64, u64)> {
-    let Pymalloc { pool_bytes, alignment } = pymalloc;
-    // Pools start at the first pool-aligned address of the arena.
-    let first = arena.next_multiple_of(pool_bytes);
-    let (mut blocks, mut bytes) = (0, 0);
-    let mut header = [0u8; POOL_HEADER];
-    for pool in (first..arena + arena_bytes - pool_bytes + 1).step_by(pool_bytes as usize) {
-        mem.read(pool, &mut header).ok()?;
-        let field = |at: usize| u64::from(u32::from_ne_bytes(header[at..at + 4].try_into().unwrap()));
-        let (count, block) = (field(POOL_COUNT), (field(POOL_SIZE_CLASS) + 1) * alignment);
-        // A pool never used is zeroes; anything else that is not a header
-        // of a pool in use (more blocks than fit) counts nothing.
-        if block <= SMALL_REQUEST_THRESHOLD && count * block <= pool_bytes {
-            blocks += count;
-            bytes += count * block;
-        }
-    }
-    Some((blocks, bytes))
-}
 
 /// Where a sampled allocation was made.
 #[derive(Clone, Debug)]
@@ -145,6 +116,30 @@ impl LiveHeap {
 
     pub fn len(&self) -> usize {
         self.allocations.len()
+    }
+}
+
+/// A sampled allocation of process `pid`: `bytes` at `address` (0 when its
+/// free is not followed); for a pymalloc arena, its pools' geometry.
+pub struct Sampled {
+    pub pid: u32,
+    pub address: u64,
+    pub bytes: u64,
+    pub arena: Option<Pymalloc>,
+}
+
+/// Accounts an allocation sample: what it stands for, allocated over the
+/// period and, until freed, in use. An arena counts as one allocation of its
+/// size; what is in use in it is read from its pools at the period's end.
+pub fn account(aggregator: &mut Aggregator, heap: &mut LiveHeap, sampled: Sampled, origin: Origin, mean: u64) {
+    let Sampled { pid, address, bytes, arena } = sampled;
+    let weight = weight(bytes, mean);
+    let Origin { series, stack, thread } = &origin;
+    aggregator.add_alloc(series, stack, thread, weight, bytes as f64 * weight);
+    match (address, arena) {
+        (0, _) => {}
+        (address, Some(pymalloc)) => heap.arena(pid, address, origin, bytes, weight, pymalloc),
+        (address, None) => heap.allocated(pid, address, origin, bytes, weight),
     }
 }
 

@@ -1,14 +1,26 @@
-//! CPython knowledge: versions, struct layouts and reading code objects.
+//! Everything Ferroscope knows of CPython, behind one facade: which versions
+//! it profiles and their struct layouts (`layout`, `layouts`, generated, and
+//! `debug_offsets` from 3.13), reading code objects and line tables (`code`,
+//! `linetable`), the allocator's probe sites and pools (`allocator`,
+//! `probe_sites`), and where Python frames go in a native stack (`merge`).
+//! The agent sees [`Interpreter`] (found in a process) and [`Instance`] (one
+//! process profiled); a new CPython minor or allocator touches this module only.
 
+mod allocator;
 mod code;
 mod debug_offsets;
+mod detect;
+mod instance;
 mod layout;
 mod linetable;
 mod merge;
-pub mod probe_sites;
+mod probe_sites;
 
+pub use allocator::{arena_in_use, memory_sites, Pymalloc};
+pub use detect::{find_python, PythonStatus};
+pub use instance::{Instance, MemoryProbes};
+#[cfg(test)]
 pub use code::FrameSymbolizer;
-pub use merge::{is_entry, merge};
 #[cfg(test)]
 pub use layout::{install_hint, pyenv_build, skip_or_fail};
 
@@ -75,13 +87,6 @@ pub struct Interpreter {
     layout: Layout,
     /// A build without the GIL (`python3.13t`).
     free_threaded: bool,
-}
-
-/// pymalloc's pools: their size, and the step of their block sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pymalloc {
-    pub pool_bytes: u64,
-    pub alignment: u64,
 }
 
 /// Why a CPython interpreter cannot be profiled.

@@ -5,3 +5,5 @@
 pub mod flamegraph;
 pub mod pprof;
 pub mod sinks;
+
+pub use sinks::Sinks;

@@ -6,6 +6,7 @@ pub mod capabilities;
 pub mod check;
 pub mod features;
 pub mod headroom;
+pub mod events;
 mod sampler;
 
 pub use sampler::*;

@@ -1,7 +1,7 @@
 //! Loading the embedded eBPF programs into the kernel, attaching them, and
 //! the maps through which the agent talks to them.
 
-use std::{num::NonZeroU32, path::Path};
+use std::{num::NonZeroU32, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -16,7 +16,6 @@ use aya::{
 use profiler_common::{config, stat, LiveKey, ProcessUnwind, PyProcess, ThreadTally, UnwindChunk};
 
 use super::features::{Features, State};
-use crate::cpython::probe_sites;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FERROSCOPE_EBPF_OBJECT"));
 
@@ -59,38 +58,49 @@ pub struct MemoryWatch {
     pub arenas: bool,
 }
 
-/// An allocator function of CPython (the first of `symbols` its build has),
-/// its libc counterpart if any, and the program probing them.
-struct MemoryProbe {
-    program: &'static str,
-    symbols: &'static [&'static str],
-    libc_symbol: Option<&'static str>,
+/// The programs of `--memory`, which [`Sampler::watch_memory`] attaches
+/// where `cpython::memory_sites` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryProgram {
+    RawMalloc,
+    RawCalloc,
+    RawRealloc,
+    RawFree,
+    /// The return of any of the raw allocators.
+    RawReturn,
+    /// The return of pymalloc's arena allocator.
+    ArenaReturn,
 }
 
-const ARENA_PROGRAM: &str = "arena_return";
-const RAW_MALLOC: &[&str] = &["_PyMem_RawMalloc"];
-const RAW_CALLOC: &[&str] = &["_PyMem_RawCalloc"];
-const RAW_REALLOC: &[&str] = &["_PyMem_RawRealloc"];
-/// pymalloc's arena allocator: renamed in 3.12.
-const ARENA_ALLOC: &[&str] = &["_PyObject_ArenaMmap", "_PyMem_ArenaAlloc"];
-const ARENA_FREE: &[&str] = &["_PyObject_ArenaMunmap", "_PyMem_ArenaFree"];
+impl MemoryProgram {
+    const ALL: [MemoryProgram; 6] = {
+        use MemoryProgram::*;
+        [RawMalloc, RawCalloc, RawRealloc, RawFree, RawReturn, ArenaReturn]
+    };
 
-/// Every probe of `--memory`: the raw domain (objects over 512 bytes and
-/// `PyMem_Raw*`) and pymalloc's arenas, entries and returns. The first one
-/// tells whether the build has a symbol table.
-const MEMORY_PROBES: [MemoryProbe; 10] = [
-    MemoryProbe { program: "raw_malloc", symbols: RAW_MALLOC, libc_symbol: Some("malloc") },
-    MemoryProbe { program: "raw_calloc", symbols: RAW_CALLOC, libc_symbol: Some("calloc") },
-    MemoryProbe { program: "raw_realloc", symbols: RAW_REALLOC, libc_symbol: Some("realloc") },
-    MemoryProbe { program: "raw_free_entry", symbols: &["_PyMem_RawFree"], libc_symbol: Some("free") },
-    MemoryProbe { program: "raw_alloc_return", symbols: RAW_MALLOC, libc_symbol: Some("malloc") },
-    MemoryProbe { program: "raw_alloc_return", symbols: RAW_CALLOC, libc_symbol: Some("calloc") },
-    MemoryProbe { program: "raw_alloc_return", symbols: RAW_REALLOC, libc_symbol: Some("realloc") },
-    // An arena is allocated like any raw block: the same entry program.
-    MemoryProbe { program: "raw_malloc", symbols: ARENA_ALLOC, libc_symbol: None },
-    MemoryProbe { program: ARENA_PROGRAM, symbols: ARENA_ALLOC, libc_symbol: None },
-    MemoryProbe { program: "raw_free_entry", symbols: ARENA_FREE, libc_symbol: None },
-];
+    /// Its name in the eBPF object.
+    fn name(self) -> &'static str {
+        match self {
+            MemoryProgram::RawMalloc => "raw_malloc",
+            MemoryProgram::RawCalloc => "raw_calloc",
+            MemoryProgram::RawRealloc => "raw_realloc",
+            MemoryProgram::RawFree => "raw_free_entry",
+            MemoryProgram::RawReturn => "raw_alloc_return",
+            MemoryProgram::ArenaReturn => "arena_return",
+        }
+    }
+}
+
+/// Where to attach one allocation probe: a file offset of a file as the
+/// agent sees it, and whether the probed function takes CPython's `ctx`
+/// first (probed at its entry rather than at its tail call into libc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeSite {
+    pub program: MemoryProgram,
+    pub file: PathBuf,
+    pub offset: u64,
+    pub skip_ctx: bool,
+}
 
 impl Sampler {
     /// Loads the programs, samples every CPU at `frequency` Hz (only `pids`
@@ -197,42 +207,13 @@ impl Sampler {
         })
     }
 
-    /// Attaches the allocation probes to CPython process `pid`, whose
-    /// allocator is in `object` (libpython or the executable; a path as the
-    /// agent sees it). A build without a symbol table is probed at the `libc`
-    /// it maps instead, where pymalloc's arenas cannot be seen. Fails,
-    /// attaching nothing, when neither can be probed.
-    pub fn watch_memory(&mut self, pid: u32, object: &Path, libc: Option<&Path>) -> Result<MemoryWatch> {
+    /// Attaches the allocation probes of `sites` to process `pid`. Fails,
+    /// attaching nothing, when one cannot be attached.
+    pub fn watch_memory(&mut self, pid: u32, sites: &[ProbeSite]) -> Result<MemoryWatch> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
-        let names: Vec<&str> = MEMORY_PROBES.iter().flat_map(|probe| probe.symbols).copied().collect();
-        // Files are parsed once here: aya would parse them again per probe.
-        let cpython = probe_sites::functions(object, &names)?;
-        // (program, file, file offset, whether CPython's `ctx` comes first)
-        let mut sites: Vec<(&'static str, &Path, u64, bool)> = Vec::new();
-        if cpython.contains_key(MEMORY_PROBES[0].symbols[0]) {
-            for probe in &MEMORY_PROBES {
-                let Some(function) = probe.symbols.iter().find_map(|symbol| cpython.get(*symbol)) else {
-                    bail!("{} has no {}", object.display(), probe.symbols.join(" or "));
-                };
-                sites.push(match function.tail_call {
-                    Some(tail_call) => (probe.program, object, tail_call, false),
-                    None => (probe.program, object, function.entry, true),
-                });
-            }
-        } else {
-            let libc =
-                libc.with_context(|| format!("{} has no symbol table, and no libc is mapped", object.display()))?;
-            let names: Vec<&str> = MEMORY_PROBES.iter().filter_map(|probe| probe.libc_symbol).collect();
-            let functions = probe_sites::functions(libc, &names)?;
-            for probe in MEMORY_PROBES.iter().filter(|probe| probe.libc_symbol.is_some()) {
-                let function = probe.libc_symbol.and_then(|symbol| functions.get(symbol));
-                let function =
-                    function.with_context(|| format!("{} has no {:?}", libc.display(), probe.libc_symbol))?;
-                sites.push((probe.program, libc, function.entry, false));
-            }
-        }
         let mut watch = MemoryWatch { probes: Vec::new(), arenas: false };
-        for (program, file, offset, skip_ctx) in sites {
+        for &ProbeSite { program, ref file, offset, skip_ctx } in sites {
+            let program = program.name();
             let attached = self.ebpf.program_mut(program).context(program).and_then(|uprobe| {
                 let uprobe: &mut UProbe = uprobe.try_into()?;
                 let location = UProbeAttachLocation::AbsoluteOffset(offset);
@@ -241,7 +222,7 @@ impl Sampler {
             });
             match attached {
                 Ok(link) => {
-                    watch.arenas |= program == ARENA_PROGRAM;
+                    watch.arenas |= program == MemoryProgram::ArenaReturn.name();
                     watch.probes.push((program, link));
                 }
                 Err(error) => {
@@ -434,11 +415,7 @@ fn start_sampler(ebpf: &mut Ebpf, cpus: &[u32], sample_period_ns: u64) -> State 
 
 /// The distinct programs of `--memory`.
 fn memory_programs() -> Vec<&'static str> {
-    let mut names: Vec<&str> = MEMORY_PROBES.iter().map(|probe| probe.program).collect();
-    names.dedup();
-    names.sort_unstable();
-    names.dedup();
-    names
+    MemoryProgram::ALL.iter().map(|program| program.name()).collect()
 }
 
 /// Fills the byte budgets with `mean` bytes between samples and loads the

@@ -6,5 +6,5 @@ mod loader;
 pub mod symbolize;
 mod table;
 
-pub use loader::Loader;
+pub use loader::{Loader, UnwindStats};
 pub use table::table;

@@ -9,7 +9,7 @@ use blazesym::{
     Pid,
 };
 
-use crate::aggregate::{Frame, FrameKind};
+use crate::stack::{Frame, FrameKind, NativeNames};
 
 /// Cached names are dropped past this many addresses, so that memory stays
 /// bounded on hosts that run many different programs.
@@ -54,9 +54,27 @@ impl NativeSymbolizer {
         self.user.retain(|(owner, _), _| *owner != pid);
     }
 
+    fn symbolize_user(&self, pid: u32, addrs: &[u64]) -> Vec<Option<Frame>> {
+        let mut process = source::Process::new(Pid::from(pid));
+        process.perf_map = false;
+        process.debug_syms = false;
+        let names = self.symbolizer.symbolize(&source::Source::Process(process), Input::AbsAddr(addrs));
+        (0..addrs.len())
+            .map(|i| match names.as_ref().ok().and_then(|names| names.get(i)) {
+                Some(Symbolized::Sym(sym)) => {
+                    let module = sym.module.as_deref().map(|m| m.to_string_lossy()).unwrap_or_default();
+                    Some(named(FrameKind::Native, &sym.name, &module))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl NativeNames for NativeSymbolizer {
     /// Appends the frames of kernel return addresses `addrs`, innermost
     /// first, to `out`.
-    pub fn kernel(&mut self, addrs: &[u64], out: &mut Vec<Frame>) {
+    fn kernel(&mut self, addrs: &[u64], out: &mut Vec<Frame>) {
         let missing: Vec<u64> = addrs.iter().copied().filter(|addr| !self.kernel.contains_key(addr)).collect();
         if !missing.is_empty() {
             bound(&mut self.kernel);
@@ -74,7 +92,7 @@ impl NativeSymbolizer {
 
     /// Appends the frames of user return addresses `addrs` of process `pid`,
     /// innermost first, to `out`.
-    pub fn user(&mut self, pid: u32, addrs: &[u64], out: &mut Vec<Frame>) {
+    fn user(&mut self, pid: u32, addrs: &[u64], out: &mut Vec<Frame>) {
         let missing: Vec<u64> = addrs.iter().copied().filter(|addr| !self.user.contains_key(&(pid, *addr))).collect();
         if !missing.is_empty() {
             bound(&mut self.user);
@@ -91,22 +109,6 @@ impl NativeSymbolizer {
             }
         }
         out.extend(addrs.iter().map(|addr| self.user[&(pid, *addr)].clone()));
-    }
-
-    fn symbolize_user(&self, pid: u32, addrs: &[u64]) -> Vec<Option<Frame>> {
-        let mut process = source::Process::new(Pid::from(pid));
-        process.perf_map = false;
-        process.debug_syms = false;
-        let names = self.symbolizer.symbolize(&source::Source::Process(process), Input::AbsAddr(addrs));
-        (0..addrs.len())
-            .map(|i| match names.as_ref().ok().and_then(|names| names.get(i)) {
-                Some(Symbolized::Sym(sym)) => {
-                    let module = sym.module.as_deref().map(|m| m.to_string_lossy()).unwrap_or_default();
-                    Some(named(FrameKind::Native, &sym.name, &module))
-                }
-                _ => None,
-            })
-            .collect()
     }
 }
 

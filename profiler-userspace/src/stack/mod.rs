@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use profiler_common::PyFrame;
+
 /// Where a frame comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrameKind {
@@ -91,4 +93,74 @@ impl Wait {
             Wait::Other => "other",
         }
     }
+}
+
+/// The texts of marker frames: not code, they tell the reader something about the stack.
+pub mod marker {
+    /// The Python walk stopped at the kernel's frame limit.
+    pub const TRUNCATED: &str = "[truncated]";
+    /// The Python walk met something that is not a frame chain.
+    pub const BROKEN: &str = "[broken python stack]";
+    /// A Python frame whose code object could not be read.
+    pub const UNKNOWN_PYTHON: &str = "[unknown python frame]";
+    /// Off-CPU time of a thread sampled as it got the CPU back: its stacks are not known.
+    pub const PREEMPTED: &str = "[preempted]";
+}
+
+/// Names native addresses (`native::symbolize::NativeSymbolizer`).
+pub trait NativeNames {
+    /// Appends the frames of kernel addresses, innermost first.
+    fn kernel(&mut self, addrs: &[u64], out: &mut Vec<Frame>);
+    /// Appends the frames of `pid`'s user addresses, innermost first.
+    fn user(&mut self, pid: u32, addrs: &[u64], out: &mut Vec<Frame>);
+}
+
+/// An interpreter's frames of one sample, put into its native stack (`cpython::Instance`).
+pub trait InterpreterFrames {
+    /// Names `frames` (innermost first, as the kernel walked them, ending with
+    /// `status`) and merges them into `stack[native..]`, the sample's native
+    /// user frames.
+    fn insert(&mut self, frames: &[PyFrame], status: u32, stack: &mut Vec<Frame>, native: usize) -> Walk;
+}
+
+/// How an interpreter's walk of one sample went, for the period's summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Walk {
+    /// Frames whose code could not be named.
+    pub unnamed: u64,
+    /// The walk met something that is not a frame chain.
+    pub broken: bool,
+}
+
+/// One sample's stacks, as the kernel took them.
+pub struct Raw<'a> {
+    pub pid: u32,
+    pub kernel: &'a [u64],
+    /// The user return addresses that can be trusted.
+    pub user: &'a [u64],
+    pub python: &'a [PyFrame],
+    pub python_status: u32,
+    /// Off the CPU: what it waited for.
+    pub wait: Option<Wait>,
+}
+
+/// Fills `out` with the named stack of `raw`, innermost first: kernel frames,
+/// then user frames with the interpreter's merged in, then markers.
+pub fn assemble(
+    out: &mut Vec<Frame>,
+    raw: &Raw,
+    native: &mut impl NativeNames,
+    interpreter: Option<&mut dyn InterpreterFrames>,
+) -> Walk {
+    out.clear();
+    native.kernel(raw.kernel, out);
+    let user_from = out.len();
+    native.user(raw.pid, raw.user, out);
+    let walk = interpreter.map_or_else(Walk::default, |interpreter| {
+        interpreter.insert(raw.python, raw.python_status, out, user_from)
+    });
+    if raw.wait == Some(Wait::Preempted) {
+        out.push(Frame::marker(marker::PREEMPTED));
+    }
+    walk
 }

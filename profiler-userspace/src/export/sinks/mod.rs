@@ -4,6 +4,7 @@
 //! down costs no profile.
 
 mod datadog;
+mod fanout;
 mod local;
 mod otlp;
 mod pyroscope;
@@ -16,6 +17,7 @@ use std::{
 };
 
 pub use datadog::{Datadog, Endpoint};
+pub use fanout::Sinks;
 pub use local::LocalDir;
 pub use otlp::Otlp;
 pub use pyroscope::{Auth, Pyroscope};
