@@ -96,7 +96,7 @@ pub struct PyFrame {
 /// to the native ones. Before 3.11 every frame is one such run.
 pub const PY_ENTRY_FRAME: u64 = 1;
 
-/// Outcome of the Python walk of one sample, in [`Sample::py_status`].
+/// Outcome of the Python walk of one sample, in [`StackRecord::py_status`].
 pub const PY_NOT_PYTHON: u32 = 0;
 /// Walked to the first frame.
 pub const PY_OK: u32 = 1;
@@ -113,8 +113,10 @@ pub const PY_CYCLE: u32 = 6;
 
 /// Record kinds of the `EVENTS` ring buffer; every record starts with its
 /// kind and the process id, so samples and process events stay in order.
+/// Each kind has its type; the four kinds that carry stacks share one layout,
+/// [`StackRecord`].
 pub mod kind {
-    /// A [`super::Sample`].
+    /// A [`super::CpuSample`]: a thread on the CPU.
     pub const SAMPLE: u32 = 1;
     /// A [`super::ProcessEvent`]: first sample of a process not seen before,
     /// or since its last exec. Userspace looks at it and, for CPython, fills
@@ -122,23 +124,24 @@ pub mod kind {
     pub const NEW_PROCESS: u32 = 2;
     /// A [`super::ProcessEvent`]: the process exited.
     pub const EXIT: u32 = 3;
-    /// A [`super::Sample`] of a thread that was off the CPU for
+    /// An [`super::OffCpuSample`]: a thread that was off the CPU for
     /// `off_cpu_ns`, taken as it returned to user space (or, when it was
     /// preempted, as it got the CPU back, without stacks).
     pub const OFF_CPU: u32 = 4;
-    /// A [`super::Sample`] of an allocation sampled by bytes: `bytes`
+    /// An [`super::AllocSample`]: an allocation sampled by bytes, `bytes`
     /// allocated at `address` (0 when its free cannot be tracked: the table
     /// of live allocations is full).
     pub const ALLOC: u32 = 5;
-    /// A [`super::Sample`] of a pymalloc arena (`bytes`: its size) sampled
-    /// by bytes, at `address` as for [`ALLOC`]. Userspace reads the headers
-    /// of its pools to see what stays in use.
+    /// An [`super::AllocSample`] of a pymalloc arena (`bytes`: its size)
+    /// sampled by bytes, at `address` as for [`ALLOC`]. Userspace reads the
+    /// headers of its pools to see what stays in use.
     pub const ARENA: u32 = 6;
     /// A [`super::MemoryEvent`]: a sampled allocation was freed.
     pub const FREE: u32 = 7;
 }
 
-/// Why a thread was off the CPU, in [`Sample::wait`]: from the system call it
+/// Why a thread was off the CPU, in [`StackRecord::wait`] of an
+/// [`OffCpuSample`]: from the system call it
 /// returns from, else preempted.
 pub mod wait {
     /// Still runnable: another task had the CPU.
@@ -155,11 +158,17 @@ pub mod wait {
     pub const GIL: u32 = 5;
 }
 
-/// One CPU sample of one thread.
+/// The layout of the records that carry a thread's stacks: [`CpuSample`],
+/// [`OffCpuSample`] and [`AllocSample`], told apart by `kind`. One layout,
+/// as the kernel assembles all of them with one function in one per-CPU
+/// scratch slot (too big for its stack) and copies it to the ring buffer
+/// whole; the fields of another kind are 0 (but see [`OffCpuSample`] for a
+/// preempted thread's).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Sample {
-    /// [`kind::SAMPLE`]
+pub struct StackRecord {
+    /// One of [`kind::SAMPLE`], [`kind::OFF_CPU`], [`kind::ALLOC`],
+    /// [`kind::ARENA`].
     pub kind: u32,
     /// Process id (tgid) as the host sees it.
     pub pid: u32,
@@ -167,9 +176,10 @@ pub struct Sample {
     pub time_ns: u64,
     /// [`kind::OFF_CPU`]: the off-CPU time this sample stands for.
     pub off_cpu_ns: u64,
-    /// [`kind::ALLOC`], [`kind::POOL`]: the bytes allocated.
+    /// [`kind::ALLOC`], [`kind::ARENA`]: the bytes allocated.
     pub bytes: u64,
-    /// [`kind::ALLOC`], [`kind::POOL`]: where.
+    /// [`kind::ALLOC`], [`kind::ARENA`]: where; 0 when the free is not
+    /// tracked.
     pub address: u64,
     /// The thread's context label set (the Python API's
     /// `profiler.labels(...)`), read from where the thread keeps it; 0 for
@@ -182,7 +192,9 @@ pub struct Sample {
     pub py_status: u32,
     /// Valid entries of `py_frames`, innermost first.
     pub py_len: u32,
-    /// Valid entries of `kernel_stack`, innermost first.
+    /// Valid entries of `kernel_stack`, innermost first; 0 but in
+    /// [`kind::SAMPLE`] (another kind's would be the same probe path every
+    /// time).
     pub kernel_len: u32,
     /// Valid entries of `user_stack`, innermost first.
     pub user_len: u32,
@@ -198,6 +210,53 @@ pub struct Sample {
     pub user_stack: [u64; MAX_USER_FRAMES],
     pub py_frames: [PyFrame; MAX_PY_FRAMES],
 }
+
+// The bytes the kernel writes per stack record; a change here is a change
+// of the eBPF programs' scratch and ring-buffer use, and of their verifier
+// figures.
+const _: () = assert!(core::mem::size_of::<StackRecord>() == 4192);
+
+/// The record types that are a [`StackRecord`] of one kind: each reads as
+/// the record it wraps (`Deref`), and its doc says which fields its kind
+/// uses.
+macro_rules! stack_record_kind {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[repr(transparent)]
+        #[derive(Clone, Copy)]
+        pub struct $name(pub StackRecord);
+
+        impl core::ops::Deref for $name {
+            type Target = StackRecord;
+
+            fn deref(&self) -> &StackRecord {
+                &self.0
+            }
+        }
+    };
+}
+
+stack_record_kind!(
+    /// [`kind::SAMPLE`]: a thread on the CPU, with its kernel, native and
+    /// Python stacks. `off_cpu_ns`, `bytes`, `address` and `wait` are 0.
+    CpuSample
+);
+stack_record_kind!(
+    /// [`kind::OFF_CPU`]: a thread back from `off_cpu_ns` off the CPU,
+    /// waiting for `wait` (a [`wait`] constant), with the native and Python
+    /// stacks it blocked with and no kernel stack. A preempted thread's
+    /// (`wait` [`wait::PREEMPTED`]) has no stacks at all: `kernel_len`,
+    /// `user_len` and `py_len` are 0, `py_status` [`PY_NOT_PYTHON`], and
+    /// `label_set`, `user_unwound`, `bytes` and `address` are left unwritten
+    /// (whatever the ring buffer held).
+    OffCpuSample
+);
+stack_record_kind!(
+    /// [`kind::ALLOC`] or [`kind::ARENA`]: `bytes` allocated at `address`
+    /// (0 when its free is not tracked), sampled by bytes, with the native
+    /// and Python stacks of the allocating thread and no kernel stack.
+    AllocSample
+);
 
 /// A change in the life of a process.
 #[repr(C)]
@@ -345,7 +404,7 @@ pub mod stat {
     pub const THREAD_SCANS: u32 = 3;
     /// Off-CPU samples taken (kept waits, see `kind::OFF_CPU`).
     pub const OFF_CPU_SAMPLES: u32 = 4;
-    /// Allocation and pool samples taken.
+    /// Allocation and arena samples taken.
     pub const ALLOC_SAMPLES: u32 = 5;
     /// Sampled allocations whose free is not tracked: `LIVE` was full.
     pub const LIVE_OVERFLOW: u32 = 6;

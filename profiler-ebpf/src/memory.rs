@@ -22,14 +22,17 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_prandom_u32},
-    macros::{map, uprobe, uretprobe},
+    macros::map,
     maps::{Array, HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use profiler_common::{kind, stat, LiveKey, MemoryEvent, ALLOC_BUDGETS};
 
-use crate::{capture, count, pid_tid, send_sample, wakeup, EVENTS, MEMORY_SLOT};
+use crate::{
+    maps::{count, pid_tid},
+    record::{capture, send_sample, wakeup, EVENTS, MEMORY_SLOT},
+};
 
 /// Exponential quantiles of the byte budget, filled by the agent.
 #[map]
@@ -110,57 +113,44 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     }
 }
 
-#[uprobe]
-pub fn raw_malloc(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawMalloc(void *ctx, size_t size)`, `malloc(size_t size)`
-    raw_alloc(arg(&ctx, 0));
-    0
+/// `raw_malloc`: `_PyMem_RawMalloc(void *ctx, size_t size)`, `malloc(size_t
+/// size)`, and the arena allocator's entry.
+#[inline(always)]
+pub fn malloc(ctx: &ProbeContext) {
+    raw_alloc(arg(ctx, 0));
 }
 
-#[uprobe]
-pub fn raw_calloc(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawCalloc(void *ctx, size_t nelem, size_t elsize)`, `calloc`
-    let (nelem, elsize) = (arg(&ctx, 0), arg(&ctx, 1));
+/// `raw_calloc`: `_PyMem_RawCalloc(void *ctx, size_t nelem, size_t elsize)`,
+/// `calloc`.
+#[inline(always)]
+pub fn calloc(ctx: &ProbeContext) {
+    let (nelem, elsize) = (arg(ctx, 0), arg(ctx, 1));
     // An overflowing product fails the allocation, which then records
     // nothing (no 128-bit multiply on this target).
     raw_alloc(nelem.wrapping_mul(elsize));
-    0
 }
 
-#[uprobe]
-pub fn raw_realloc(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawRealloc(void *ctx, void *ptr, size_t size)`, `realloc`:
-    // the old block is freed, a new one allocated (often at the same place).
-    raw_free(arg(&ctx, 0));
-    raw_alloc(arg(&ctx, 1));
-    0
+/// `raw_realloc`: `_PyMem_RawRealloc(void *ctx, void *ptr, size_t size)`,
+/// `realloc`: the old block is freed, a new one allocated (often at the same
+/// place).
+#[inline(always)]
+pub fn realloc(ctx: &ProbeContext) {
+    raw_free(arg(ctx, 0));
+    raw_alloc(arg(ctx, 1));
 }
 
-#[uprobe]
-pub fn raw_free_entry(ctx: ProbeContext) -> u32 {
-    // `_PyMem_RawFree(void *ctx, void *ptr)`, `free(void *ptr)`
-    raw_free(arg(&ctx, 0));
-    0
+/// `raw_free_entry`: `_PyMem_RawFree(void *ctx, void *ptr)`, `free(void
+/// *ptr)`.
+#[inline(always)]
+pub fn free(ctx: &ProbeContext) {
+    raw_free(arg(ctx, 0));
 }
 
-/// Returns from `_PyMem_RawMalloc`, `_PyMem_RawCalloc` and
-/// `_PyMem_RawRealloc`: a sampled allocation gets its address.
-#[uretprobe]
-pub fn raw_alloc_return(ctx: RetProbeContext) -> u32 {
-    sampled_return(&ctx, kind::ALLOC);
-    0
-}
-
-/// Returns from the arena allocator (whose entry is `raw_malloc`'s).
-#[uretprobe]
-pub fn arena_return(ctx: RetProbeContext) -> u32 {
-    sampled_return(&ctx, kind::ARENA);
-    0
-}
-
-/// A sampled allocation returns: it is followed until freed and sent with
-/// its stacks.
-fn sampled_return(ctx: &RetProbeContext, kind: u32) {
+/// A sampled allocation returns (`raw_alloc_return`, `arena_return`, with
+/// `kind` `ALLOC` or `ARENA`): it is followed until freed and sent with its
+/// stacks.
+#[inline(always)]
+pub fn sampled_return(ctx: &RetProbeContext, kind: u32) {
     let (pid, tid) = pid_tid();
     // SAFETY: a copy of a map value.
     let Some(&bytes) = (unsafe { SAMPLED.get(tid) }) else { return };

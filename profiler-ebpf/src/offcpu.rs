@@ -13,15 +13,15 @@
 use aya_ebpf::{
     bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, map},
+    macros::map,
     maps::LruHashMap,
     programs::BtfTracePointContext,
 };
-use profiler_common::{kind, stat, wait, Sample, PY_NOT_PYTHON};
+use profiler_common::{kind, stat, wait, StackRecord, PY_NOT_PYTHON};
 
 use crate::{
-    capture, count, global, pid_tid, profiled, send_sample, task_u32, wakeup, EVENTS, OFF_CPU_SLOT, PY_PROCS,
-    TASK_COMM_OFFSET, TASK_TGID_OFFSET,
+    maps::{count, global, pid_tid, profiled, task_u32, PY_PROCS, TASK_COMM_OFFSET, TASK_TGID_OFFSET},
+    record::{capture, send_sample, wakeup, EVENTS, OFF_CPU_SLOT},
 };
 
 /// CPU sampling period in ns, set by the agent.
@@ -58,9 +58,10 @@ static OFF_CPU_START: LruHashMap<u32, OffCpu> = LruHashMap::with_max_entries(655
 #[map]
 static PENDING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 
-/// Runs in the context of `prev`, which leaves the CPU to `next`.
-#[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+/// `sched_switch`: runs in the context of `prev`, which leaves the CPU to
+/// `next`.
+#[inline(always)]
+pub fn switch(ctx: &BtfTracePointContext) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let (pid, tid) = pid_tid();
@@ -82,14 +83,14 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    let Some(next_tid) = task_u32(next, &TASK_PID_OFFSET) else { return 0 };
-    let Some(entry) = OFF_CPU_START.get_ptr_mut(next_tid) else { return 0 };
+    let Some(next_tid) = task_u32(next, &TASK_PID_OFFSET) else { return };
+    let Some(entry) = OFF_CPU_START.get_ptr_mut(next_tid) else { return };
     // SAFETY: a valid map value, copied, then marked as running.
     let off_cpu = unsafe { core::mem::replace(&mut *entry, OffCpu { since_ns: 0, preempted: 0 }) };
     if off_cpu.since_ns == 0 {
-        return 0;
+        return;
     }
-    let Some(ns) = kept(now.saturating_sub(off_cpu.since_ns)) else { return 0 };
+    let Some(ns) = kept(now.saturating_sub(off_cpu.since_ns)) else { return };
     if off_cpu.preempted != 0 {
         send_preempted(next, next_tid, ns, now);
     } else if let Some(pending) = PENDING.get_ptr_mut(next_tid) {
@@ -99,7 +100,6 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     } else {
         let _ = PENDING.insert(next_tid, ns, 0);
     }
-    0
 }
 
 /// The off-CPU time a wait of `ns` stands for: all of it from one sampling
@@ -118,7 +118,7 @@ fn kept(ns: u64) -> Option<u64> {
 /// A sample of `ns` preempted, without stacks, for thread `tid` of `task`.
 fn send_preempted(task: u64, tid: u32, ns: u64, now: u64) {
     let Some(pid) = task_u32(task, &TASK_TGID_OFFSET) else { return };
-    let Some(mut entry) = EVENTS.reserve::<Sample>(0) else {
+    let Some(mut entry) = EVENTS.reserve::<StackRecord>(0) else {
         count(stat::SAMPLES_DROPPED);
         return;
     };
@@ -133,29 +133,37 @@ fn send_preempted(task: u64, tid: u32, ns: u64, now: u64) {
         (*sample).off_cpu_ns = ns;
         (*sample).wait = wait::PREEMPTED;
         (*sample).cpu = bpf_get_smp_processor_id();
-        (*sample).comm = bpf_probe_read_kernel((task + global(&TASK_COMM_OFFSET)) as *const [u8; 16]).unwrap_or_default();
+        (*sample).comm =
+            bpf_probe_read_kernel((task + global(&TASK_COMM_OFFSET)) as *const [u8; 16]).unwrap_or_default();
         (*sample).py_status = PY_NOT_PYTHON;
         (*sample).py_len = 0;
         (*sample).kernel_len = 0;
         (*sample).user_len = 0;
+        (*sample).user_unwound = 0;
+        // Ring-buffer space is not zeroed: unset, these would hold an earlier
+        // record's values. The thread's label set is in its own memory, which
+        // this context (another task's) cannot read.
+        (*sample).label_set = 0;
+        (*sample).bytes = 0;
+        (*sample).address = 0;
     }
     count(stat::OFF_CPU_SAMPLES);
     entry.submit(wakeup());
 }
 
-/// Runs in the thread returning to user space, which has run no user code
-/// since it blocked: its stacks are those of the wait.
-#[btf_tracepoint(function = "sys_exit")]
-pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
+/// `sys_exit`: runs in the thread returning to user space, which has run no
+/// user code since it blocked: its stacks are those of the wait.
+#[inline(always)]
+pub fn sys_exit(ctx: &BtfTracePointContext) {
     let (pid, tid) = pid_tid();
-    let Some(pending) = PENDING.get_ptr_mut(tid) else { return 0 };
+    let Some(pending) = PENDING.get_ptr_mut(tid) else { return };
     // SAFETY: a valid map value, taken.
     let ns = unsafe { core::mem::take(&mut *pending) };
     if ns == 0 {
-        return 0;
+        return;
     }
     let regs: u64 = ctx.arg(0);
-    if let Some(sample) = capture(&ctx, OFF_CPU_SLOT, kind::OFF_CPU, pid, tid) {
+    if let Some(sample) = capture(ctx, OFF_CPU_SLOT, kind::OFF_CPU, pid, tid) {
         // SAFETY: this CPU's off-CPU scratch slot.
         unsafe {
             (*sample).off_cpu_ns = ns;
@@ -166,7 +174,6 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
         // stop): wake the agent to name the frames while the process lives.
         send_sample(sample, if ns >= WAKE_AGENT_NS { BPF_RB_FORCE_WAKEUP as u64 } else { wakeup() });
     }
-    0
 }
 
 /// Off-CPU samples of waits this long wake the agent at once, at most 10
@@ -195,8 +202,25 @@ fn reason(regs: u64, pid: u32) -> u32 {
         // sendfile, connect, accept, sendto, recvfrom, sendmsg, recvmsg,
         // epoll_wait, pselect6, ppoll, epoll_pwait, accept4, preadv,
         // pwritev, recvmmsg, sendmmsg, preadv2, pwritev2, epoll_pwait2
-        0 | 1 | 7 | 17..=20 | 23 | 40 | 42..=47 | 232 | 270 | 271 | 281 | 288 | 295 | 296 | 299 | 307 | 327
-        | 328 | 441 => wait::IO,
+        0
+        | 1
+        | 7
+        | 17..=20
+        | 23
+        | 40
+        | 42..=47
+        | 232
+        | 270
+        | 271
+        | 281
+        | 288
+        | 295
+        | 296
+        | 299
+        | 307
+        | 327
+        | 328
+        | 441 => wait::IO,
         // futex on the GIL's state
         202 if is_gil(pid, reg(REGS_DI)) => wait::GIL,
         // futex, futex_waitv

@@ -16,7 +16,7 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use profiler_common::{
-    stat, PyFrame, PyProcess, Sample, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER,
+    stat, PyFrame, PyProcess, StackRecord, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER,
     PY_CYCLE, PY_ENTRY_FRAME, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
 };
 
@@ -95,7 +95,7 @@ fn thread_state(process: &PyProcess, tid: u32) -> Result<u64, u32> {
             return Ok(entry.tstate);
         }
     }
-    crate::count(stat::THREAD_SCANS);
+    crate::maps::count(stat::THREAD_SCANS);
     let mut scan = ThreadScan { process, pthread, interp: 0, tstate: 0, found: 0 };
     scan.interp = read(field(process.runtime, process.offsets.runtime_interpreters_head)).unwrap_or(0);
     scan.tstate = read(field(scan.interp, process.offsets.interp_threads_head)).unwrap_or(0);
@@ -160,7 +160,7 @@ fn current_frame(process: &PyProcess, tstate: u64) -> Result<u64, u32> {
 #[repr(C)]
 struct FrameWalk {
     process: *const PyProcess,
-    sample: *mut Sample,
+    sample: *mut StackRecord,
     frame: u64,
     /// A frame seen earlier, moved at every power-of-two step (Brent's cycle
     /// detection): meeting it again means the chain loops.
@@ -236,7 +236,7 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
 
 /// Walks the Python stack of thread `tid` into `sample.py_frames`, innermost
 /// first, setting `sample.py_len` and `sample.py_status`.
-pub fn walk(process: &PyProcess, tid: u32, sample: *mut Sample) {
+pub fn walk(process: &PyProcess, tid: u32, sample: *mut StackRecord) {
     let mut walk = FrameWalk { process, sample, frame: 0, checkpoint: 0, steps: 0, len: 0, status: WALKING };
     match thread_state(process, tid).and_then(|tstate| current_frame(process, tstate)) {
         Ok(frame) => {

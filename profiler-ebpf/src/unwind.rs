@@ -19,7 +19,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use profiler_common::{
-    stat, unwind, ProcessUnwind, Sample, UnwindChunk, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS,
+    stat, unwind, ProcessUnwind, StackRecord, UnwindChunk, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS,
     MAX_USER_FRAMES, UNWIND_CHUNKS, UNWIND_CHUNK_ROWS,
 };
 
@@ -39,7 +39,7 @@ const ROW_STEPS: u32 = 21;
 #[repr(C)]
 struct Walk {
     process: *const ProcessUnwind,
-    sample: *mut Sample,
+    sample: *mut StackRecord,
     rip: u64,
     rsp: u64,
     rbp: u64,
@@ -55,7 +55,7 @@ pub fn has_tables(pid: u32) -> Option<*const ProcessUnwind> {
 
 /// Unwinds the current thread's user stack into `sample.user_stack`; returns
 /// the number of frames.
-pub fn walk(process: *const ProcessUnwind, sample: *mut Sample) -> u32 {
+pub fn walk(process: *const ProcessUnwind, sample: *mut StackRecord) -> u32 {
     // SAFETY: the current task outlives this program run.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     // Three registers read one by one: the whole `pt_regs` (168 bytes) on
@@ -71,12 +71,12 @@ pub fn walk(process: *const ProcessUnwind, sample: *mut Sample) -> u32 {
     let (Ok(rip), Ok(rsp), Ok(rbp)) = registers else {
         return 0;
     };
-    crate::count(stat::UNWOUND_STACKS);
+    crate::maps::count(stat::UNWOUND_STACKS);
     let mut walk = Walk { process, sample, rip, rsp, rbp, len: 0, cut: 0 };
     // SAFETY: `step` takes a `*mut Walk`, which it is given.
     unsafe { bpf_loop(MAX_USER_FRAMES as u32, step as *mut c_void, (&mut walk as *mut Walk).cast(), 0) };
     if walk.cut != 0 || walk.len as usize >= MAX_USER_FRAMES && walk.rip != 0 {
-        crate::count(stat::UNWIND_CUT);
+        crate::maps::count(stat::UNWIND_CUT);
     }
     walk.len
 }

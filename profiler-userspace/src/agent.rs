@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::Sample;
+use profiler_common::StackRecord;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     aggregate::{
         heap::{self, LiveHeap, Origin, Sampled},
-        Aggregator, Frame, ProcessThreads, Series, ThreadCounts, Wait,
+        Aggregator, Dimension, Dimensions, Measurement, ProcessThreads, Series, ThreadCounts,
     },
     config::Settings,
     control::{self, Request},
@@ -34,7 +34,7 @@ use crate::{
     metrics::{self, Metrics},
     native::{self, symbolize::NativeSymbolizer},
     process::{discovery, kubernetes::Pods, Look, Recheck, Table},
-    stack::{self, InterpreterFrames},
+    stack::{self, Frame, InterpreterFrames, Wait},
     summary::PeriodSummary,
 };
 
@@ -52,12 +52,7 @@ async fn recv(control: &mut Option<tokio::sync::mpsc::Receiver<control::Command>
 }
 
 pub async fn run(mut settings: Settings) -> Result<()> {
-    let (mut sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
-    // What the kernel refused is measured no further: the rest goes on.
-    settings.wall &= sampler.features.wall.is_on();
-    if !sampler.features.memory.is_on() {
-        settings.memory = None;
-    }
+    let (mut sampler, events) = start_kernel(&mut settings)?;
     let sinks = Sinks::start(&settings)?;
     let pods = match &settings.kubernetes {
         Some(kubernetes) => Some(Pods::watch(kubernetes).await?),
@@ -93,14 +88,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     // reads them on this tick, and process events wake it at once.
     let mut read_tick = tokio::time::interval(READ_INTERVAL);
     let mut ticks: u64 = 0;
-    // Without the control socket (no right to create it), the rest works.
-    let mut control = match control::listen(&settings.control_socket) {
-        Ok(receiver) => Some(receiver),
-        Err(error) => {
-            log::warn!("no control socket, so processes cannot register themselves: {error:#}");
-            None
-        }
-    };
+    let mut control = control_socket(&settings);
     read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let period_end = deadline.map_or(next_period, |deadline| next_period.min(deadline));
@@ -112,24 +100,11 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                 continue;
             }
             _ = read_tick.tick() => {
-                agent.drain(events.get_mut(), &mut sampler);
-                agent.processes.label_new_pods();
-                for profile in agent.aggregator.finish_own_periods(SystemTime::now()) {
-                    sinks.send(&profile);
-                }
                 ticks += 1;
-                if ticks.is_multiple_of(METRICS_TICKS) {
-                    agent.metrics.set_kernel(&sampler.stats()?);
-                    // With --pid, nothing is left to profile once they are all gone.
-                    if !settings.pids.is_empty() && settings.pids.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-                        log::info!("the processes of --pid have exited: stopping");
-                        true
-                    } else {
-                        continue;
-                    }
-                } else {
+                if !agent.tick(events.get_mut(), &mut sampler, &sinks, ticks)? {
                     continue;
                 }
+                true
             }
             Some(command) = recv(&mut control) => {
                 // Its samples so far belong to what it asks about.
@@ -153,6 +128,25 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         }
         next_period += settings.period;
     }
+}
+
+/// Loads and attaches the kernel's programs. What the kernel refused is
+/// measured no further (turned off in `settings`): the rest goes on.
+fn start_kernel(settings: &mut Settings) -> Result<(Sampler, RingBuf<MapData>)> {
+    let (sampler, events) = Sampler::start(settings.frequency, &settings.pids, settings.wall, settings.memory)?;
+    settings.wall &= sampler.features.wall.is_on();
+    if !sampler.features.memory.is_on() {
+        settings.memory = None;
+    }
+    Ok((sampler, events))
+}
+
+/// The requests of the control socket; none without it (no right to create
+/// it), and the rest works.
+fn control_socket(settings: &Settings) -> Option<tokio::sync::mpsc::Receiver<control::Command>> {
+    control::listen(&settings.control_socket)
+        .map_err(|error| log::warn!("no control socket, so processes cannot register themselves: {error:#}"))
+        .ok()
 }
 
 /// `ferroscope: sampling every process at 100 Hz on 2 CPUs, with wall time; a profile every 45s to ./profiles`.
@@ -200,8 +194,7 @@ impl<'a> Agent<'a> {
             aggregator: Aggregator::new(
                 settings.labels.clone(),
                 settings.sample_period_ns(),
-                settings.wall,
-                settings.memory.is_some(),
+                Dimensions::CPU.with(Dimension::Wall, settings.wall).with(Dimension::Memory, settings.memory.is_some()),
                 SystemTime::now(),
             ),
             heap: LiveHeap::default(),
@@ -210,6 +203,34 @@ impl<'a> Agent<'a> {
             stack: Vec::with_capacity(256),
             unwind: None,
         }
+    }
+
+    /// The work of every read tick: the samples, the pods, the periods
+    /// processes have of their own, and every [`METRICS_TICKS`] the kernel's
+    /// counters; whether to stop (`--pid`'s processes are all gone).
+    fn tick(
+        &mut self,
+        events: &mut RingBuf<MapData>,
+        sampler: &mut Sampler,
+        sinks: &Sinks,
+        ticks: u64,
+    ) -> Result<bool> {
+        self.drain(events, sampler);
+        self.processes.label_new_pods();
+        for profile in self.aggregator.finish_own_periods(SystemTime::now()) {
+            sinks.send(&profile);
+        }
+        if !ticks.is_multiple_of(METRICS_TICKS) {
+            return Ok(false);
+        }
+        self.metrics.set_kernel(&sampler.stats()?);
+        let pids = &self.settings.pids;
+        // With --pid, nothing is left to profile once they are all gone.
+        let gone = !pids.is_empty() && pids.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if gone {
+            log::info!("the processes of --pid have exited: stopping");
+        }
+        Ok(gone)
     }
 
     fn drain(&mut self, events: &mut RingBuf<MapData>, sampler: &mut Sampler) {
@@ -315,7 +336,7 @@ impl<'a> Agent<'a> {
     }
 
     /// A stack sampled on the CPU, off it (`wait`), or at an allocation.
-    fn on_sample(&mut self, sample: &Sample, wait: Option<Wait>, sampler: &mut Sampler) {
+    fn on_sample(&mut self, sample: &StackRecord, wait: Option<Wait>, sampler: &mut Sampler) {
         let pid = sample.pid;
         if self.processes.get(pid).is_none() {
             // Its NEW_PROCESS event was lost: the thread's name will do.
@@ -344,7 +365,10 @@ impl<'a> Agent<'a> {
         let series = &process.series;
         let thread = process.thread(pid, sample.tid, comm_text(&sample.comm), sample.label_set);
         match (sample.kind, wait) {
-            (_, Some(wait)) => self.aggregator.add_off_cpu(series, stack, &thread, wait, sample.off_cpu_ns),
+            (_, Some(wait)) => {
+                let off_cpu = Measurement::OffCpu { wait, ns: sample.off_cpu_ns };
+                self.aggregator.add(series, stack, &thread, off_cpu);
+            }
             (profiler_common::kind::ALLOC | profiler_common::kind::ARENA, _) => {
                 let Some(mean) = self.settings.memory else { return };
                 let arena = process.python.as_ref().and_then(|python| python.pymalloc());
@@ -355,7 +379,7 @@ impl<'a> Agent<'a> {
             }
             _ => {
                 self.summary.samples += 1;
-                self.aggregator.add(series, stack, &thread);
+                self.aggregator.add(series, stack, &thread, Measurement::Cpu);
             }
         }
     }
@@ -399,10 +423,18 @@ impl<'a> Agent<'a> {
 
     /// Ends the period; `last`: the agent stops, and the periods processes
     /// have of their own end too.
-    fn finish_period(&mut self, sinks: &Sinks, sampler: &mut Sampler, stats: KernelStats, before: KernelStats, last: bool) {
+    fn finish_period(
+        &mut self,
+        sinks: &Sinks,
+        sampler: &mut Sampler,
+        stats: KernelStats,
+        before: KernelStats,
+        last: bool,
+    ) {
         for in_use in self.heap.in_use() {
             let Origin { series, stack, thread } = in_use.origin;
-            self.aggregator.add_inuse(series, stack, thread, in_use.objects, in_use.bytes);
+            let in_use = Measurement::InUse { objects: in_use.objects, bytes: in_use.bytes };
+            self.aggregator.add(series, stack, thread, in_use);
         }
         let end = SystemTime::now();
         let mut profiles = if last { self.aggregator.finish_all(end) } else { self.aggregator.finish_period(end) };

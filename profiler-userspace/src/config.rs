@@ -359,68 +359,15 @@ impl AgentArgs {
                 .transpose()
                 .map_err(|error| anyhow::anyhow!("{}: {error}", origin(key)))
         };
-        let frequency = self.frequency.or(file.frequency).unwrap_or(DEFAULT_FREQUENCY);
-        let frequency_origin = if self.frequency.is_some() { "`--frequency`".to_owned() } else { origin("frequency") };
-        if frequency == 0 || frequency > MAX_FREQUENCY {
-            bail!("{frequency_origin}: {frequency} Hz is out of range: use 1 to {MAX_FREQUENCY}");
-        }
-        let mut labels = file.labels;
-        for (key, value) in &labels {
-            validate_label(key, value).map_err(|error| anyhow::anyhow!("{}: {error}", origin("labels")))?;
-        }
-        labels.extend(self.labels.iter().cloned());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|host| host.trim().to_owned()).ok();
-        let file_kubernetes = file.kubernetes.unwrap_or_default();
-        let kubernetes = (self.kubernetes || file_kubernetes.enabled).then(|| KubernetesSettings {
-            node: self.kubernetes_node.clone().or(file_kubernetes.node).or(host.clone()).unwrap_or_default(),
-            pod_labels: match (&self.kubernetes_pod_labels[..], file_kubernetes.pod_labels) {
-                ([], Some(file)) => file,
-                ([], None) => DEFAULT_POD_LABELS.iter().map(|key| key.to_string()).collect(),
-                (flags, _) => flags.to_vec(),
-            },
-        });
-        // Which machine a profile comes from, unless the user says otherwise:
-        // in a pod, the host name is the pod's.
-        let host = kubernetes.as_ref().map(|kubernetes| kubernetes.node.clone()).or(host);
-        if let Some(host) = host.filter(|host| !host.is_empty()) {
-            if kubernetes.is_some() {
-                labels.entry("node".to_owned()).or_insert_with(|| host.clone());
-            }
-            labels.entry("host".to_owned()).or_insert(host);
-        }
-        if let Some(kubernetes) = &kubernetes {
-            if kubernetes.node.is_empty() {
-                bail!("{}: the node name is empty", origin("kubernetes.node"));
-            }
-        }
-        let memory_sample_bytes =
-            self.memory_sample_bytes.or(file.memory_sample_bytes).unwrap_or(DEFAULT_MEMORY_SAMPLE_BYTES);
-        if memory_sample_bytes == 0 {
-            let origin = if self.memory_sample_bytes.is_some() {
-                "`--memory-sample-bytes`".to_owned()
-            } else {
-                origin("memory_sample_bytes")
-            };
-            bail!("{origin}: must be at least 1 byte");
-        }
-        let memory = (self.memory || file.memory.unwrap_or(false)).then_some(memory_sample_bytes);
+        let frequency = self.sampling_frequency(file.frequency, &origin)?;
+        let (labels, kubernetes) = self.labels_and_kubernetes(file.labels, file.kubernetes, &origin)?;
+        let memory = self.memory_sampling(file.memory, file.memory_sample_bytes, &origin)?;
         let application_name = self.application_name.clone().or(file.application_name);
         if application_name.as_deref().is_some_and(|name| name.trim().is_empty()) {
             bail!("{}: the application name is empty", origin("application_name"));
         }
         let pyroscope = self.pyroscope(file.pyroscope, &origin)?;
-        let datadog = match (&self.datadog_url, file.datadog) {
-            (Some(url), _) => Some((url.clone(), self.datadog_api_key.clone(), "`--datadog-url`".to_owned())),
-            (None, Some(file)) => Some((file.url, file.api_key, origin("datadog.url"))),
-            (None, None) => None,
-        };
-        let datadog = match datadog {
-            Some((url, key, origin)) => match Endpoint::parse(&url) {
-                Some(endpoint) => Some((endpoint, key)),
-                None => bail!("{origin}: `{url}` is not an http://, https:// or unix:///path URL"),
-            },
-            None => None,
-        };
+        let datadog = self.datadog(file.datadog, &origin)?;
         // The local directory is the default sink: with a backend, only if asked for.
         let output_dir = self.output_dir.clone().or(file.output_dir);
         let spool_dir = self
@@ -428,17 +375,7 @@ impl AgentArgs {
             .clone()
             .or(file.spool_dir)
             .unwrap_or_else(|| output_dir.clone().unwrap_or_else(|| DEFAULT_OUTPUT_DIR.into()).join(".spool"));
-        let otlp_url = match (&self.otlp_url, file.otlp) {
-            (Some(url), _) => Some((url.clone(), "`--otlp-url`".to_owned())),
-            (None, Some(file)) => Some((file.url, origin("otlp.url"))),
-            (None, None) => None,
-        };
-        if let Some((url, origin)) = &otlp_url {
-            if !reqwest::Url::parse(url).is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.has_host()) {
-                bail!("{origin}: `{url}` is not an http:// or https:// URL");
-            }
-        }
-        let otlp_url = otlp_url.map(|(url, _)| url);
+        let otlp_url = self.otlp(file.otlp, &origin)?;
         let output_dir = match output_dir {
             None if pyroscope.is_none() && datadog.is_none() && otlp_url.is_none() => Some(DEFAULT_OUTPUT_DIR.into()),
             dir => dir,
@@ -477,6 +414,115 @@ impl AgentArgs {
             spool_max_bytes: self.spool_max_bytes.or(file.spool_max_bytes).unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
             kubernetes,
         })
+    }
+
+    /// CPU samples per second, from the flag, the file or the default; in
+    /// the range the kernel accepts.
+    fn sampling_frequency(&self, file: Option<u64>, origin: &dyn Fn(&str) -> String) -> Result<u64> {
+        let frequency = self.frequency.or(file).unwrap_or(DEFAULT_FREQUENCY);
+        let frequency_origin = if self.frequency.is_some() { "`--frequency`".to_owned() } else { origin("frequency") };
+        if frequency == 0 || frequency > MAX_FREQUENCY {
+            bail!("{frequency_origin}: {frequency} Hz is out of range: use 1 to {MAX_FREQUENCY}");
+        }
+        Ok(frequency)
+    }
+
+    /// The labels of every sample (the file's, checked, then the flags'),
+    /// with `host` (and `node` in Kubernetes) added unless set; and the
+    /// Kubernetes settings, if on.
+    fn labels_and_kubernetes(
+        &self,
+        file_labels: BTreeMap<String, String>,
+        file_kubernetes: Option<FileKubernetes>,
+        origin: &dyn Fn(&str) -> String,
+    ) -> Result<(BTreeMap<String, String>, Option<KubernetesSettings>)> {
+        let mut labels = file_labels;
+        for (key, value) in &labels {
+            validate_label(key, value).map_err(|error| anyhow::anyhow!("{}: {error}", origin("labels")))?;
+        }
+        labels.extend(self.labels.iter().cloned());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|host| host.trim().to_owned()).ok();
+        let kubernetes = self.kubernetes_settings(file_kubernetes.unwrap_or_default(), host.clone());
+        // Which machine a profile comes from, unless the user says otherwise:
+        // in a pod, the host name is the pod's.
+        let host = kubernetes.as_ref().map(|kubernetes| kubernetes.node.clone()).or(host);
+        if let Some(host) = host.filter(|host| !host.is_empty()) {
+            if kubernetes.is_some() {
+                labels.entry("node".to_owned()).or_insert_with(|| host.clone());
+            }
+            labels.entry("host".to_owned()).or_insert(host);
+        }
+        if let Some(kubernetes) = &kubernetes {
+            if kubernetes.node.is_empty() {
+                bail!("{}: the node name is empty", origin("kubernetes.node"));
+            }
+        }
+        Ok((labels, kubernetes))
+    }
+
+    /// Kubernetes settings from the flags, else the file's `[kubernetes]`
+    /// table, if either turns it on; the node defaults to `host`.
+    fn kubernetes_settings(&self, file: FileKubernetes, host: Option<String>) -> Option<KubernetesSettings> {
+        (self.kubernetes || file.enabled).then(|| KubernetesSettings {
+            node: self.kubernetes_node.clone().or(file.node).or(host).unwrap_or_default(),
+            pod_labels: match (&self.kubernetes_pod_labels[..], file.pod_labels) {
+                ([], Some(file)) => file,
+                ([], None) => DEFAULT_POD_LABELS.iter().map(|key| key.to_string()).collect(),
+                (flags, _) => flags.to_vec(),
+            },
+        })
+    }
+
+    /// Memory profiling's mean bytes between samples, if on; the sampling
+    /// size is checked even when it is off.
+    fn memory_sampling(
+        &self,
+        file_memory: Option<bool>,
+        file_sample_bytes: Option<u64>,
+        origin: &dyn Fn(&str) -> String,
+    ) -> Result<Option<u64>> {
+        let memory_sample_bytes = self.memory_sample_bytes.or(file_sample_bytes).unwrap_or(DEFAULT_MEMORY_SAMPLE_BYTES);
+        if memory_sample_bytes == 0 {
+            let origin = if self.memory_sample_bytes.is_some() {
+                "`--memory-sample-bytes`".to_owned()
+            } else {
+                origin("memory_sample_bytes")
+            };
+            bail!("{origin}: must be at least 1 byte");
+        }
+        Ok((self.memory || file_memory.unwrap_or(false)).then_some(memory_sample_bytes))
+    }
+
+    /// The Datadog-style intake from the flags, else from the file's
+    /// `[datadog]` table; its URL checked.
+    fn datadog(
+        &self,
+        file: Option<FileDatadog>,
+        origin: &dyn Fn(&str) -> String,
+    ) -> Result<Option<(Endpoint, Option<String>)>> {
+        let (url, key, origin) = match (&self.datadog_url, file) {
+            (Some(url), _) => (url.clone(), self.datadog_api_key.clone(), "`--datadog-url`".to_owned()),
+            (None, Some(file)) => (file.url, file.api_key, origin("datadog.url")),
+            (None, None) => return Ok(None),
+        };
+        match Endpoint::parse(&url) {
+            Some(endpoint) => Ok(Some((endpoint, key))),
+            None => bail!("{origin}: `{url}` is not an http://, https:// or unix:///path URL"),
+        }
+    }
+
+    /// The OpenTelemetry Collector from the flags, else from the file's
+    /// `[otlp]` table; its URL checked.
+    fn otlp(&self, file: Option<FileOtlp>, origin: &dyn Fn(&str) -> String) -> Result<Option<String>> {
+        let (url, origin) = match (&self.otlp_url, file) {
+            (Some(url), _) => (url.clone(), "`--otlp-url`".to_owned()),
+            (None, Some(file)) => (file.url, origin("otlp.url")),
+            (None, None) => return Ok(None),
+        };
+        if !reqwest::Url::parse(&url).is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.has_host()) {
+            bail!("{origin}: `{url}` is not an http:// or https:// URL");
+        }
+        Ok(Some(url))
     }
 
     /// The Pyroscope backend from the flags, else from the file's

@@ -146,7 +146,10 @@ mod tests {
     fn requests_that_break_a_rule_are_refused_with_the_rule() {
         let check = |json: &str| serde_json::from_str::<Request>(json).unwrap().check();
         assert_eq!(check(r#"{"op": "start", "period": 0.5}"#), Err("period must be at least 1 second".into()));
-        assert_eq!(check(r#"{"op": "start", "upload_timeout": -3}"#), Err("upload_timeout must be at least 1 second".into()));
+        assert_eq!(
+            check(r#"{"op": "start", "upload_timeout": -3}"#),
+            Err("upload_timeout must be at least 1 second".into())
+        );
         assert_eq!(check(r#"{"op": "start", "application_name": " "}"#), Err("the application name is empty".into()));
         assert!(check(r#"{"op": "start", "labels": {"pid": "1"}}"#).is_err());
         assert_eq!(check(r#"{"op": "label_set", "id": 0, "labels": {}}"#), Err("label set 0 means none".into()));

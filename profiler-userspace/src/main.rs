@@ -1,7 +1,7 @@
 //! `ferroscope`: system-wide continuous profiler for Python, on eBPF.
 
-use ferroscope::{agent, config, kernel, view};
 use clap::{Parser, Subcommand};
+use ferroscope::{agent, config, kernel, view};
 
 /// Continuous profiler for Python: samples every CPython process on the host
 /// from the kernel (eBPF), with no code change, and writes one pprof profile

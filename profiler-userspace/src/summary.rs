@@ -6,9 +6,10 @@ use std::{
 };
 
 use crate::{
-    aggregate::{Frame, FrameKind, PeriodProfile, ProcessThreads, Wait},
+    aggregate::{Dimension, PeriodProfile, ProcessThreads, SampleType},
     kernel::KernelStats,
     native::UnwindStats,
+    stack::{Frame, FrameKind, Wait},
 };
 
 /// Functions listed per period.
@@ -77,6 +78,24 @@ impl PeriodSummary {
     }
 
     fn render(&self, profiles: &[PeriodProfile]) -> String {
+        let mut text = self.headline(profiles);
+        for dimension in Dimension::ALL {
+            if profiles.iter().any(|profile| profile.dimensions.contains(dimension)) {
+                text += &self.dimension_lines(dimension, profiles);
+            }
+        }
+        text += &self.native_line();
+        for refusal in &self.refusals {
+            text += &format!("  {refusal}\n");
+        }
+        text += &self.thread_lines();
+        text += &self.notes();
+        text += &format!("  {} profiles: {}\n", self.profiles_written, self.sinks.join("; "));
+        text
+    }
+
+    /// The period, the processes and applications profiled, the samples.
+    fn headline(&self, profiles: &[PeriodProfile]) -> String {
         let (start, end) =
             profiles.first().map_or((SystemTime::now(), SystemTime::now()), |profile| (profile.start, profile.end));
         let processes: std::collections::HashSet<u32> =
@@ -97,45 +116,46 @@ impl PeriodSummary {
             text += &format!(", {} unsupported (native stacks only)", self.unsupported_processes);
         }
         text.push('\n');
-        for (frame, samples) in top_functions(profiles, TOP_FUNCTIONS) {
-            let share = 100.0 * samples as f64 / self.samples.max(1) as f64;
-            let place = match frame.kind {
-                FrameKind::Python => format!("  {}:{}", frame.file, frame.start_line),
-                FrameKind::Native | FrameKind::Kernel if !frame.file.is_empty() => format!("  {}", frame.file),
-                _ => String::new(),
-            };
-            text += &format!("  {share:5.1}%  {}{place}\n", frame.function);
+        text
+    }
+
+    /// What one dimension measured over the period.
+    fn dimension_lines(&self, dimension: Dimension, profiles: &[PeriodProfile]) -> String {
+        match dimension {
+            Dimension::Cpu => top_function_lines(profiles, self.samples),
+            Dimension::Wall => off_cpu_line(profiles, self.off_cpu_samples),
+            Dimension::Memory => {
+                let total = |sample_type| profiles.iter().map(|profile| profile.total(sample_type)).sum::<u64>();
+                format!(
+                    "  memory: {} allocated, {} in use at the end, from {} allocation samples ({} followed)\n",
+                    mebibytes(total(SampleType::AllocSpace)),
+                    mebibytes(total(SampleType::InuseSpace)),
+                    self.alloc_samples,
+                    self.live_followed,
+                )
+            }
         }
-        if profiles.iter().any(|profile| profile.wall) {
-            text += &off_cpu_line(profiles, self.off_cpu_samples);
+    }
+
+    /// Native stacks unwound, and the unwind tables in the kernel.
+    fn native_line(&self) -> String {
+        if self.unwound_stacks == 0 {
+            return String::new();
         }
-        if profiles.iter().any(|profile| profile.memory) {
-            let total = |field: fn(&crate::aggregate::StackValue) -> u64| {
-                profiles.iter().flat_map(|profile| profile.stacks.values()).map(field).sum::<u64>()
-            };
-            text += &format!(
-                "  memory: {} allocated, {} in use at the end, from {} allocation samples ({} followed)\n",
-                mebibytes(total(|value| value.alloc_bytes)),
-                mebibytes(total(|value| value.inuse_bytes)),
-                self.alloc_samples,
-                self.live_followed,
-            );
-        }
-        if self.unwound_stacks > 0 {
-            let (tables, rows, peak) = self.unwind_tables;
-            let kib = |rows: u64| rows * std::mem::size_of::<profiler_common::UnwindRow>() as u64 / 1024;
-            text += &format!(
-                "  native stacks: {} unwound, {} cut short; unwind tables of {tables} files in the kernel, {rows} rows \
-                 ({} KiB; at most {peak} rows, {} KiB)\n",
-                self.unwound_stacks,
-                self.unwind_cut,
-                kib(rows),
-                kib(peak),
-            );
-        }
-        for refusal in &self.refusals {
-            text += &format!("  {refusal}\n");
-        }
+        let (tables, rows, peak) = self.unwind_tables;
+        let kib = |rows: u64| rows * std::mem::size_of::<profiler_common::UnwindRow>() as u64 / 1024;
+        format!(
+            "  native stacks: {} unwound, {} cut short; unwind tables of {tables} files in the kernel, {rows} rows \
+             ({} KiB; at most {peak} rows, {} KiB)\n",
+            self.unwound_stacks,
+            self.unwind_cut,
+            kib(rows),
+            kib(peak),
+        )
+    }
+
+    fn thread_lines(&self) -> String {
+        let mut text = String::new();
         for ProcessThreads { pid, process_name, counts } in self.threads.iter().take(THREAD_LINES) {
             text += &format!(
                 "  threads of pid {pid} ({process_name}): {} live, {} started, {} ended\n",
@@ -145,6 +165,11 @@ impl PeriodSummary {
         if self.threads.len() > THREAD_LINES {
             text += &format!("  threads of {} more processes not shown\n", self.threads.len() - THREAD_LINES);
         }
+        text
+    }
+
+    /// What went wrong, a line each.
+    fn notes(&self) -> String {
         let problems = [
             (self.live_overflow, "sampled allocations could not be followed to their free (table full)"),
             (self.memory_unwatched, "CPython processes without memory profiling (allocator not found: see the log)"),
@@ -156,18 +181,29 @@ impl PeriodSummary {
                 "processes exited before they could be looked at (named by their comm, native frames unnamed)",
             ),
         ];
-        for (count, what) in problems {
-            if count > 0 {
-                text += &format!("  note: {count} {what}\n");
-            }
-        }
-        text += &format!("  {} profiles: {}\n", self.profiles_written, self.sinks.join("; "));
-        text
+        let notes = problems.into_iter().filter(|&(count, _)| count > 0);
+        notes.map(|(count, what)| format!("  note: {count} {what}\n")).collect()
     }
 }
 
 fn mebibytes(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+/// The functions with the most samples, a line each, with their share of
+/// the period's `samples`.
+fn top_function_lines(profiles: &[PeriodProfile], samples: u64) -> String {
+    let mut text = String::new();
+    for (frame, count) in top_functions(profiles, TOP_FUNCTIONS) {
+        let share = 100.0 * count as f64 / samples.max(1) as f64;
+        let place = match frame.kind {
+            FrameKind::Python => format!("  {}:{}", frame.file, frame.start_line),
+            FrameKind::Native | FrameKind::Kernel if !frame.file.is_empty() => format!("  {}", frame.file),
+            _ => String::new(),
+        };
+        text += &format!("  {share:5.1}%  {}{place}\n", frame.function);
+    }
+    text
 }
 
 /// The functions with the most samples, named by the innermost Python frame
@@ -182,7 +218,7 @@ fn top_functions(profiles: &[PeriodProfile], count: usize) -> Vec<(Frame, u64)> 
             if let Some(frame) = python.next().or_else(|| frames.clone().next()) {
                 // Lines apart, one function is one entry.
                 let function = Frame { line: 0, ..frame.clone() };
-                *by_frame.entry(function).or_default() += value.samples;
+                *by_frame.entry(function).or_default() += value[SampleType::Samples];
             }
         }
     }
@@ -197,7 +233,7 @@ fn off_cpu_line(profiles: &[PeriodProfile], samples: u64) -> String {
     let mut by_wait: BTreeMap<Wait, u64> = BTreeMap::new();
     for (key, value) in profiles.iter().flat_map(|profile| &profile.stacks) {
         if let Some(wait) = key.wait {
-            *by_wait.entry(wait).or_default() += value.off_cpu_ns;
+            *by_wait.entry(wait).or_default() += value[SampleType::OffCpu];
         }
     }
     let seconds = |ns: u64| format!("{:.1}s", Duration::from_nanos(ns).as_secs_f64());
@@ -221,7 +257,8 @@ mod tests {
     use std::{collections::BTreeMap, time::Duration};
 
     use super::*;
-    use crate::aggregate::{Thread, ThreadCounts};
+    use crate::aggregate::{Measurement, ThreadCounts};
+    use crate::stack::Thread;
 
     #[test]
     fn names_python_functions_before_native_leaves() {
@@ -252,12 +289,13 @@ mod tests {
             context: None,
         };
         for _ in 0..3 {
-            profile.add(&[native.clone(), crunch.clone()], &thread);
+            profile.add(&[native.clone(), crunch.clone()], &thread, Measurement::Cpu);
         }
-        profile.add(std::slice::from_ref(&native), &thread);
-        profile.wall = true;
-        profile.add_off_cpu(std::slice::from_ref(&crunch), &thread, Wait::Sleep, 2_000_000_000);
-        profile.add_off_cpu(std::slice::from_ref(&crunch), &thread, Wait::Io, 500_000_000);
+        profile.add(std::slice::from_ref(&native), &thread, Measurement::Cpu);
+        profile.dimensions.insert(Dimension::Wall);
+        let off_cpu = |wait, ns| Measurement::OffCpu { wait, ns };
+        profile.add(std::slice::from_ref(&crunch), &thread, off_cpu(Wait::Sleep, 2_000_000_000));
+        profile.add(std::slice::from_ref(&crunch), &thread, off_cpu(Wait::Io, 500_000_000));
         let counts = ThreadCounts { live: 3, started: 2, ended: 1 };
         let summary = PeriodSummary {
             samples: 4,

@@ -13,8 +13,11 @@
 //!
 //! Everything downloaded or made lives under target/matrix/: virtme-ng's venv, apt's lists of
 //! each Debian suite, the kernels' packages and the kernels unpacked, and each kernel's output
-//! in results/KERNEL.log (its kernel's console in KERNEL.console.log). A second run downloads nothing; `rm -r target/matrix/apt/sid` makes
-//! the next run take sid's newest kernel.
+//! in results/KERNEL.log (its kernel's console in KERNEL.console.log). A second run downloads
+//! nothing; `rm -r target/matrix/apt/sid` makes the next run take sid's newest kernel.
+//!
+//! One file of over 600 lines on purpose: it is one procedure (find a kernel, fetch it, boot
+//! it, read the outcome, write the table) whose steps share its constants and nothing else.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -127,6 +130,27 @@ struct Outcome {
     tests: (u64, u64),
 }
 
+impl Outcome {
+    /// The guest ended without its command's exit status (virtme-ng's 255: a kernel
+    /// panic, or qemu gone). A guest that timed out is not booted again: that costs
+    /// the whole timeout once more.
+    fn lost(&self) -> bool {
+        self.status == "exit 255"
+    }
+}
+
+/// Prints the end of a guest's kernel console, where a panic or an oops says why it was lost.
+fn print_console_tail(name: &str) {
+    let console = fs::read_to_string(results_dir().join(format!("{name}.console.log"))).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    for line in &lines[lines.len().saturating_sub(CONSOLE_TAIL)..] {
+        println!("matrix: {name}: console: {line}");
+    }
+}
+
+/// Lines of a lost guest's console printed.
+const CONSOLE_TAIL: usize = 40;
+
 /// A kernel image ready to boot, and its release (`uname -r`).
 struct Image {
     vmlinuz: PathBuf,
@@ -169,11 +193,19 @@ pub fn run_counting(options: &Options) -> Result<(u64, u64)> {
             match debian_image(name) {
                 Ok(image) => {
                     let outcome = boot(&vng, name, &image, &command, timeout)?;
-                    // A guest that never ran the command (seen once: qemu gone after 11 s)
-                    // is booted once more; one that ran it and failed is not.
-                    if outcome.failed && outcome.release.ends_with(NO_ANSWER) {
-                        step(format!("matrix: {name}: no answer from the guest, booting it once more"));
-                        boot(&vng, name, &image, &command, timeout)?
+                    // A guest lost before the command's end with no test failed (seen: qemu
+                    // gone after 11 s; once in CI, a guest gone mid-plan, virtme-ng's 255) is
+                    // booted once more, and the table says so; one whose tests failed is not.
+                    if outcome.failed
+                        && outcome.tests.1 == 0
+                        && (outcome.release.ends_with(NO_ANSWER) || outcome.lost())
+                    {
+                        step(format!("matrix: {name}: the guest was lost ({}), booting it once more", outcome.status));
+                        print_console_tail(name);
+                        let first = outcome.status;
+                        let mut again = boot(&vng, name, &image, &command, timeout)?;
+                        again.status = format!("{} (booted twice; first: {first})", again.status);
+                        again
                     } else {
                         outcome
                     }

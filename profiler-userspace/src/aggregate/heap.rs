@@ -15,9 +15,10 @@ use std::{collections::HashMap, sync::Arc};
 use profiler_common::ALLOC_BUDGETS;
 
 use crate::{
-    aggregate::{Aggregator, Frame, Series, Thread},
+    aggregate::{Aggregator, Measurement, Series},
     cpython::{arena_in_use, Pymalloc},
     process::procmem::ProcessMemory,
+    stack::{Frame, Thread},
 };
 
 /// Byte budgets between two samples: `ALLOC_BUDGETS` quantiles of the
@@ -31,7 +32,6 @@ pub fn budgets(mean: u64) -> Vec<u64> {
 pub fn weight(bytes: u64, mean: u64) -> f64 {
     1.0 / -(-(bytes as f64) / mean as f64).exp_m1()
 }
-
 
 /// Where a sampled allocation was made.
 #[derive(Clone, Debug)]
@@ -117,6 +117,10 @@ impl LiveHeap {
     pub fn len(&self) -> usize {
         self.allocations.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.allocations.is_empty()
+    }
 }
 
 /// A sampled allocation of process `pid`: `bytes` at `address` (0 when its
@@ -135,7 +139,7 @@ pub fn account(aggregator: &mut Aggregator, heap: &mut LiveHeap, sampled: Sample
     let Sampled { pid, address, bytes, arena } = sampled;
     let weight = weight(bytes, mean);
     let Origin { series, stack, thread } = &origin;
-    aggregator.add_alloc(series, stack, thread, weight, bytes as f64 * weight);
+    aggregator.add(series, stack, thread, Measurement::Alloc { objects: weight, bytes: bytes as f64 * weight });
     match (address, arena) {
         (0, _) => {}
         (address, Some(pymalloc)) => heap.arena(pid, address, origin, bytes, weight, pymalloc),

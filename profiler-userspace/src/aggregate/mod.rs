@@ -9,8 +9,11 @@ use std::{
 use profiler_common::ThreadTally;
 
 pub mod heap;
+pub mod sample_type;
 
-pub use crate::stack::{Frame, FrameKind, Thread, Wait};
+pub use sample_type::{Dimension, Dimensions, Measurement, SampleType, StackValue};
+
+use crate::stack::{Frame, Thread, Wait};
 
 /// Index of a frame in [`PeriodProfile::frames`].
 pub type FrameId = u32;
@@ -22,25 +25,6 @@ pub struct StackKey {
     pub frames: Box<[FrameId]>,
     pub thread: Thread,
     pub wait: Option<Wait>,
-}
-
-/// Counts of one stack.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StackValue {
-    /// CPU samples taken.
-    pub samples: u64,
-    /// CPU time they stand for, in nanoseconds.
-    pub cpu_ns: u64,
-    /// CPU plus off-CPU time, in nanoseconds: per thread, its wall-clock time.
-    pub wall_ns: u64,
-    /// Time off the CPU, in nanoseconds.
-    pub off_cpu_ns: u64,
-    /// Estimated from allocation samples (see `memory`): allocations and
-    /// bytes over the period, and what is still in use at its end.
-    pub alloc_objects: u64,
-    pub alloc_bytes: u64,
-    pub inuse_objects: u64,
-    pub inuse_bytes: u64,
 }
 
 /// The threads of one process over a period: a thread leak shows as a
@@ -94,10 +78,9 @@ pub struct PeriodProfile {
     pub end: SystemTime,
     /// CPU time between two samples of one CPU, in nanoseconds.
     pub sample_period_ns: u64,
-    /// Whether off-CPU time was measured, so that wall time is meaningful.
-    pub wall: bool,
-    /// Whether allocations were sampled.
-    pub memory: bool,
+    /// What was measured: CPU time, and off-CPU time (so that wall time is
+    /// meaningful) or allocations if asked for.
+    pub dimensions: Dimensions,
     /// The upload timeout its process asked for, if it did.
     pub upload_timeout: Option<Duration>,
     /// Interned frames; [`StackKey::frames`] index into it.
@@ -121,8 +104,7 @@ impl PeriodProfile {
             start,
             end: start,
             sample_period_ns,
-            wall: false,
-            memory: false,
+            dimensions: Dimensions::CPU,
             upload_timeout: None,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
@@ -141,44 +123,25 @@ impl PeriodProfile {
         id
     }
 
-    fn value(&mut self, stack: &[Frame], thread: &Thread, wait: Option<Wait>) -> &mut StackValue {
+    /// Adds `measurement` of `stack` (innermost first), taken on `thread`.
+    pub fn add(&mut self, stack: &[Frame], thread: &Thread, measurement: Measurement) {
         let frames = stack.iter().map(|frame| self.intern(frame)).collect();
-        self.stacks.entry(StackKey { frames, thread: thread.clone(), wait }).or_default()
+        let key = StackKey { frames, thread: thread.clone(), wait: measurement.wait() };
+        measurement.add_to(self.stacks.entry(key).or_default(), self.sample_period_ns);
     }
 
-    /// Adds one CPU sample of `stack` (innermost first) taken on `thread`.
-    pub fn add(&mut self, stack: &[Frame], thread: &Thread) {
-        let period = self.sample_period_ns;
-        let value = self.value(stack, thread, None);
-        value.samples += 1;
-        value.cpu_ns += period;
-        value.wall_ns += period;
+    /// The sample types of the profile, in pprof's order.
+    pub fn sample_types(&self) -> impl Iterator<Item = SampleType> {
+        self.dimensions.sample_types()
     }
 
-    /// Adds `ns` of off-CPU time of `thread`, waiting for `wait` in `stack`.
-    pub fn add_off_cpu(&mut self, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
-        let value = self.value(stack, thread, Some(wait));
-        value.off_cpu_ns += ns;
-        value.wall_ns += ns;
-    }
-
-    /// Adds the estimated `objects` and `bytes` allocated in `stack`.
-    pub fn add_alloc(&mut self, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
-        let value = self.value(stack, thread, None);
-        value.alloc_objects += objects.round() as u64;
-        value.alloc_bytes += bytes.round() as u64;
-    }
-
-    /// Adds the estimated `objects` and `bytes` allocated in `stack` and
-    /// still in use at the end of the period.
-    pub fn add_inuse(&mut self, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
-        let value = self.value(stack, thread, None);
-        value.inuse_objects += objects.round() as u64;
-        value.inuse_bytes += bytes.round() as u64;
+    /// The sum of `sample_type` over every stack.
+    pub fn total(&self, sample_type: SampleType) -> u64 {
+        self.stacks.values().map(|value| value[sample_type]).sum()
     }
 
     pub fn total_samples(&self) -> u64 {
-        self.stacks.values().map(|value| value.samples).sum()
+        self.total(SampleType::Samples)
     }
 }
 
@@ -186,8 +149,7 @@ impl PeriodProfile {
 pub struct Aggregator {
     labels: BTreeMap<String, String>,
     sample_period_ns: u64,
-    wall: bool,
-    memory: bool,
+    dimensions: Dimensions,
     start: SystemTime,
     profiles: HashMap<Series, PeriodProfile>,
     /// Series whose process asked for its own period and upload timeout
@@ -203,19 +165,17 @@ struct OwnPeriod {
 }
 
 impl Aggregator {
-    /// `wall`: off-CPU time is measured; `memory`: allocations are sampled.
+    /// Profiles of the `dimensions` measured, with the agent's `labels`.
     pub fn new(
         labels: BTreeMap<String, String>,
         sample_period_ns: u64,
-        wall: bool,
-        memory: bool,
+        dimensions: Dimensions,
         start: SystemTime,
     ) -> Self {
         Aggregator {
             labels,
             sample_period_ns,
-            wall,
-            memory,
+            dimensions,
             start,
             profiles: HashMap::new(),
             own_periods: HashMap::new(),
@@ -231,27 +191,16 @@ impl Aggregator {
             let start = own.map_or(self.start, |own| own.start);
             let mut profile = PeriodProfile::new(series.application.to_string(), labels, start, self.sample_period_ns);
             profile.upload_timeout = own.and_then(|own| own.upload_timeout);
-            profile.wall = self.wall;
-            profile.memory = self.memory;
+            profile.dimensions = self.dimensions;
             self.profiles.insert(series.clone(), profile);
         }
         self.profiles.get_mut(series).expect("inserted above")
     }
 
-    pub fn add(&mut self, series: &Series, stack: &[Frame], thread: &Thread) {
-        self.profile(series).add(stack, thread);
-    }
-
-    pub fn add_off_cpu(&mut self, series: &Series, stack: &[Frame], thread: &Thread, wait: Wait, ns: u64) {
-        self.profile(series).add_off_cpu(stack, thread, wait, ns);
-    }
-
-    pub fn add_alloc(&mut self, series: &Series, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
-        self.profile(series).add_alloc(stack, thread, objects, bytes);
-    }
-
-    pub fn add_inuse(&mut self, series: &Series, stack: &[Frame], thread: &Thread, objects: f64, bytes: f64) {
-        self.profile(series).add_inuse(stack, thread, objects, bytes);
+    /// Adds `measurement` of `stack` (innermost first), taken on `thread`,
+    /// to the profile of `series`.
+    pub fn add(&mut self, series: &Series, stack: &[Frame], thread: &Thread, measurement: Measurement) {
+        self.profile(series).add(stack, thread, measurement);
     }
 
     /// Gives `series` its own period and upload timeout, from `now`.
@@ -320,11 +269,12 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stack::FrameKind;
 
     #[test]
     fn a_series_with_its_own_period_leaves_the_agents_schedule() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, false, false, start);
+        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, Dimensions::CPU, start);
         let own = Series::new("own");
         let thread = Thread {
             pid: 1,
@@ -337,8 +287,8 @@ mod tests {
         };
         let frame = Frame::marker("[x]");
         aggregator.set_own_period(&own, Duration::from_secs(2), Some(Duration::from_secs(5)), start);
-        aggregator.add(&own, std::slice::from_ref(&frame), &thread);
-        aggregator.add(&Series::new("other"), std::slice::from_ref(&frame), &thread);
+        aggregator.add(&own, std::slice::from_ref(&frame), &thread, Measurement::Cpu);
+        aggregator.add(&Series::new("other"), std::slice::from_ref(&frame), &thread, Measurement::Cpu);
         let at = |seconds| start + Duration::from_secs(seconds);
         let global: Vec<_> = aggregator.finish_period(at(1)).into_iter().map(|p| p.application).collect();
         assert_eq!(global, ["other"]);
@@ -347,7 +297,7 @@ mod tests {
         assert_eq!(own_profiles.len(), 1);
         assert_eq!((own_profiles[0].start, own_profiles[0].end), (start, at(2)));
         assert_eq!(own_profiles[0].upload_timeout, Some(Duration::from_secs(5)));
-        aggregator.add(&own, std::slice::from_ref(&frame), &thread);
+        aggregator.add(&own, std::slice::from_ref(&frame), &thread, Measurement::Cpu);
         let last = aggregator.finish_all(at(3));
         assert_eq!((last.len(), last[0].start), (1, at(2)), "the agent's stop ends it too");
     }
@@ -381,15 +331,16 @@ mod tests {
     #[test]
     fn same_stack_on_same_thread_is_counted_once_with_its_weight() {
         let start = SystemTime::UNIX_EPOCH;
-        let mut aggregator = Aggregator::new(BTreeMap::new(), 10_000_000, true, false, start);
+        let mut aggregator =
+            Aggregator::new(BTreeMap::new(), 10_000_000, Dimensions::CPU.with(Dimension::Wall, true), start);
         let stack = [python("crunch", 5), python("<module>", 9)];
         let app = Series::new("app.py");
-        aggregator.add(&app, &stack, &thread(10));
-        aggregator.add(&app, &stack, &thread(10));
-        aggregator.add(&app, &stack, &thread(11));
-        aggregator.add_off_cpu(&app, &stack, &thread(10), Wait::Sleep, 5_000_000_000);
-        aggregator.add_off_cpu(&app, &stack, &thread(10), Wait::Sleep, 1_000_000_000);
-        aggregator.add(&Series::new("other"), &stack[1..], &thread(11));
+        aggregator.add(&app, &stack, &thread(10), Measurement::Cpu);
+        aggregator.add(&app, &stack, &thread(10), Measurement::Cpu);
+        aggregator.add(&app, &stack, &thread(11), Measurement::Cpu);
+        aggregator.add(&app, &stack, &thread(10), Measurement::OffCpu { wait: Wait::Sleep, ns: 5_000_000_000 });
+        aggregator.add(&app, &stack, &thread(10), Measurement::OffCpu { wait: Wait::Sleep, ns: 1_000_000_000 });
+        aggregator.add(&Series::new("other"), &stack[1..], &thread(11), Measurement::Cpu);
         let end = start + std::time::Duration::from_secs(45);
         let profiles = aggregator.finish_period(end);
         assert_eq!(profiles.len(), 2);
@@ -397,15 +348,14 @@ mod tests {
         assert_eq!(app.application, "app.py");
         assert_eq!(app.end, end);
         assert_eq!(app.frames.len(), 2, "frames are interned");
-        assert!(app.wall);
+        assert!(app.dimensions.contains(Dimension::Wall));
         assert_eq!(app.stacks.len(), 3, "one stack per thread and wait");
         assert_eq!(app.total_samples(), 3);
         let on_10 = |wait| app.stacks.iter().find(|(key, _)| key.thread.tid == 10 && key.wait == wait).unwrap().1;
-        assert_eq!(
-            *on_10(None),
-            StackValue { samples: 2, cpu_ns: 20_000_000, wall_ns: 20_000_000, ..Default::default() }
-        );
-        let sleeping = StackValue { wall_ns: 6_000_000_000, off_cpu_ns: 6_000_000_000, ..Default::default() };
+        use SampleType::{Cpu, OffCpu, Samples, Wall};
+        let on_cpu: StackValue = [(Samples, 2), (Cpu, 20_000_000), (Wall, 20_000_000)].into_iter().collect();
+        assert_eq!(*on_10(None), on_cpu);
+        let sleeping: StackValue = [(Wall, 6_000_000_000), (OffCpu, 6_000_000_000)].into_iter().collect();
         assert_eq!(*on_10(Some(Wait::Sleep)), sleeping);
         assert!(aggregator.finish_period(end).is_empty(), "a period starts empty");
     }

@@ -73,7 +73,12 @@ pub fn memory_sites(object: &Path, libc: Option<&Path>) -> Result<Vec<ProbeSite>
         for probe in MEMORY_PROBES.iter().filter(|probe| probe.libc_symbol.is_some()) {
             let function = probe.libc_symbol.and_then(|symbol| functions.get(symbol));
             let function = function.with_context(|| format!("{} has no {:?}", libc.display(), probe.libc_symbol))?;
-            sites.push(ProbeSite { program: probe.program, file: libc.to_owned(), offset: function.entry, skip_ctx: false });
+            sites.push(ProbeSite {
+                program: probe.program,
+                file: libc.to_owned(),
+                offset: function.entry,
+                skip_ctx: false,
+            });
         }
     }
     Ok(sites)

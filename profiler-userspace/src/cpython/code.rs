@@ -3,8 +3,8 @@
 
 use super::{layout::Layout, linetable, Interpreter};
 use crate::{
-    aggregate::{Frame, FrameKind},
     process::procmem::ProcessMemory,
+    stack::{Frame, FrameKind},
 };
 use anyhow::{ensure, Context};
 use profiler_common::{PyFrame, PY_ENTRY_FRAME};

@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     fs::{self, File},
     io,
+    ops::Range,
     os::unix::fs::MetadataExt,
     sync::{Arc, LazyLock, Mutex},
 };
@@ -19,7 +20,7 @@ use crate::process::{discovery::Mapping, procmem::ProcessMemory};
 #[derive(Debug)]
 pub enum PythonStatus {
     NotPython,
-    Supported(Interpreter),
+    Supported(Box<Interpreter>),
     /// CPython that cannot be profiled, and why.
     Unsupported(String),
     /// CPython that has not yet written down its version (before 3.11,
@@ -38,6 +39,9 @@ struct ElfFacts {
     code_type: Option<u64>,
     /// `Py_Version` (3.11+).
     version_hex: Option<u64>,
+    /// `_PyEval_EvalFrameDefault`, the evaluation loop, whose native frames
+    /// the Python frames replace; None without the symbol or its size.
+    eval_loop: Option<Range<u64>>,
     loads: Vec<LoadSegment>,
 }
 
@@ -141,12 +145,18 @@ fn parse_elf(file: &File) -> anyhow::Result<Option<ElfFacts>> {
     }
     let elf = object::File::parse(&*data).context("parsing ELF headers")?;
     let (mut runtime, mut code_type, mut version_hex, mut interp_head) = (None, None, None, None);
+    let mut eval_loop = None;
     // Dynamic symbols survive stripping; `.symtab` has them otherwise.
     for symbol in elf.dynamic_symbols().chain(elf.symbols()) {
         if !symbol.is_definition() {
             continue;
         }
         let slot = match symbol.name_bytes() {
+            Ok(b"_PyEval_EvalFrameDefault") if symbol.size() > 0 => {
+                let start = symbol.address();
+                eval_loop.get_or_insert(start..start.saturating_add(symbol.size()));
+                continue;
+            }
             Ok(b"_PyRuntime") => &mut runtime,
             Ok(b"PyCode_Type") => &mut code_type,
             Ok(b"Py_Version") => &mut version_hex,
@@ -165,7 +175,7 @@ fn parse_elf(file: &File) -> anyhow::Result<Option<ElfFacts>> {
         })
         .collect::<Vec<_>>();
     ensure!(!loads.is_empty(), "no PT_LOAD segment");
-    Ok(Some(ElfFacts { runtime, code_type, version_hex, loads }))
+    Ok(Some(ElfFacts { runtime, code_type, version_hex, eval_loop, loads }))
 }
 
 /// The interpreter of `path`, whose facts are `facts` and mappings
@@ -196,7 +206,11 @@ fn interpreter(pid: u32, path: &str, facts: &ElfFacts, mappings: &[&Mapping]) ->
         Err(reason) => Err(reason),
     };
     Ok(match interpreter {
-        Ok(interpreter) => PythonStatus::Supported(interpreter),
+        Ok(mut interpreter) => {
+            interpreter.eval_loop =
+                facts.eval_loop.as_ref().map(|range| bias.wrapping_add(range.start)..bias.wrapping_add(range.end));
+            PythonStatus::Supported(Box::new(interpreter))
+        }
         Err(reason) => PythonStatus::Unsupported(reason),
     })
 }
@@ -375,6 +389,7 @@ main()
         };
         assert!(interpreter.version.to_string().starts_with(version), "{python}: {}", interpreter.version);
         assert_eq!(interpreter.describe(), format!("CPython {} ({binary})", interpreter.version));
+        check_eval_loop(sleeper.pid(), &interpreter, python);
 
         let mut symbolizer = FrameSymbolizer::new(sleeper.pid(), &interpreter);
         let mut named = |frames: Vec<PyFrame>| -> Vec<_> {
@@ -403,6 +418,25 @@ main()
         );
         // A bogus code object address gives no frame, and no panic.
         assert_eq!(symbolizer.symbolize(&PyFrame { code: 8, instr: 8 }), None);
+    }
+
+    /// That the evaluation loop's run-time range was found, and is where
+    /// native symbolization finds `_PyEval_EvalFrameDefault` in `pid`.
+    fn check_eval_loop(pid: u32, interpreter: &Interpreter, python: &str) {
+        use crate::{native::symbolize::NativeSymbolizer, stack::NativeNames};
+        let Some(range) = interpreter.eval_loop.clone() else {
+            panic!("{python}: no _PyEval_EvalFrameDefault range");
+        };
+        assert!(range.start < range.end, "{python}: {range:x?}");
+        let code = crate::process::discovery::code_ranges(pid).unwrap();
+        assert!(
+            code.iter().any(|mapped| mapped.start <= range.start && range.end <= mapped.end),
+            "{python}: {range:x?} is not in its code {code:x?}"
+        );
+        let mut frames = Vec::new();
+        NativeSymbolizer::new().user(pid, &[range.start, range.end - 1], &mut frames);
+        let names: Vec<&str> = frames.iter().map(|frame| &*frame.function).collect();
+        assert_eq!(names, ["_PyEval_EvalFrameDefault"; 2], "{python}: {range:x?}");
     }
 
     /// pyenv's build of 3.`minor`: a shared libpython, whose version before

@@ -2,7 +2,7 @@
 //! its frames, its code objects named, and with `--memory` its allocator
 //! probed. The agent holds one per CPython process and sees only this.
 
-use std::{path::PathBuf, time::Duration};
+use std::{ops::Range, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use profiler_common::{PyFrame, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE, PY_TRUNCATED};
@@ -16,6 +16,8 @@ use crate::{
 
 pub struct Instance {
     symbolizer: FrameSymbolizer,
+    /// [`Interpreter::eval_loop`], where its Python frames go.
+    eval_loop: Option<Range<u64>>,
     /// With `--memory`: the allocation probes and, when its arenas are
     /// probed, the geometry of its pools.
     memory: Option<(MemoryWatch, Option<Pymalloc>)>,
@@ -41,7 +43,11 @@ impl Instance {
         memory: bool,
     ) -> Result<(Instance, MemoryProbes)> {
         sampler.add_python(pid, &interpreter.kernel)?;
-        let mut instance = Instance { symbolizer: FrameSymbolizer::new(pid, interpreter), memory: None };
+        let mut instance = Instance {
+            symbolizer: FrameSymbolizer::new(pid, interpreter),
+            eval_loop: interpreter.eval_loop.clone(),
+            memory: None,
+        };
         if !memory {
             return Ok((instance, MemoryProbes::NotAsked));
         }
@@ -95,7 +101,13 @@ impl Instance {
 }
 
 impl InterpreterFrames for Instance {
-    fn insert(&mut self, frames: &[PyFrame], status: u32, stack: &mut Vec<Frame>, native: usize) -> Walk {
+    fn insert(&mut self, frames: &[PyFrame], status: u32, stack: &mut Vec<Frame>, native: usize, user: &[u64]) -> Walk {
+        // By address when `stack[native + i]` is the frame of `user[i]`, as
+        // `NativeNames::user` promises (`stack::assemble` asserts it).
+        let eval_loop = match &self.eval_loop {
+            Some(range) if stack.len() - native == user.len() => merge::EvalLoop::Address { range, user },
+            _ => merge::EvalLoop::Name,
+        };
         let mut walk = Walk::default();
         let inline_calls = self.symbolizer.inline_calls;
         let named = frames.iter().map(|frame| {
@@ -105,7 +117,7 @@ impl InterpreterFrames for Instance {
             });
             (named, merge::is_entry(frame.code, inline_calls))
         });
-        merge::merge(stack, native, named);
+        merge::merge(stack, native, eval_loop, named);
         match status {
             PY_TRUNCATED => stack.push(Frame::marker(marker::TRUNCATED)),
             PY_BAD_POINTER | PY_BAD_CODE | PY_CYCLE => {

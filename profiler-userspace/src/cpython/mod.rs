@@ -2,7 +2,8 @@
 //! it profiles and their struct layouts (`layout`, `layouts`, generated, and
 //! `debug_offsets` from 3.13), reading code objects and line tables (`code`,
 //! `linetable`), the allocator's probe sites and pools (`allocator`,
-//! `probe_sites`), and where Python frames go in a native stack (`merge`).
+//! `probe_sites`), and where Python frames go in a native stack (`merge`, at
+//! the evaluation loop's frames, found by address).
 //! The agent sees [`Interpreter`] (found in a process) and [`Instance`] (one
 //! process profiled); a new CPython minor or allocator touches this module only.
 
@@ -17,17 +18,17 @@ mod merge;
 mod probe_sites;
 
 pub use allocator::{arena_in_use, memory_sites, Pymalloc};
-pub use detect::{find_python, PythonStatus};
-pub use instance::{Instance, MemoryProbes};
 #[cfg(test)]
 pub use code::FrameSymbolizer;
+pub use detect::{find_python, PythonStatus};
+pub use instance::{Instance, MemoryProbes};
 #[cfg(test)]
 pub use layout::{install_hint, pyenv_build, skip_or_fail};
 
 use crate::process::procmem::ProcessMemory;
 use layout::Layout;
 use profiler_common::{PyProcess, NO_OFFSET};
-use std::{fmt, sync::Arc};
+use std::{fmt, ops::Range, sync::Arc};
 
 /// A CPython release, e.g. 3.11.7.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -84,6 +85,11 @@ pub struct Interpreter {
     /// The object file that holds the interpreter (defines `_PyRuntime`),
     /// as the process maps it.
     pub path: Arc<str>,
+    /// The run-time addresses of the evaluation loop's code
+    /// (`_PyEval_EvalFrameDefault`), by which [`Instance`] finds its native
+    /// frames; None when the file has no such symbol with a size, and they
+    /// are found by name.
+    pub eval_loop: Option<Range<u64>>,
     layout: Layout,
     /// A build without the GIL (`python3.13t`).
     free_threaded: bool,
@@ -158,7 +164,7 @@ impl Interpreter {
             gil: runtime + layout.gil.offset,
             gil_size: layout.gil.size,
         };
-        Interpreter { version, kernel, path, layout, free_threaded }
+        Interpreter { version, kernel, path, eval_loop: None, layout, free_threaded }
     }
 
     /// The geometry of pymalloc's pools, which `--memory` reads to tell the

@@ -13,45 +13,45 @@ use inferno::flamegraph::{
     Options,
 };
 
-use crate::aggregate::{Frame, FrameKind, PeriodProfile, StackValue};
+use crate::aggregate::{sample_type::FlameWidth, PeriodProfile, SampleType, StackValue};
 
-/// What the boxes' widths count: CPU samples, or for a profile without any
-/// (an application whose threads only waited, or only allocated), its
-/// off-CPU wall time, or the bytes it allocated.
+use crate::stack::{Frame, FrameKind};
+
+/// What the boxes' widths count: the first sample type of the table that
+/// flame graphs can draw and the profile has any of. CPU samples come first;
+/// a profile without any (an application whose threads only waited, or only
+/// allocated) is drawn by its wall time, or the bytes it allocated.
 #[derive(Clone, Copy)]
-enum Width {
-    Samples,
-    WallMilliseconds,
-    AllocatedKibibytes,
+struct Width {
+    sample_type: SampleType,
+    width: FlameWidth,
 }
 
 impl Width {
+    /// Every width, in the order they are tried.
+    fn all() -> impl Iterator<Item = Width> {
+        SampleType::ALL
+            .into_iter()
+            .filter_map(|sample_type| Some(Width { sample_type, width: sample_type.row().flame? }))
+    }
+
     fn of(self, value: &StackValue) -> u64 {
-        match self {
-            Width::Samples => value.samples,
-            Width::WallMilliseconds => value.wall_ns / 1_000_000,
-            Width::AllocatedKibibytes => value.alloc_bytes / 1024,
-        }
+        value[self.sample_type] / self.width.divisor
     }
 
     fn name(self) -> &'static str {
-        match self {
-            Width::Samples => "samples",
-            Width::WallMilliseconds => "ms of wall time",
-            Width::AllocatedKibibytes => "KiB allocated",
-        }
+        self.width.count_name
     }
 }
 
-/// The flame graph of `profile`, widths in samples (see [`Width`]); none if
-/// it has nothing to draw.
+/// The flame graph of `profile`, widths in samples or else (see [`Width`]);
+/// none if it has nothing to draw.
 pub fn svg(profile: &PeriodProfile) -> anyhow::Result<Option<Vec<u8>>> {
     let total = |width: Width| profile.stacks.values().map(|value| width.of(value)).sum::<u64>();
-    let widths = [Width::Samples, Width::WallMilliseconds, Width::AllocatedKibibytes];
-    let Some(width) = widths.into_iter().find(|&width| total(width) > 0) else {
+    let Some(width) = Width::all().find(|&width| total(width) > 0) else {
         return Ok(None);
     };
-    let cpu_ns: u64 = profile.stacks.values().map(|value| value.cpu_ns).sum();
+    let cpu_ns = profile.total(SampleType::Cpu);
     let mut options = Options::default();
     options.title = format!("{}: {} to {}", profile.application, utc(profile.start), utc(profile.end));
     // inferno shows one count per frame: samples there, CPU time here.
@@ -114,7 +114,8 @@ fn frame_name(frame: &Frame) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Thread;
+    use crate::aggregate::Measurement;
+    use crate::stack::Thread;
 
     fn python(function: &str, start_line: u32, line: u32) -> Frame {
         Frame { kind: FrameKind::Python, function: function.into(), file: "/srv/app.py".into(), start_line, line }
@@ -148,18 +149,18 @@ mod tests {
             Frame { kind: FrameKind::Kernel, function: "ksys_write".into(), file: "".into(), start_line: 0, line: 0 };
         let one = main_thread();
         let two = Thread { tid: 2, thread_name: "worker;1".into(), ..one.clone() };
-        profile.add(&[python("crunch", 10, 12), main.clone()], &one);
-        profile.add(&[python("crunch", 10, 14), main.clone()], &one);
-        profile.add(&[python("crunch", 10, 14), main.clone()], &two);
-        profile.add(&[kernel, native, python("a;b", 20, 21), main], &two);
-        profile.add(&[Frame::marker("[truncated]")], &two);
+        profile.add(&[python("crunch", 10, 12), main.clone()], &one, Measurement::Cpu);
+        profile.add(&[python("crunch", 10, 14), main.clone()], &one, Measurement::Cpu);
+        profile.add(&[python("crunch", 10, 14), main.clone()], &two, Measurement::Cpu);
+        profile.add(&[kernel, native, python("a;b", 20, 21), main], &two, Measurement::Cpu);
+        profile.add(&[Frame::marker("[truncated]")], &two, Measurement::Cpu);
         profile
     }
 
     #[test]
     fn folds_lines_and_threads_of_a_function_together() {
         assert_eq!(
-            folded(&profile(), Width::Samples),
+            folded(&profile(), Width::all().find(|width| width.sample_type == SampleType::Samples).unwrap()),
             [
                 "<module> (app.py)_[j];a:b (app.py)_[j];__write (libc.so.6);ksys_write_[k] 1",
                 "<module> (app.py)_[j];crunch (app.py)_[j] 3",
@@ -174,7 +175,8 @@ mod tests {
         let mut profile = PeriodProfile::new("sleeper".to_owned(), BTreeMap::new(), start, 10_000_000);
         assert!(svg(&profile).unwrap().is_none(), "an empty profile has no flame graph");
         let thread = main_thread();
-        profile.add_off_cpu(&[python("nap", 3, 4)], &thread, crate::aggregate::Wait::Sleep, 2_500_000_000);
+        let nap = Measurement::OffCpu { wait: crate::stack::Wait::Sleep, ns: 2_500_000_000 };
+        profile.add(&[python("nap", 3, 4)], &thread, nap);
         let svg = String::from_utf8(svg(&profile).unwrap().unwrap()).unwrap();
         assert!(svg.contains("nap (app.py) (2,500 ms of wall time, 100.00%)"), "{svg}");
     }

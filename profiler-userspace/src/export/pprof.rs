@@ -10,30 +10,14 @@ use std::{
 
 use prost::Message;
 
-use crate::aggregate::{Frame, FrameId, FrameKind, PeriodProfile, ProcessThreads, StackKey, Wait};
+use super::frame_kind;
+use crate::aggregate::{FrameId, PeriodProfile, ProcessThreads, SampleType, StackKey};
+use crate::stack::{Frame, Wait};
 
 /// The serialized `Profile` message, not compressed: files and most receivers
 /// want it gzipped, some compress it their own way.
 pub fn encode(profile: &PeriodProfile) -> Vec<u8> {
     build(profile).encode_to_vec()
-}
-
-/// `(type, unit)` of each value of the profile's samples, in order.
-pub fn sample_types(profile: &PeriodProfile) -> Vec<(&'static str, &'static str)> {
-    let mut types = vec![("samples", "count"), ("cpu", "nanoseconds")];
-    if profile.wall {
-        types.extend([("wall", "nanoseconds"), ("off_cpu", "nanoseconds")]);
-    }
-    if profile.memory {
-        // Go's names and units, which pprof viewers and Pyroscope know.
-        types.extend([
-            ("alloc_objects", "count"),
-            ("alloc_space", "bytes"),
-            ("inuse_objects", "count"),
-            ("inuse_space", "bytes"),
-        ]);
-    }
-    types
 }
 
 /// The profile as a gzipped pprof, as files and backends want it.
@@ -46,9 +30,11 @@ pub fn encode_gzipped(profile: &PeriodProfile) -> std::io::Result<Vec<u8>> {
 
 fn build(profile: &PeriodProfile) -> proto::Profile {
     let mut tables = Tables::new();
-    let sample_type: Vec<_> =
-        sample_types(profile).into_iter().map(|(kind, unit)| tables.value_type(kind, unit)).collect();
-    let cpu = sample_type[1];
+    // The values of each sample, in the order of the table.
+    let types: Vec<SampleType> = profile.sample_types().collect();
+    let sample_type: Vec<_> = types.iter().map(|kind| tables.value_type(kind.row().name, kind.row().unit)).collect();
+    // Samples are taken every period of CPU time, which viewers show first.
+    let cpu = sample_type[types.iter().position(|&kind| kind == SampleType::Cpu).expect("CPU time is always measured")];
     let default_sample_type = cpu.r#type;
 
     // Frames are interned already: one location each, shared by every stack.
@@ -81,17 +67,9 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
                 label.push(tables.label(key, value));
             }
             label.extend_from_slice(&common_labels);
-            let mut values = vec![int(value.samples), int(value.cpu_ns)];
-            if profile.wall {
-                values.extend([int(value.wall_ns), int(value.off_cpu_ns)]);
-            }
-            if profile.memory {
-                values
-                    .extend([value.alloc_objects, value.alloc_bytes, value.inuse_objects, value.inuse_bytes].map(int));
-            }
             proto::Sample {
                 location_id: key.frames.iter().map(|&frame| locations[frame as usize]).collect(),
-                value: values,
+                value: types.iter().map(|&kind| int(value[kind])).collect(),
                 label,
             }
         })
@@ -129,15 +107,6 @@ fn build(profile: &PeriodProfile) -> proto::Profile {
 fn order(key: &StackKey) -> (u32, u32, &str, &str, Option<Wait>, &[FrameId]) {
     let thread = &key.thread;
     (thread.pid, thread.tid, &thread.thread_name, &thread.process_name, key.wait, &key.frames)
-}
-
-/// The file pprof shows for a frame. Kernel symbols have none: name the
-/// kernel as `perf` does, so they stand apart from native code.
-fn file_name(frame: &Frame) -> &str {
-    match frame.kind {
-        FrameKind::Kernel if frame.file.is_empty() => "[kernel.kallsyms]",
-        _ => &frame.file,
-    }
 }
 
 /// pprof integers are signed; values that large do not happen, but saturate
@@ -193,17 +162,13 @@ impl Tables {
     /// The id of the location of `frame`, added if new. Ids start at 1: 0
     /// means none in pprof.
     fn location(&mut self, frame: &Frame) -> u64 {
-        let name = self.string(&frame.function);
-        let filename = self.string(file_name(frame));
+        // The frame's kind goes in its file and system name, as readers
+        // (the viewer) take it back.
+        let function = frame_kind::encode(frame);
+        let name = self.string(function.name);
+        let filename = self.string(function.filename);
+        let system_name = self.string(function.system_name);
         let start_line = i64::from(frame.start_line);
-        // Readers demangle a function whose system name is its name, and
-        // pprof's C++ heuristics turn `<module>` or `<lambda>` into "".
-        // Python functions and markers are not symbols: give them no system
-        // name.
-        let system_name = match frame.kind {
-            FrameKind::Native | FrameKind::Kernel => name,
-            FrameKind::Python | FrameKind::Marker => 0,
-        };
         let function_id = *self.function_ids.entry((name, filename, start_line)).or_insert_with(|| {
             let id = self.functions.len() as u64 + 1;
             self.functions.push(proto::Function { id, name, system_name, filename, start_line });
@@ -227,7 +192,8 @@ mod tests {
     use std::{collections::BTreeMap, io::Write, path::Path, process::Command, time::Duration};
 
     use super::*;
-    use crate::aggregate::{Thread, ThreadCounts};
+    use crate::aggregate::{Dimension, Measurement, ThreadCounts};
+    use crate::stack::{FrameKind, Thread};
 
     fn frame(kind: FrameKind, function: &str, file: &str, start_line: u32, line: u32) -> Frame {
         Frame { kind, function: function.into(), file: file.into(), start_line, line }
@@ -261,11 +227,11 @@ mod tests {
         let truncated = Frame::marker("[truncated]");
         let main_thread = thread(42, "python3.12");
         let worker = thread(43, "worker-1");
-        profile.add(&[crunch(12), main.clone()], &main_thread);
-        profile.add(&[crunch(12), main.clone()], &main_thread);
-        profile.add(&[crunch(14), main.clone()], &main_thread);
-        profile.add(&[syscall, write, crunch(14), main], &worker);
-        profile.add(&[crunch(12), truncated], &worker);
+        profile.add(&[crunch(12), main.clone()], &main_thread, Measurement::Cpu);
+        profile.add(&[crunch(12), main.clone()], &main_thread, Measurement::Cpu);
+        profile.add(&[crunch(14), main.clone()], &main_thread, Measurement::Cpu);
+        profile.add(&[syscall, write, crunch(14), main], &worker, Measurement::Cpu);
+        profile.add(&[crunch(12), truncated], &worker, Measurement::Cpu);
         let counts = ThreadCounts { live: 2, started: 1, ended: 0 };
         profile.threads = vec![ProcessThreads { pid: 42, process_name: "python3.12".into(), counts }];
         profile
@@ -437,10 +403,11 @@ mod tests {
     #[test]
     fn wall_and_off_cpu_time_with_wait_labels() {
         let mut profile = profile();
-        profile.wall = true;
+        profile.dimensions.insert(Dimension::Wall);
         let sleep = frame(FrameKind::Python, "Worker.nap", "/srv/app.py", 20, 21);
-        profile.add_off_cpu(std::slice::from_ref(&sleep), &thread(43, "worker-1"), Wait::Sleep, 2_000_000_000);
-        profile.add_off_cpu(&[sleep], &thread(43, "worker-1"), Wait::Io, 500_000_000);
+        let off_cpu = |wait, ns| Measurement::OffCpu { wait, ns };
+        profile.add(std::slice::from_ref(&sleep), &thread(43, "worker-1"), off_cpu(Wait::Sleep, 2_000_000_000));
+        profile.add(&[sleep], &thread(43, "worker-1"), off_cpu(Wait::Io, 500_000_000));
         let decoded = proto::Profile::decode(&encode(&profile)[..]).unwrap();
         let string = |id: i64| decoded.string_table[id as usize].as_str();
         let types: Vec<_> = decoded.sample_type.iter().map(|t| (string(t.r#type), string(t.unit))).collect();

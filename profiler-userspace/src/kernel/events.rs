@@ -1,23 +1,31 @@
 //! The ring buffer's records, decoded in one place into typed events: a new
 //! record kind is a variant here and a type in `profiler-common`.
 
-use profiler_common::{kind, MemoryEvent, ProcessEvent, Sample};
+use profiler_common::{kind, AllocSample, CpuSample, MemoryEvent, OffCpuSample, ProcessEvent, StackRecord};
 
 /// One record of the kernel's ring buffer.
 pub enum Event {
     /// A thread sampled on the CPU.
-    Cpu(Sample),
+    Cpu(CpuSample),
     /// A thread back from `off_cpu_ns` off the CPU, waiting for `wait`.
-    OffCpu(Sample),
+    OffCpu(OffCpuSample),
     /// An allocation of `bytes` at `address`, sampled by bytes.
-    Alloc(Sample),
+    Alloc(AllocSample),
     /// A pymalloc arena of `bytes` at `address`, sampled by bytes.
-    Arena(Sample),
+    Arena(AllocSample),
     /// A sampled allocation was freed.
-    Free { pid: u32, address: u64 },
+    Free {
+        pid: u32,
+        address: u64,
+    },
     /// The first sample of a process not seen before (or since its exec).
-    NewProcess { pid: u32, comm: [u8; 16] },
-    Exit { pid: u32 },
+    NewProcess {
+        pid: u32,
+        comm: [u8; 16],
+    },
+    Exit {
+        pid: u32,
+    },
 }
 
 /// A record that is none of the kinds the agent knows, or too short for its kind.
@@ -47,13 +55,13 @@ fn read<T: Copy>(record: &[u8]) -> Option<T> {
 pub fn decode(record: &[u8]) -> Result<Event, Unexpected> {
     let unexpected = |kind| Unexpected { kind, len: record.len() };
     let kind = record.get(..4).map(|bytes| u32::from_ne_bytes(bytes.try_into().unwrap())).ok_or(unexpected(None))?;
-    let sample = || read::<Sample>(record).ok_or(unexpected(Some(kind)));
+    let stacks = || read::<StackRecord>(record).ok_or(unexpected(Some(kind)));
     let process = || read::<ProcessEvent>(record).ok_or(unexpected(Some(kind)));
     Ok(match kind {
-        kind::SAMPLE => Event::Cpu(sample()?),
-        kind::OFF_CPU => Event::OffCpu(sample()?),
-        kind::ALLOC => Event::Alloc(sample()?),
-        kind::ARENA => Event::Arena(sample()?),
+        kind::SAMPLE => Event::Cpu(CpuSample(stacks()?)),
+        kind::OFF_CPU => Event::OffCpu(OffCpuSample(stacks()?)),
+        kind::ALLOC => Event::Alloc(AllocSample(stacks()?)),
+        kind::ARENA => Event::Arena(AllocSample(stacks()?)),
         kind::FREE => {
             let MemoryEvent { pid, address, .. } = read(record).ok_or(unexpected(Some(kind)))?;
             Event::Free { pid, address }
@@ -80,15 +88,16 @@ mod tests {
 
     #[test]
     fn records_decode_to_one_event_each() {
-        // SAFETY: all zeroes is a valid `Sample` (plain data).
-        let mut sample: Sample = unsafe { std::mem::zeroed() };
+        // SAFETY: all zeroes is a valid `StackRecord` (plain data).
+        let mut sample: StackRecord = unsafe { std::mem::zeroed() };
         sample.pid = 42;
         sample.bytes = 4096;
-        for (kind, expected) in [(kind::SAMPLE, "cpu"), (kind::OFF_CPU, "off"), (kind::ALLOC, "alloc"), (kind::ARENA, "arena")]
+        for (kind, expected) in
+            [(kind::SAMPLE, "cpu"), (kind::OFF_CPU, "off"), (kind::ALLOC, "alloc"), (kind::ARENA, "arena")]
         {
             sample.kind = kind;
             let event = decode(&record_of(&sample)).unwrap();
-            let (name, decoded) = match &event {
+            let (name, decoded): (_, &StackRecord) = match &event {
                 Event::Cpu(sample) => ("cpu", sample),
                 Event::OffCpu(sample) => ("off", sample),
                 Event::Alloc(sample) => ("alloc", sample),
@@ -113,5 +122,4 @@ mod tests {
         assert_eq!(decode(&[1, 0]).err(), Some(Unexpected { kind: None, len: 2 }));
         assert_eq!(decode(&99u32.to_ne_bytes()).err(), Some(Unexpected { kind: Some(99), len: 4 }));
     }
-
 }

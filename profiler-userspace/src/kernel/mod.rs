@@ -4,9 +4,9 @@
 
 pub mod capabilities;
 pub mod check;
+pub mod events;
 pub mod features;
 pub mod headroom;
-pub mod events;
 mod sampler;
 
 pub use sampler::*;

@@ -549,11 +549,12 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use profiler_common::{
-        kind, wait, PyFrame, PyOffsets, Sample, MAX_PY_FRAMES, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE,
+        wait, OffCpuSample, PyFrame, PyOffsets, MAX_PY_FRAMES, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER, PY_CYCLE,
         PY_ENTRY_FRAME, PY_NOT_PYTHON, PY_OK, PY_TRUNCATED,
     };
 
     use super::*;
+    use crate::kernel::events::{self, Event};
 
     /// Loads the real programs into the real kernel (needs root) and checks
     /// that a busy thread of this process is sampled with its stacks.
@@ -568,8 +569,7 @@ mod tests {
         }
         let mut ours = 0;
         while let Some(record) = events.next() {
-            if record.len() >= size_of::<Sample>() && record[..4] == kind::SAMPLE.to_ne_bytes() {
-                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+            if let Ok(Event::Cpu(sample)) = events::decode(&record) {
                 assert_eq!(sample.pid, me, "--pid filtering lets only this process through");
                 assert!(sample.user_len > 0, "a user stack is recorded");
                 ours += 1;
@@ -601,12 +601,10 @@ mod tests {
     }
 
     /// The off-CPU samples of thread `tid` sleeping, from what `events` holds.
-    fn sleeps_of(events: &mut RingBuf<MapData>, tid: u32) -> Vec<Sample> {
+    fn sleeps_of(events: &mut RingBuf<MapData>, tid: u32) -> Vec<OffCpuSample> {
         let mut sleeps = Vec::new();
         while let Some(record) = events.next() {
-            if record.len() >= size_of::<Sample>() && record[..4] == kind::OFF_CPU.to_ne_bytes() {
-                // SAFETY: a whole `Sample`, as the kind says.
-                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+            if let Ok(Event::OffCpu(sample)) = events::decode(&record) {
                 if sample.tid == tid && sample.wait == wait::SLEEP {
                     sleeps.push(sample);
                 }
@@ -638,7 +636,7 @@ mod tests {
         }
         let mut samples = 0;
         while let Some(record) = events.next() {
-            samples += usize::from(record[..4] == kind::SAMPLE.to_ne_bytes());
+            samples += usize::from(matches!(events::decode(&record), Ok(Event::Cpu(_))));
         }
         assert!(samples >= 50, "200 ms at 1000 Hz: {samples} samples");
     }
@@ -785,9 +783,7 @@ mod tests {
         }
         let mut walks = Vec::new();
         while let Some(record) = events.next() {
-            if record.len() >= size_of::<Sample>() && record[..4] == kind::SAMPLE.to_ne_bytes() {
-                // SAFETY: a whole `Sample`, as the kind says.
-                let sample = unsafe { record.as_ptr().cast::<Sample>().read_unaligned() };
+            if let Ok(Event::Cpu(sample)) = events::decode(&record) {
                 // Samples taken before `add_python` are not walked.
                 if sample.tid == tid && sample.py_status != PY_NOT_PYTHON {
                     walks.push((sample.py_status, sample.py_frames[..sample.py_len as usize].to_vec()));

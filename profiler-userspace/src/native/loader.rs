@@ -411,7 +411,10 @@ fn read_file(pid: u32, mapping: &FileMapping) -> Option<FileBytes> {
         // The kernel's own small ELF image, with its `.eh_frame`: the clock
         // functions programs call often are in it.
         let length = (mapping.end - mapping.start) as usize;
-        return crate::process::procmem::ProcessMemory::new(pid).read_vec(mapping.start, length).ok().map(FileBytes::Read);
+        return crate::process::procmem::ProcessMemory::new(pid)
+            .read_vec(mapping.start, length)
+            .ok()
+            .map(FileBytes::Read);
     }
     let file = std::fs::File::open(format!("/proc/{pid}/root{}", mapping.path)).ok()?;
     // SAFETY: read only. A file truncated while mapped would fault; files

@@ -9,7 +9,10 @@ use blazesym::{
     Pid,
 };
 
-use crate::stack::{Frame, FrameKind, NativeNames};
+use crate::{
+    export::frame_kind::KERNEL_FILE,
+    stack::{Frame, FrameKind, NativeNames},
+};
 
 /// Cached names are dropped past this many addresses, so that memory stays
 /// bounded on hosts that run many different programs.
@@ -20,6 +23,12 @@ pub struct NativeSymbolizer {
     kernel_source: source::Source<'static>,
     kernel: HashMap<u64, Frame>,
     user: HashMap<(u32, u64), Frame>,
+}
+
+impl Default for NativeSymbolizer {
+    fn default() -> Self {
+        NativeSymbolizer::new()
+    }
 }
 
 impl NativeSymbolizer {
@@ -80,9 +89,11 @@ impl NativeNames for NativeSymbolizer {
             bound(&mut self.kernel);
             let names = self.symbolizer.symbolize(&self.kernel_source, Input::AbsAddr(&missing));
             for (i, &addr) in missing.iter().enumerate() {
+                // Kernel code has no object file: name the kernel, as
+                // readers of the pprof know it.
                 let frame = match names.as_ref().ok().and_then(|names| names.get(i)) {
-                    Some(Symbolized::Sym(sym)) => named(FrameKind::Kernel, &sym.name, "[kernel]"),
-                    _ => named(FrameKind::Kernel, "[unknown]", "[kernel]"),
+                    Some(Symbolized::Sym(sym)) => named(FrameKind::Kernel, &sym.name, KERNEL_FILE),
+                    _ => named(FrameKind::Kernel, "[unknown]", KERNEL_FILE),
                 };
                 self.kernel.insert(addr, frame);
             }
@@ -155,6 +166,7 @@ mod tests {
         frames.clear();
         symbolizer.kernel(&[schedule + 4], &mut frames);
         assert_eq!(&*frames[0].function, "schedule");
-        assert_eq!(&*frames[0].file, "[kernel]");
+        assert_eq!(&*frames[0].file, KERNEL_FILE);
+        assert_eq!(frames[0].kind, FrameKind::Kernel);
     }
 }

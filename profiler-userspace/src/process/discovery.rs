@@ -6,12 +6,7 @@
 
 use super::containers::{self, Container};
 use crate::cpython::{find_python, PythonStatus};
-use std::{
-    collections::BTreeMap,
-    fs, io,
-    ops::Range,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fs, io, ops::Range, sync::Arc};
 
 /// What a process is.
 #[derive(Debug)]
@@ -67,7 +62,6 @@ fn own_labels(pid: u32, environ: &[u8]) -> OwnLabels {
     }
     own
 }
-
 
 /// Threads alive in process `pid` (`/proc/PID/task`); None when it is gone.
 pub fn live_threads(pid: u32) -> Option<u32> {
@@ -280,7 +274,6 @@ mod tests {
     }
     use std::process::Command;
 
-
     fn args(line: &str) -> Vec<String> {
         line.split(' ').map(String::from).collect()
     }
@@ -365,7 +358,6 @@ mod tests {
         assert_eq!(namespace_pid(&status("\t4242")), None);
         assert_eq!(namespace_pid("Name:\tpython3\n"), None);
     }
-
 
     #[test]
     fn gone_process_is_an_error() {

@@ -15,10 +15,7 @@ use super::{
     discovery::{self, ProcessInfo},
     kubernetes::Pods,
 };
-use crate::{
-    aggregate::{Series, Thread},
-    cpython,
-};
+use crate::{aggregate::Series, cpython, stack::Thread};
 
 /// What the agent knows of one process.
 pub struct Process {
@@ -59,7 +56,10 @@ pub enum Recheck {
     OnNewCode,
     /// CPython still starting up (its version not yet in memory): again at
     /// `next`, until `give_up`.
-    At { next: Instant, give_up: Instant },
+    At {
+        next: Instant,
+        give_up: Instant,
+    },
 }
 
 /// How often, and how long, a starting CPython is looked at again.

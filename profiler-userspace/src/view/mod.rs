@@ -3,6 +3,7 @@
 //! written by `ferroscope agent` can be looked at without a backend.
 
 mod query;
+mod resolve;
 mod store;
 mod wire;
 
@@ -17,7 +18,7 @@ use self::{
     query::Selection,
     store::{Application, Store},
 };
-use crate::config::DEFAULT_OUTPUT_DIR;
+use crate::{aggregate::SampleType, config::DEFAULT_OUTPUT_DIR};
 
 /// Flags of `ferroscope view`.
 #[derive(Args, Debug)]
@@ -157,7 +158,7 @@ impl Params {
     }
 
     fn sample_type(&self, app: &Application) -> Result<usize> {
-        let name = self.get("type").unwrap_or("cpu");
+        let name = self.get("type").unwrap_or(SampleType::Cpu.row().name);
         app.sample_type(name).with_context(|| {
             let known: Vec<_> = app.sample_types.iter().map(|(kind, _)| kind.as_str()).collect();
             format!("no sample type `{name}` here: {}", known.join(", "))

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::store::{Application, Kind, Period};
+use crate::aggregate::sample_type::{self as table, Aggregation};
 
 /// Which samples: a time range, a sample type, and labels they must have.
 pub struct Selection {
@@ -133,7 +134,7 @@ fn stack_values(app: &Application, selection: &Selection) -> (Vec<i64>, usize) {
         .iter()
         .filter(|period| period.start_ms >= selection.from_ms && period.start_ms < selection.to_ms)
         .collect();
-    let is_level = app.sample_types[selection.type_index].0.starts_with("inuse_");
+    let is_level = is_level(&app.sample_types[selection.type_index].0);
     let periods: Vec<&Period> = if is_level {
         let mut last: HashMap<&str, &Period> = HashMap::new();
         for period in in_range {
@@ -152,6 +153,16 @@ fn stack_values(app: &Application, selection: &Selection) -> (Vec<i64>, usize) {
         }
     }
     (values, periods.len())
+}
+
+/// Whether sample type `name` is a level (what is in use), averaged over
+/// time rather than summed: Ferroscope's types as its table says, those of
+/// other writers by Go's names for them (`inuse_space`, `inuse_objects`).
+fn is_level(name: &str) -> bool {
+    match table::SampleType::named(name).map(|sample_type| sample_type.row().aggregation) {
+        Some(aggregation) => aggregation == Aggregation::Average,
+        None => name.starts_with("inuse_"),
+    }
 }
 
 /// The flame graph and top tables of `selection`; with `base`, the flame
@@ -350,7 +361,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::{export::pprof::proto, view::store::Resolved};
+    use crate::{export::pprof::proto, view::resolve::Resolved};
 
     /// A sample of a test period: its stack (root first), values and labels.
     type TestSample<'a> = (&'a [&'a str], Vec<i64>, &'a [(&'a str, &'a str)]);
@@ -527,6 +538,16 @@ mod tests {
         // One function each, however many files name it.
         assert_eq!(app.functions.items.len(), 2);
         assert_eq!(flame(&app, &everything(&app, "inuse_space"), None).total, 75);
+    }
+
+    #[test]
+    fn levels_are_the_tables_averaged_types_and_other_writers_inuse_types() {
+        for sample_type in table::SampleType::ALL {
+            let row = sample_type.row();
+            assert_eq!(is_level(row.name), row.aggregation == Aggregation::Average, "{}", row.name);
+        }
+        assert!(is_level("inuse_vms"), "another writer's level");
+        assert!(!is_level("contentions"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The profiles on disk, read once into memory: per application, every
 //! period's samples over tables of frames, stacks and label sets shared by
 //! all its periods (a day of periods repeats the same stacks), so that any
-//! range, filter and sample type is a scan of integers.
+//! range, filter and sample type is a scan of integers. Files are read and
+//! decoded on every core (`resolve.rs` reads one), then taken in here.
 
 use std::{
     collections::HashMap,
@@ -17,9 +18,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use std::hash::BuildHasher;
 
-use super::wire;
+use super::resolve::Resolved;
+use crate::stack::FrameKind;
 
 /// How a frame is colored: by the code it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -30,6 +31,17 @@ pub enum Kind {
     Kernel,
     /// `[truncated]`, `[idle]` and such: no code of their own.
     Marker,
+}
+
+impl From<FrameKind> for Kind {
+    fn from(kind: FrameKind) -> Kind {
+        match kind {
+            FrameKind::Python => Kind::Python,
+            FrameKind::Native => Kind::Native,
+            FrameKind::Kernel => Kind::Kernel,
+            FrameKind::Marker => Kind::Marker,
+        }
+    }
 }
 
 /// A function: a box of the flame graph and a row of the top table.
@@ -222,67 +234,9 @@ impl Application {
     /// distinct functions, lines, stacks and label sets are looked up, and
     /// only those new to the application are copied.
     pub(super) fn add(&mut self, file_name: &str, resolved: Resolved) {
-        let bytes = &resolved.text;
-        let text = |index: u32| resolved.text(index, bytes);
-        let columns_of_file: Vec<usize> = resolved
-            .sample_types
-            .iter()
-            .map(|&(kind, unit)| {
-                let key = (text(kind), text(unit));
-                match self.sample_types.iter().position(|(k, u)| (k.as_str(), u.as_str()) == key) {
-                    Some(index) => index,
-                    None => {
-                        self.sample_types.push((key.0.to_owned(), key.1.to_owned()));
-                        self.sample_types.len() - 1
-                    }
-                }
-            })
-            .collect();
-        let mut columns = vec![None; self.sample_types.len()];
-        for (column, &type_index) in columns_of_file.iter().enumerate() {
-            columns[type_index] = Some(column);
-        }
-        let functions: Vec<u32> = resolved
-            .functions
-            .iter()
-            .map(|&(name, file, kind)| {
-                let function = FunctionRef { name: text(name), file: text(file), kind };
-                self.functions.id(&function, |function| Function {
-                    name: function.name.to_owned(),
-                    file: function.file.to_owned(),
-                    kind,
-                })
-            })
-            .collect();
-        let lines: Vec<u32> = resolved
-            .lines
-            .iter()
-            .map(|&(function, line)| {
-                self.lines.id(&Line { function: functions[function as usize], line }, |line| *line)
-            })
-            .collect();
-        let mut global = Vec::new();
-        let stacks: Vec<u32> = (0..resolved.stacks.len())
-            .map(|stack| {
-                global.clear();
-                global.extend(resolved.stacks.get(stack).iter().map(|&line| lines[line as usize]));
-                self.stacks.id(global.as_slice(), |stack| stack.into())
-            })
-            .collect();
-        let mut pairs = Vec::new();
-        let label_sets: Vec<u32> = resolved
-            .label_sets
-            .iter()
-            .map(|labels| {
-                pairs.clear();
-                pairs.extend(labels.iter().map(|&(key, value)| (text(key), text(value))));
-                // One order, so that a set is one set whoever wrote it.
-                pairs.sort_unstable();
-                self.label_sets.id(&LabelsRef(&pairs), |labels| {
-                    labels.0.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
-                })
-            })
-            .collect();
+        let (columns, stride) = self.columns(&resolved);
+        let stacks = self.intern_stacks(&resolved);
+        let label_sets = self.intern_label_sets(&resolved);
         // Kept in order of start, as files come in any order.
         let series = series_of(file_name);
         let at = self
@@ -304,260 +258,86 @@ impl Application {
                         labels: label_sets[labels as usize],
                     })
                     .collect(),
-                stride: columns_of_file.len(),
+                stride,
                 values: resolved.values,
             },
         );
     }
-}
 
-/// A file's profile over tables of its own, each entry once, read in place
-/// from its bytes: what a decoding thread hands over. Strings are indexes in
-/// the file's string table; stacks are leaf first, of indexes in `lines`.
-pub(super) struct Resolved {
-    /// The file's string table, copied: the span of the file from its first
-    /// string to its last (writers put them together, at the end).
-    text: Vec<u8>,
-    /// Where each string of the string table is in `text`.
-    strings: Vec<(u32, u32)>,
-    start_ms: i64,
-    end_ms: i64,
-    sample_types: Vec<(u32, u32)>,
-    /// `(name, file, kind)`.
-    functions: Vec<(u32, u32, Kind)>,
-    /// `(index in functions, line)`.
-    lines: Vec<(u32, i64)>,
-    stacks: Slices,
-    /// `(key, value)` pairs, in the file's order.
-    label_sets: Vec<Box<[(u32, u32)]>>,
-    /// `(index in stacks, index in label_sets)`.
-    samples: Vec<(u32, u32)>,
-    /// `sample_types.len()` per sample.
-    values: Vec<i64>,
-}
-
-impl Resolved {
-    /// Reads a pprof `Profile` message (profile.proto's field numbers).
-    pub(super) fn new(bytes: &[u8]) -> Result<Resolved> {
-        let mut resolved = Resolved {
-            text: Vec::new(),
-            strings: Vec::new(),
-            start_ms: 0,
-            end_ms: 0,
-            sample_types: Vec::new(),
-            functions: Vec::new(),
-            lines: Vec::new(),
-            stacks: Slices::default(),
-            label_sets: Vec::new(),
-            samples: Vec::new(),
-            values: Vec::new(),
-        };
-        // The tables may come in any order: note where each message is first.
-        let (mut sample_types, mut samples, mut locations, mut functions) = (vec![], vec![], vec![], vec![]);
-        let mut duration_nanos = 0;
-        for field in wire::fields(bytes) {
-            let (number, value) = field?;
-            match number {
-                1 => sample_types.push(value.bytes()),
-                2 => samples.push(value.bytes()),
-                4 => locations.push(value.bytes()),
-                5 => functions.push(value.bytes()),
-                6 => {
-                    let string = value.bytes();
-                    let start = string.as_ptr() as usize - bytes.as_ptr() as usize;
-                    resolved.strings.push((start as u32, (start + string.len()) as u32));
-                }
-                9 => resolved.start_ms = value.int() / 1_000_000,
-                10 => duration_nanos = value.int(),
-                _ => {}
-            }
-        }
-        resolved.end_ms = resolved.start_ms + duration_nanos / 1_000_000;
-        let string_count = resolved.strings.len() as i64;
-        // Out-of-range string indexes read as "" (index 0), as pprof's readers do.
-        let string = |index: i64| if (0..string_count).contains(&index) { index as u32 } else { 0 };
-        if resolved.strings.is_empty() {
-            resolved.strings.push((0, 0));
-        }
-
-        for message in sample_types {
-            let (mut kind, mut unit) = (0, 0);
-            for field in wire::fields(message) {
-                match field? {
-                    (1, value) => kind = string(value.int()),
-                    (2, value) => unit = string(value.int()),
-                    _ => {}
-                }
-            }
-            resolved.sample_types.push((kind, unit));
-        }
-
-        let mut function_index = hashbrown::HashMap::with_capacity(functions.len());
-        for message in functions {
-            let (mut id, mut name, mut system_name, mut file) = (0, 0, 0, 0);
-            for field in wire::fields(message) {
-                match field? {
-                    (1, value) => id = value.int(),
-                    (2, value) => name = string(value.int()),
-                    (3, value) => system_name = string(value.int()),
-                    (4, value) => file = string(value.int()),
-                    _ => {}
-                }
-            }
-            let file_name = resolved.text(file, bytes);
-            let kind = match () {
-                // The symbolizer's name for the kernel, and pprof's.
-                _ if file_name == "[kernel]" || file_name == "[kernel.kallsyms]" => Kind::Kernel,
-                _ if system_name != 0 => Kind::Native,
-                _ if file_name.is_empty() => Kind::Marker,
-                _ => Kind::Python,
-            };
-            function_index.insert(id, resolved.functions.len() as u32);
-            resolved.functions.push((name, file, kind));
-        }
-
-        // A location with inlined functions has several lines, innermost
-        // first: `lines[start..end]`.
-        let mut spans = Vec::with_capacity(locations.len());
-        for message in locations {
-            let (mut id, start) = (0, resolved.lines.len() as u32);
-            for field in wire::fields(message) {
-                match field? {
-                    (1, value) => id = value.int(),
-                    (4, line) => {
-                        let (mut function_id, mut number) = (0, 0);
-                        for field in wire::fields(line.bytes()) {
-                            match field? {
-                                (1, value) => function_id = value.int(),
-                                (2, value) => number = value.int(),
-                                _ => {}
-                            }
-                        }
-                        if let Some(&function) = function_index.get(&function_id) {
-                            resolved.lines.push((function, number));
-                        }
+    /// The column of each of the application's sample types in the file's
+    /// values (types new to the application are added), and how many
+    /// columns the file has.
+    fn columns(&mut self, resolved: &Resolved) -> (Vec<Option<usize>>, usize) {
+        let columns_of_file: Vec<usize> = resolved
+            .sample_types
+            .iter()
+            .map(|&(kind, unit)| {
+                let key = (resolved.string(kind), resolved.string(unit));
+                match self.sample_types.iter().position(|(k, u)| (k.as_str(), u.as_str()) == key) {
+                    Some(index) => index,
+                    None => {
+                        self.sample_types.push((key.0.to_owned(), key.1.to_owned()));
+                        self.sample_types.len() - 1
                     }
-                    _ => {}
                 }
-            }
-            spans.push((id, start, resolved.lines.len() as u32));
+            })
+            .collect();
+        let mut columns = vec![None; self.sample_types.len()];
+        for (column, &type_index) in columns_of_file.iter().enumerate() {
+            columns[type_index] = Some(column);
         }
-        // Writers number locations 1, 2, 3...: then a location is found by
-        // its id, else through a map.
-        let dense = spans.iter().enumerate().all(|(index, &(id, _, _))| id == index as i64 + 1);
-        let by_id: hashbrown::HashMap<i64, (u32, u32)> =
-            if dense { Default::default() } else { spans.iter().map(|&(id, start, end)| (id, (start, end))).collect() };
-        let span_of = |id: i64| match dense {
-            true => spans.get(usize::try_from(id - 1).ok()?).map(|&(_, start, end)| (start, end)),
-            false => by_id.get(&id).copied(),
-        };
-
-        // Samples of one thread have the same labels: the same label
-        // messages, byte for byte, which are read once.
-        let mut label_sets_seen: hashbrown::HashMap<Vec<&[u8]>, u32> = hashbrown::HashMap::new();
-        let (mut stack, mut label_messages, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        let types = resolved.sample_types.len();
-        resolved.samples.reserve(samples.len());
-        resolved.values.reserve(samples.len() * types);
-        for message in samples {
-            stack.clear();
-            label_messages.clear();
-            values.clear();
-            for field in wire::fields(message) {
-                match field? {
-                    (1, value) => value.ints(|id| match span_of(id) {
-                        Some((start, end)) if end == start + 1 => stack.push(start),
-                        Some((start, end)) => stack.extend(start..end),
-                        None => {}
-                    })?,
-                    (2, value) => value.ints(|v| values.push(v))?,
-                    (3, label) => label_messages.push(label.bytes()),
-                    _ => {}
-                }
-            }
-            let stack = resolved.stacks.id(&stack);
-            let label_set = match label_sets_seen.get(&label_messages) {
-                Some(&set) => set,
-                None => {
-                    let mut labels = Vec::with_capacity(label_messages.len());
-                    for label in &label_messages {
-                        let (mut key, mut text) = (0, 0);
-                        for field in wire::fields(label) {
-                            match field? {
-                                (1, value) => key = string(value.int()),
-                                (2, value) => text = string(value.int()),
-                                _ => {}
-                            }
-                        }
-                        // Numeric labels have no string: not filterable here.
-                        if text != 0 {
-                            labels.push((key, text));
-                        }
-                    }
-                    resolved.label_sets.push(labels.into_boxed_slice());
-                    let set = resolved.label_sets.len() as u32 - 1;
-                    label_sets_seen.insert(label_messages.clone(), set);
-                    set
-                }
-            };
-            resolved.samples.push((stack, label_set));
-            // A value per type; a short sample counts as zeros.
-            resolved.values.extend((0..types).map(|i| values.get(i).copied().unwrap_or(0)));
-        }
-        // The strings, and nothing else of the file, go to the merging thread.
-        let first = resolved.strings.iter().map(|&(start, _)| start).min().unwrap_or(0);
-        let last = resolved.strings.iter().map(|&(_, end)| end).max().unwrap_or(0);
-        resolved.text = bytes[first as usize..last as usize].to_vec();
-        for (start, end) in &mut resolved.strings {
-            (*start, *end) = (*start - first, *end - first);
-        }
-        Ok(resolved)
+        (columns, columns_of_file.len())
     }
 
-    /// String `index` of the file's string table, in `bytes`.
-    fn text<'a>(&self, index: u32, bytes: &'a [u8]) -> &'a str {
-        let (start, end) = self.strings.get(index as usize).copied().unwrap_or((0, 0));
-        std::str::from_utf8(&bytes[start as usize..end as usize]).unwrap_or("\u{fffd}")
+    /// The application's id of each of the file's stacks, through its
+    /// functions and lines.
+    fn intern_stacks(&mut self, resolved: &Resolved) -> Vec<u32> {
+        let functions: Vec<u32> = resolved
+            .functions
+            .iter()
+            .map(|&(name, file, kind)| {
+                let function = FunctionRef { name: resolved.string(name), file: resolved.string(file), kind };
+                self.functions.id(&function, |function| Function {
+                    name: function.name.to_owned(),
+                    file: function.file.to_owned(),
+                    kind,
+                })
+            })
+            .collect();
+        let lines: Vec<u32> = resolved
+            .lines
+            .iter()
+            .map(|&(function, line)| {
+                self.lines.id(&Line { function: functions[function as usize], line }, |line| *line)
+            })
+            .collect();
+        let mut global = Vec::new();
+        (0..resolved.stacks.len())
+            .map(|stack| {
+                global.clear();
+                global.extend(resolved.stacks.get(stack).iter().map(|&line| lines[line as usize]));
+                self.stacks.id(global.as_slice(), |stack| stack.into())
+            })
+            .collect()
     }
-}
 
-/// Slices of integers stored end to end, each once, with ids: a file's
-/// stacks, without an allocation each.
-#[derive(Default)]
-struct Slices {
-    items: Vec<u32>,
-    /// Where each slice ends in `items`; it starts where the one before ends.
-    ends: Vec<u32>,
-    ids: hashbrown::HashTable<u32>,
-    hasher: hashbrown::DefaultHashBuilder,
-}
-
-impl Slices {
-    fn len(&self) -> usize {
-        self.ends.len()
+    /// The application's id of each of the file's label sets.
+    fn intern_label_sets(&mut self, resolved: &Resolved) -> Vec<u32> {
+        let mut pairs = Vec::new();
+        resolved
+            .label_sets
+            .iter()
+            .map(|labels| {
+                pairs.clear();
+                pairs.extend(labels.iter().map(|&(key, value)| (resolved.string(key), resolved.string(value))));
+                // One order, so that a set is one set whoever wrote it.
+                pairs.sort_unstable();
+                self.label_sets.id(&LabelsRef(&pairs), |labels| {
+                    labels.0.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
+                })
+            })
+            .collect()
     }
-
-    fn get(&self, id: usize) -> &[u32] {
-        slice(&self.items, &self.ends, id)
-    }
-
-    fn id(&mut self, slice_to_find: &[u32]) -> u32 {
-        let hash = self.hasher.hash_one(slice_to_find);
-        if let Some(&id) = self.ids.find(hash, |&id| self.get(id as usize) == slice_to_find) {
-            return id;
-        }
-        let id = self.ends.len() as u32;
-        self.items.extend_from_slice(slice_to_find);
-        self.ends.push(self.items.len() as u32);
-        let Slices { items, ends, ids, hasher } = self;
-        ids.insert_unique(hash, id, |&id| hasher.hash_one(slice(items, ends, id as usize)));
-        id
-    }
-}
-
-fn slice<'a>(items: &'a [u32], ends: &[u32], id: usize) -> &'a [u32] {
-    let start = if id == 0 { 0 } else { ends[id - 1] as usize };
-    &items[start..ends[id] as usize]
 }
 
 /// `20261122T051323Z-20261122T051409Z-8c0f3a2e.pb.gz` → `8c0f3a2e`; the
@@ -753,6 +533,49 @@ mod tests {
         fs::remove_file(dir.join("a.pb.gz")).unwrap();
         assert!(look().lock().unwrap().periods.is_empty());
         assert!(store.application("../app").is_err(), "a path out of the root is no application");
+    }
+
+    /// A frame of each kind, written by the agent's pprof writer, is read
+    /// back as that kind, with its name and file.
+    #[test]
+    fn frames_are_read_as_the_kind_they_were_written() {
+        use crate::aggregate::{Measurement, PeriodProfile};
+        use crate::stack::Thread;
+
+        let frames = crate::export::frame_kind::tests::frames();
+        let start = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let mut profile = PeriodProfile::new("web".to_owned(), Default::default(), start, 10_000_000);
+        profile.end = start + Duration::from_secs(10);
+        let thread = Thread {
+            pid: 42,
+            container_pid: None,
+            container_id: None,
+            tid: 42,
+            thread_name: "python3".into(),
+            process_name: "python3".into(),
+            context: None,
+        };
+        let stack: Vec<_> = frames.iter().map(|(frame, _)| frame.clone()).collect();
+        profile.add(&stack, &thread, Measurement::Cpu);
+        let pprof = crate::export::pprof::encode(&profile);
+
+        let mut app = Application::default();
+        app.add("a.pb.gz", Resolved::new(&pprof).unwrap());
+        let [period] = &app.periods[..] else { panic!("one period") };
+        let [sample] = &period.samples[..] else { panic!("one sample") };
+        let read: Vec<_> = app.stacks.items[sample.stack as usize]
+            .iter()
+            .map(|&line| {
+                let Line { function, line } = app.lines.items[line as usize];
+                let Function { name, file, kind } = &app.functions.items[function as usize];
+                (name.as_str(), file.as_str(), *kind, line)
+            })
+            .collect();
+        let written: Vec<_> = frames
+            .iter()
+            .map(|(frame, file)| (&*frame.function, *file, Kind::from(frame.kind), i64::from(frame.line)))
+            .collect();
+        assert_eq!(read, written);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! alternating, to measure slowdown, the agent's own cost, and attribution error; then a
 //! switch-heavy and a sleep-heavy workload, bare, under Ferroscope and under py-spy --idle,
 //! for the cost of measuring off-CPU time.
+//!
+//! How a run's costs are read from `/proc` and the kernel is in `measure`, the py-spy run of
+//! the known split in `py_spy`, the viewer's benchmark in `viewer`.
 
 use std::collections::HashMap;
 use std::fs;
@@ -9,12 +12,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use e2e::{function_shares, max_deviation_pp, profile_files, workload, Agent, Profile, Workload, PYENV_PYTHON_3_11};
 
 use crate::{build, setup, step, workspace_root};
 
+mod measure;
+mod py_spy;
 mod viewer;
+
+use measure::{add_program_stats, cpu_seconds, peak_rss, program_stats, sampler_run_time, BpfStats};
+use py_spy::run_py_spy;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -259,49 +267,7 @@ fn slowdown_table(
         for run in 0..options.runs {
             for offset in 0..modes.len() {
                 let mode = modes[(run + offset) % modes.len()];
-                let dir = tempfile::tempdir()?;
-                let seconds = match (mode, peer) {
-                    (Mode::Ferroscope, _) => {
-                        let agent = Agent::start_binary(agent_bin, &args)?;
-                        let seconds = job.run()?;
-                        agent.stop()?;
-                        seconds
-                    }
-                    (Mode::Bare, _) => job.run()?,
-                    (_, Peer::PySpyIdle) => {
-                        let raw = dir.path().join("py-spy.txt");
-                        let py_spy = setup::py_spy();
-                        job.run_under(
-                            &[
-                                py_spy.as_os_str(),
-                                "record".as_ref(),
-                                "--rate".as_ref(),
-                                RATE.as_ref(),
-                                "--nonblocking".as_ref(),
-                                "--idle".as_ref(),
-                                "--format".as_ref(),
-                                "raw".as_ref(),
-                                "-o".as_ref(),
-                                raw.as_os_str(),
-                                "--".as_ref(),
-                            ],
-                            true,
-                        )?
-                    }
-                    (_, Peer::Memray) => {
-                        let capture = dir.path().join("memray.bin");
-                        let memray = setup::memray();
-                        // memray runs the script with its own interpreter, the same CPython.
-                        let wrapper = [
-                            memray.as_os_str(),
-                            "run".as_ref(),
-                            "--quiet".as_ref(),
-                            "-o".as_ref(),
-                            capture.as_os_str(),
-                        ];
-                        job.run_under(&wrapper, false)?
-                    }
-                };
+                let seconds = run_once(job, mode, peer, agent_bin, &args)?;
                 step(format!("bench: {} run {}/{}: {mode:?} {seconds:.3} s", job.name, run + 1, options.runs));
                 elapsed.entry(mode).or_default().push(seconds);
             }
@@ -344,6 +310,47 @@ fn slowdown_table(
     Ok(table)
 }
 
+/// Runs `job` once, bare, under `ferroscope agent ARGS` or under the peer: its seconds.
+fn run_once(job: &Job, mode: Mode, peer: Peer, agent_bin: &Path, args: &[&str]) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    Ok(match (mode, peer) {
+        (Mode::Ferroscope, _) => {
+            let agent = Agent::start_binary(agent_bin, args)?;
+            let seconds = job.run()?;
+            agent.stop()?;
+            seconds
+        }
+        (Mode::Bare, _) => job.run()?,
+        (_, Peer::PySpyIdle) => {
+            let raw = dir.path().join("py-spy.txt");
+            let py_spy = setup::py_spy();
+            job.run_under(
+                &[
+                    py_spy.as_os_str(),
+                    "record".as_ref(),
+                    "--rate".as_ref(),
+                    RATE.as_ref(),
+                    "--nonblocking".as_ref(),
+                    "--idle".as_ref(),
+                    "--format".as_ref(),
+                    "raw".as_ref(),
+                    "-o".as_ref(),
+                    raw.as_os_str(),
+                    "--".as_ref(),
+                ],
+                true,
+            )?
+        }
+        (_, Peer::Memray) => {
+            let capture = dir.path().join("memray.bin");
+            let memray = setup::memray();
+            // memray runs the script with its own interpreter, the same CPython.
+            let wrapper = [memray.as_os_str(), "run".as_ref(), "--quiet".as_ref(), "-o".as_ref(), capture.as_os_str()];
+            job.run_under(&wrapper, false)?
+        }
+    })
+}
+
 /// Off-CPU time on workloads that leave the CPU often (`pingpong.py`, two processes passing
 /// a byte through pipes; `sleepy.py`, short work and 0.5 ms sleeps), against py-spy --idle.
 fn wall_table(options: &Options, agent_bin: &Path) -> Result<String> {
@@ -365,69 +372,6 @@ fn memory_table(options: &Options, agent_bin: &Path) -> Result<String> {
     let mut table = slowdown_table(options, agent_bin, &["--memory"], Peer::Memray, &jobs)?;
     table.push_str("\nTarget for Ferroscope: ≤ x1.030.\n");
     Ok(table)
-}
-
-/// Adds what each program ran between two readings of [`program_stats`] to `totals`.
-fn add_program_stats(
-    totals: &mut Vec<(String, u64, u64)>,
-    before: Vec<(String, u64, u64)>,
-    after: Vec<(String, u64, u64)>,
-) {
-    for ((name, time, count), (_, time_before, count_before)) in after.into_iter().zip(before) {
-        let (time, count) = (time.saturating_sub(time_before), count.saturating_sub(count_before));
-        match totals.iter_mut().find(|(known, _, _)| *known == name) {
-            Some((_, total_time, total_count)) => {
-                *total_time += time;
-                *total_count += count;
-            }
-            None => totals.push((name, time, count)),
-        }
-    }
-}
-
-/// Name, run time (ns) and run count of each BPF program the process `pid` holds, sorted by
-/// name, from `/proc/PID/fdinfo` (with `kernel.bpf_stats_enabled`) and the program's info.
-fn program_stats(pid: u32) -> Result<Vec<(String, u64, u64)>> {
-    let mut programs = Vec::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let entry = entry?;
-        let Ok(info) = fs::read_to_string(entry.path()) else { continue };
-        let field = |key: &str| info.lines().find_map(|line| line.strip_prefix(key)?.trim().parse::<u64>().ok());
-        let (Some(time), Some(count)) = (field("run_time_ns:"), field("run_cnt:")) else { continue };
-        let fd: i32 = entry.file_name().to_string_lossy().parse()?;
-        programs.push((program_name(pid, fd)?, time, count));
-    }
-    programs.sort();
-    // A perf event program is attached once per CPU: one fd each, one program.
-    programs.dedup();
-    Ok(programs)
-}
-
-/// The name of the BPF program behind file descriptor `fd` of process `pid`.
-fn program_name(pid: u32, fd: i32) -> Result<String> {
-    // SAFETY: plain system calls on buffers owned here; the fds are closed below.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        ensure!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        ensure!(ours >= 0, "pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
-        // `struct bpf_prog_info`: the name is 16 bytes at offset 64.
-        let mut info = [0u8; 256];
-        #[repr(C)]
-        struct GetInfo {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        let mut attr = GetInfo { bpf_fd: ours as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
-        const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
-        let result = libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr, size_of::<GetInfo>());
-        libc::close(ours);
-        ensure!(result == 0, "BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
-        let name = &info[64..80];
-        Ok(String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)]).into_owned())
-    }
 }
 
 /// Starts the workload for a fixed amount of work.
@@ -486,125 +430,6 @@ fn run_ferroscope(options: &Options, agent_bin: &Path, measurements: &mut Measur
             .sum::<f64>();
     }
     Ok(())
-}
-
-fn run_py_spy(options: &Options, measurements: &mut Measurements) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let raw = dir.path().join("py-spy.txt");
-    let children_cpu_before = children_cpu_seconds();
-    let output = py_spy_record(&[], &raw, "split.py", &["--rounds", &options.rounds.to_string()])?;
-    let (elapsed, workload_cpu) = workload_times(&output)?;
-    measurements.elapsed.push(elapsed);
-    // py-spy reaped the workload, so our children's CPU time holds both: take the workload's out.
-    let py_spy_cpu = children_cpu_seconds() - children_cpu_before - workload_cpu;
-    measurements.profiler_cpu_percent.push(100.0 * py_spy_cpu / elapsed);
-
-    // Collapsed stacks: `frame;frame;... count`, each frame `function (file:line)`.
-    let mut counts = [0.0; 3];
-    let mut total = 0.0;
-    for line in fs::read_to_string(&raw)?.lines() {
-        let Some((stack, count)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let count: f64 = count.parse()?;
-        let functions: Vec<&str> = stack.split(';').map(|frame| frame.split(" (").next().unwrap()).collect();
-        let mut any = false;
-        for (i, function) in FUNCTIONS.iter().enumerate() {
-            // py-spy names methods without their class.
-            let method = function.rsplit('.').next().unwrap();
-            if functions.iter().any(|name| name == function || *name == method) {
-                counts[i] += count;
-                any = true;
-            }
-        }
-        if any {
-            total += count;
-        }
-    }
-    ensure!(total > 0.0, "py-spy recorded no sample of {FUNCTIONS:?}");
-    let shares: Vec<f64> = counts.iter().map(|count| count / total).collect();
-    measurements.errors.push(max_deviation_pp(&shares, &EXPECTED_SHARES));
-    for (sum, count) in measurements.function_samples.iter_mut().zip(counts) {
-        *sum += count;
-    }
-    Ok(())
-}
-
-/// Runs `py-spy record` (at RATE, `--nonblocking`, collapsed stacks into `raw`, with `flags`
-/// added) on `script ARGS` under CPython 3.11; returns what the workload printed.
-fn py_spy_record(flags: &[&str], raw: &Path, script: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(setup::py_spy())
-        .args(["record", "--rate", RATE, "--nonblocking", "--format", "raw"])
-        .args(flags)
-        .arg("-o")
-        .arg(raw)
-        .args(["--", PYENV_PYTHON_3_11])
-        .arg(workload(script))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(output.status.success(), "py-spy failed: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-/// Turns the kernel's BPF run-time statistics on, and back off when dropped.
-struct BpfStats;
-
-const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    fn enable() -> Result<BpfStats> {
-        fs::write(BPF_STATS_SYSCTL, "1").with_context(|| format!("writing {BPF_STATS_SYSCTL}"))?;
-        Ok(BpfStats)
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = fs::write(BPF_STATS_SYSCTL, "0");
-    }
-}
-
-/// `run_time_ns` and `run_cnt` of the agent's CPU sampler.
-fn sampler_run_time(agent: u32) -> Result<(u64, u64)> {
-    Ok(program_stats(agent)?
-        .into_iter()
-        .find(|(name, _, _)| name == "sample_cpu")
-        .map_or((0, 0), |(_, time, count)| (time, count)))
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat.rsplit_once(") ").context("malformed stat")?.1.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(ticks as f64 / ticks_per_second as f64)
-}
-
-/// utime + stime of this process's waited-for descendants, in seconds.
-fn children_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes only into the struct it is given.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
-        usage
-    };
-    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-/// VmHWM of a process, in bytes.
-fn peak_rss(pid: u32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    for line in status.lines() {
-        if let Some(kib) = line.strip_prefix("VmHWM:") {
-            return Ok(kib.trim().trim_end_matches("kB").trim().parse::<u64>()? * 1024);
-        }
-    }
-    bail!("no VmHWM in /proc/{pid}/status")
 }
 
 fn median(values: &[f64]) -> f64 {

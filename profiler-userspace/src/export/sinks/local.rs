@@ -115,8 +115,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        aggregate::{Frame, FrameKind, Thread},
+        aggregate::Measurement,
         export::pprof,
+        stack::{Frame, FrameKind, Thread},
     };
 
     #[test]
@@ -159,7 +160,7 @@ mod tests {
             process_name: "python3".into(),
             context: None,
         };
-        profile.add(&[frame], &thread);
+        profile.add(&[frame], &thread, Measurement::Cpu);
         profile
     }
 

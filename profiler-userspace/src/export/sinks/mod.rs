@@ -58,9 +58,9 @@ impl Upload {
             from: seconds(profile.start),
             until: seconds(profile.end).max(seconds(profile.start) + 1),
             sample_rate: 1_000_000_000 / profile.sample_period_ns.max(1),
-            sample_types: crate::export::pprof::sample_types(profile)
-                .into_iter()
-                .map(|(kind, unit)| (kind.to_owned(), unit.to_owned()))
+            sample_types: profile
+                .sample_types()
+                .map(|kind| (kind.row().name.to_owned(), kind.row().unit.to_owned()))
                 .collect(),
             timeout_secs: profile.upload_timeout.map(|timeout| timeout.as_secs_f64()),
             pprof_gz,

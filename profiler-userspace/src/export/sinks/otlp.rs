@@ -101,8 +101,46 @@ pub fn export_request(upload: &Upload) -> anyhow::Result<ExportProfilesServiceRe
         attribute_table: vec![KeyValueAndUnit::default()],
         stack_table: vec![Stack::default()],
     };
-    let index = |value: usize| i32::try_from(value).unwrap_or(i32::MAX);
-    let string = |id: i64| i32::try_from(id).unwrap_or(0);
+    let locations = add_locations(&source, &mut dictionary);
+    let keys = add_samples(&source, &locations, &mut dictionary);
+    let profiles = profiles(&source, &keys);
+    let mut resource_attributes = vec![key_value("service.name", &upload.application)];
+    resource_attributes.extend(upload.labels.iter().map(|(key, value)| {
+        // The semantic conventions' name for the host label.
+        key_value(if key == "host" { "host.name" } else { key }, value)
+    }));
+    Ok(ExportProfilesServiceRequest {
+        resource_profiles: vec![ResourceProfiles {
+            resource: Some(Resource { attributes: resource_attributes, ..Default::default() }),
+            scope_profiles: vec![ScopeProfiles {
+                scope: Some(InstrumentationScope {
+                    name: "ferroscope".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                }),
+                profiles,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+        dictionary: Some(dictionary),
+    })
+}
+
+/// An index in one of the dictionary's tables.
+fn index(value: usize) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+/// A pprof string id as an index in the dictionary's string table (the
+/// same table).
+fn string(id: i64) -> i32 {
+    i32::try_from(id).unwrap_or(0)
+}
+
+/// Adds the functions and locations of `source` to the dictionary: the
+/// index of each location there, by its pprof id.
+fn add_locations(source: &pprof::Profile, dictionary: &mut ProfilesDictionary) -> HashMap<u64, i32> {
     let mut functions = HashMap::new();
     for function in &source.function {
         functions.insert(function.id, index(dictionary.function_table.len()));
@@ -127,9 +165,18 @@ pub fn export_request(upload: &Upload) -> anyhow::Result<ExportProfilesServiceRe
             .collect();
         dictionary.location_table.push(Location { lines, ..Default::default() });
     }
+    locations
+}
+
+/// Adds the stacks and labels of the samples of `source` to the dictionary:
+/// per sample, the index of its stack and of its attributes there.
+fn add_samples(
+    source: &pprof::Profile,
+    locations: &HashMap<u64, i32>,
+    dictionary: &mut ProfilesDictionary,
+) -> Vec<(i32, Vec<i32>)> {
     let mut stacks: HashMap<Vec<i32>, i32> = HashMap::new();
     let mut attributes: HashMap<(i64, i64), i32> = HashMap::new();
-    // Per source sample: its stack and attributes in the dictionary.
     let mut keys = Vec::with_capacity(source.sample.len());
     for sample in &source.sample {
         let location_indices: Vec<i32> =
@@ -155,11 +202,17 @@ pub fn export_request(upload: &Upload) -> anyhow::Result<ExportProfilesServiceRe
             .collect::<Vec<_>>();
         keys.push((stack_index, attribute_indices));
     }
+    keys
+}
+
+/// A profile per sample type of `source`, with the samples that have a
+/// value of that type; `keys`: the stack and attributes of each sample.
+fn profiles(source: &pprof::Profile, keys: &[(i32, Vec<i32>)]) -> Vec<Profile> {
     let value_type = |value_type: &pprof::ValueType| ValueType {
         type_strindex: string(value_type.r#type),
         unit_strindex: string(value_type.unit),
     };
-    let profiles = source
+    source
         .sample_type
         .iter()
         .enumerate()
@@ -168,7 +221,7 @@ pub fn export_request(upload: &Upload) -> anyhow::Result<ExportProfilesServiceRe
             samples: source
                 .sample
                 .iter()
-                .zip(&keys)
+                .zip(keys)
                 .filter(|(sample, _)| sample.value.get(column).is_some_and(|&value| value != 0))
                 .map(|(sample, (stack_index, attribute_indices))| Sample {
                     stack_index: *stack_index,
@@ -183,28 +236,7 @@ pub fn export_request(upload: &Upload) -> anyhow::Result<ExportProfilesServiceRe
             period: source.period,
             ..Default::default()
         })
-        .collect();
-    let mut resource_attributes = vec![key_value("service.name", &upload.application)];
-    resource_attributes.extend(upload.labels.iter().map(|(key, value)| {
-        // The semantic conventions' name for the host label.
-        key_value(if key == "host" { "host.name" } else { key }, value)
-    }));
-    Ok(ExportProfilesServiceRequest {
-        resource_profiles: vec![ResourceProfiles {
-            resource: Some(Resource { attributes: resource_attributes, ..Default::default() }),
-            scope_profiles: vec![ScopeProfiles {
-                scope: Some(InstrumentationScope {
-                    name: "ferroscope".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
-                profiles,
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-        dictionary: Some(dictionary),
-    })
+        .collect()
 }
 
 fn string_value(value: String) -> AnyValue {
@@ -223,7 +255,8 @@ mod tests {
     };
 
     use super::*;
-    use crate::aggregate::{Frame, FrameKind, PeriodProfile, Thread};
+    use crate::aggregate::{Measurement, PeriodProfile};
+    use crate::stack::{Frame, FrameKind, Thread};
 
     #[test]
     fn a_profile_per_sample_type_over_one_dictionary() {
@@ -247,9 +280,9 @@ mod tests {
             process_name: "python".into(),
             context: None,
         };
-        profile.add(&[frame("crunch", 3), frame("main", 9)], &thread);
-        profile.add(&[frame("crunch", 3), frame("main", 9)], &thread);
-        profile.add(&[frame("main", 10)], &thread);
+        profile.add(&[frame("crunch", 3), frame("main", 9)], &thread, Measurement::Cpu);
+        profile.add(&[frame("crunch", 3), frame("main", 9)], &thread, Measurement::Cpu);
+        profile.add(&[frame("main", 10)], &thread, Measurement::Cpu);
         let upload = Upload::new(&profile, crate::export::pprof::encode_gzipped(&profile).unwrap());
 
         let request = export_request(&upload).unwrap();

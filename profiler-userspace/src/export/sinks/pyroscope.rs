@@ -7,6 +7,7 @@ use reqwest::multipart;
 use serde_json::json;
 
 use super::{DeliveryError, Upload};
+use crate::aggregate::{sample_type::Aggregation, SampleType};
 
 /// How the agent proves who it is to the backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,14 +83,18 @@ fn series_name(upload: &Upload) -> String {
     format!("{}{{{}}}", upload.application.replace(['{', '}'], "_"), labels.join(","))
 }
 
-/// Units and aggregation of each sample type: Pyroscope sums every one of
-/// them over time but the heap in use, a gauge.
+/// Units and aggregation of each sample type, from the table: Pyroscope
+/// sums flows (time, allocations) over time and averages levels (the heap
+/// in use). A type the table does not know is summed.
 fn sample_type_config(upload: &Upload) -> serde_json::Value {
     let config: serde_json::Map<String, serde_json::Value> = upload
         .sample_types
         .iter()
         .map(|(kind, unit)| {
-            let aggregation = if kind.starts_with("inuse_") { "average" } else { "sum" };
+            let aggregation = match SampleType::named(kind).map(|sample_type| sample_type.row().aggregation) {
+                Some(Aggregation::Average) => "average",
+                Some(Aggregation::Sum) | None => "sum",
+            };
             (kind.clone(), json!({ "units": unit, "aggregation": aggregation, "display-name": kind }))
         })
         .collect();
