@@ -68,9 +68,11 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         metrics::serve(address, agent.metrics.clone(), sinks.remote.clone()).await?;
     }
     agent.native.load_kernel_symbols();
-    // Before the start-up line: whoever reads it to know the agent runs may stop it at once.
+    // Before the start-up line: whoever reads it to know the agent runs may stop it at once,
+    // or talk to it.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut control = control_socket(&settings);
     eprintln!("{}", startup_line(&settings, sampler.cpus, &sinks));
     for refusal in sampler.features.refusals() {
         eprintln!("ferroscope: {refusal}; the other dimensions go on");
@@ -88,7 +90,6 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     // reads them on this tick, and process events wake it at once.
     let mut read_tick = tokio::time::interval(READ_INTERVAL);
     let mut ticks: u64 = 0;
-    let mut control = control_socket(&settings);
     read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let period_end = deadline.map_or(next_period, |deadline| next_period.min(deadline));
@@ -408,7 +409,7 @@ impl<'a> Agent<'a> {
                 }
                 sampler.set_label_slot(tid, address).map_err(|error| format!("{error:#}"))?;
             }
-            Request::LabelSet { id, labels } => self.processes.set_label_set(pid, id, labels),
+            Request::LabelSet { id, labels } => self.processes.set_label_set(pid, id, labels)?,
             Request::Stop => {
                 let series = process.series.clone();
                 self.processes.get_mut(pid).expect("known above").stopped = true;

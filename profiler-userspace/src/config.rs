@@ -324,6 +324,13 @@ const RESERVED_LABELS: [&str; 6] = ["pid", "container_pid", "container_id", "tid
 /// examples use it; the Pyroscope sink turns it into `_`); values must be
 /// non-empty single-line text.
 pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    if key.len() > MAX_LABEL_NAME_BYTES || value.len() > MAX_LABEL_VALUE_BYTES {
+        return Err(format!(
+            "label `{}`: names are at most {MAX_LABEL_NAME_BYTES} bytes and values {MAX_LABEL_VALUE_BYTES} (Pyroscope's \
+             limits)",
+            key.chars().take(40).collect::<String>()
+        ));
+    }
     let mut chars = key.chars();
     let valid_key = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -340,6 +347,10 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Pyroscope's default limits on a label (`max_label_name_length`, `max_label_value_length`).
+pub const MAX_LABEL_NAME_BYTES: usize = 1024;
+pub const MAX_LABEL_VALUE_BYTES: usize = 2048;
 
 impl AgentArgs {
     /// Merges the flags with the config file, if any, and the defaults.

@@ -4,15 +4,25 @@
 //! the kernel (`SO_PEERCRED`), not by what it says: a process can only
 //! register itself.
 
-use std::{collections::BTreeMap, os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use std::{collections::BTreeMap, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Semaphore},
 };
+
+/// The longest line a process may send: a request with labels takes a few hundred bytes.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Connections open at once; one more is refused.
+const MAX_CONNECTIONS: usize = 128;
+const TOO_MANY_CONNECTIONS: &str = "too many connections to the agent's control socket: try again later";
+/// The longest application name: it names directories, and Pyroscope's series.
+pub const MAX_APPLICATION_NAME_BYTES: usize = 256;
+/// Labels in one request (Pyroscope's `max_label_names_per_series`).
+pub const MAX_LABELS: usize = 30;
 
 /// What a process asks.
 #[derive(Debug, Deserialize, PartialEq)]
@@ -47,6 +57,9 @@ impl Request {
             _ => Ok(()),
         };
         let labels = |labels: &BTreeMap<String, String>| {
+            if labels.len() > MAX_LABELS {
+                return Err(format!("at most {MAX_LABELS} labels, not {}", labels.len()));
+            }
             labels.iter().try_for_each(|(key, value)| crate::config::validate_label(key, value))
         };
         match self {
@@ -56,6 +69,9 @@ impl Request {
                 labels(start_labels)?;
                 match application_name {
                     Some(name) if name.trim().is_empty() => Err("the application name is empty".into()),
+                    Some(name) if name.len() > MAX_APPLICATION_NAME_BYTES => {
+                        Err(format!("the application name is over {MAX_APPLICATION_NAME_BYTES} bytes"))
+                    }
                     _ => Ok(()),
                 }
             }
@@ -88,9 +104,25 @@ pub fn listen(path: &Path) -> Result<mpsc::Receiver<Command>> {
     // Any local process may register itself, and only itself.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     let (sender, receiver) = mpsc::channel(64);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve(stream, sender.clone()));
+        while let Ok((mut stream, _)) = listener.accept().await {
+            match connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let sender = sender.clone();
+                    tokio::spawn(async move {
+                        serve(stream, sender).await;
+                        drop(permit);
+                    });
+                }
+                // Refused with why; the process may come back once others have gone.
+                Err(_) => {
+                    let refusal = serde_json::json!({ "ok": false, "error": TOO_MANY_CONNECTIONS });
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(format!("{refusal}\n").as_bytes()).await;
+                    });
+                }
+            }
         }
     });
     Ok(receiver)
@@ -100,27 +132,59 @@ async fn serve(stream: UnixStream, agent: mpsc::Sender<Command>) {
     let Some(pid) = stream.peer_cred().ok().and_then(|credentials| credentials.pid()) else { return };
     let Ok(pid) = u32::try_from(pid) else { return };
     let (reader, mut writer) = stream.into_split();
-    let mut lines = BufReader::new(reader).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let request = serde_json::from_str::<Request>(&line).map_err(|error| format!("bad request: {error}"));
-        let answer = match request.and_then(|request| request.check().map(|()| request)) {
-            Ok(request) => {
-                let (reply, answer) = oneshot::channel();
-                if agent.send(Command { pid, request, reply }).await.is_err() {
-                    return;
-                }
-                answer.await.unwrap_or_else(|_| Err("the agent is stopping".into()))
-            }
-            Err(error) => Err(error),
+    let mut reader = BufReader::new(reader);
+    loop {
+        let (answer, last) = match read_line(&mut reader).await {
+            Ok(Some(line)) => match answer(pid, &line, &agent).await {
+                Some(answer) => (answer, false),
+                None => return,
+            },
+            Err(too_long) if too_long.kind() == std::io::ErrorKind::InvalidData => (Err(too_long.to_string()), true),
+            Ok(None) | Err(_) => return,
         };
         let text = match answer {
             Ok(()) => serde_json::json!({ "ok": true }),
             Err(error) => serde_json::json!({ "ok": false, "error": error }),
         };
-        if writer.write_all(format!("{text}\n").as_bytes()).await.is_err() {
+        if writer.write_all(format!("{text}\n").as_bytes()).await.is_err() || last {
             return;
         }
     }
+}
+
+/// The agent's answer to one line of process `pid`; None when the agent is gone.
+async fn answer(pid: u32, line: &[u8], agent: &mpsc::Sender<Command>) -> Option<Result<(), String>> {
+    let request = serde_json::from_slice::<Request>(line).map_err(|error| format!("bad request: {error}"));
+    let request = match request.and_then(|request| request.check().map(|()| request)) {
+        Ok(request) => request,
+        Err(error) => return Some(Err(error)),
+    };
+    let (reply, answer) = oneshot::channel();
+    agent.send(Command { pid, request, reply }).await.ok()?;
+    Some(answer.await.unwrap_or_else(|_| Err("the agent is stopping".into())))
+}
+
+/// The next line (without its newline; the last may lack one); None at the
+/// end. A line over [`MAX_LINE_BYTES`] is an `InvalidData` error: it is never
+/// held whole.
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    if reader.take(limit).read_until(b'\n', &mut line).await? == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "a request is at most {} KiB, one JSON object a line: closing the connection",
+                MAX_LINE_BYTES / 1024
+            ),
+        ));
+    }
+    Ok(Some(line))
 }
 
 #[cfg(test)]
@@ -154,5 +218,36 @@ mod tests {
         assert!(check(r#"{"op": "start", "labels": {"pid": "1"}}"#).is_err());
         assert_eq!(check(r#"{"op": "label_set", "id": 0, "labels": {}}"#), Err("label set 0 means none".into()));
         assert_eq!(check(r#"{"op": "start", "application_name": "shop", "period": 10}"#), Ok(()));
+        let long_name =
+            format!(r#"{{"op": "start", "application_name": "{}"}}"#, "a".repeat(MAX_APPLICATION_NAME_BYTES + 1));
+        assert_eq!(check(&long_name), Err("the application name is over 256 bytes".into()));
+        let many: Vec<String> = (0..=MAX_LABELS).map(|i| format!(r#""k{i}": "v""#)).collect();
+        let many = format!(r#"{{"op": "label_set", "id": 1, "labels": {{{}}}}}"#, many.join(", "));
+        assert_eq!(check(&many), Err("at most 30 labels, not 31".into()));
+        let long_value = format!(r#"{{"op": "start", "labels": {{"k": "{}"}}}}"#, "v".repeat(3000));
+        assert!(check(&long_value).unwrap_err().contains("at most 1024 bytes and values 2048"));
+    }
+
+    #[tokio::test]
+    async fn lines_are_read_up_to_their_limit_and_never_held_whole_past_it() {
+        let read = |bytes: Vec<u8>| async move {
+            let mut reader = BufReader::new(&bytes[..]);
+            let mut lines = Vec::new();
+            loop {
+                match read_line(&mut reader).await {
+                    Ok(Some(line)) => lines.push(Ok(line.len())),
+                    Ok(None) => return lines,
+                    Err(error) => {
+                        lines.push(Err(error.kind()));
+                        return lines;
+                    }
+                }
+            }
+        };
+        assert_eq!(read(b"{}\n{\"op\": \"stop\"}".to_vec()).await, [Ok(2), Ok(14)]);
+        let at_limit = [vec![b' '; MAX_LINE_BYTES], b"\n".to_vec()].concat();
+        assert_eq!(read(at_limit).await, [Ok(MAX_LINE_BYTES)]);
+        let over = vec![b' '; MAX_LINE_BYTES + 1];
+        assert_eq!(read(over).await, [Err(std::io::ErrorKind::InvalidData)]);
     }
 }

@@ -47,8 +47,12 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        // The loop runs on this thread; what it spawns (the control socket's connections,
+        // `/metrics` and `/healthz`, the shippers) on a worker of its own, so that a long
+        // look at a process never keeps them waiting.
         Command::Agent(args) => args.settings().and_then(|settings| {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(settings))
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            runtime.block_on(agent::run(settings))
         }),
         Command::View(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

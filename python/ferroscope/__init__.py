@@ -196,8 +196,14 @@ class Profiler:
         if known is not None:
             return known
         label_set = len(self._set_ids) + 1
-        if not self._ask({"op": "label_set", "id": label_set, "labels": labels}):
-            return 0
+        try:
+            if not self._ask({"op": "label_set", "id": label_set, "labels": labels}):
+                return 0
+        except ValueError as refusal:
+            # Past the agent's bounds (too many label sets, a label too long): the
+            # block runs all the same, its samples without these labels.
+            warnings.warn(f"{refusal}: these samples go without the labels {labels}", RuntimeWarning, stacklevel=4)
+            label_set = 0
         with self._lock:
             self._set_ids[key] = label_set
         return label_set

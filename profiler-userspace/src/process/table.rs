@@ -44,8 +44,9 @@ pub struct Process {
     pub threads_seen: ThreadTally,
     /// It asked, on the control socket, not to be profiled any more.
     pub stopped: bool,
-    /// Its context label sets, by id (see `Sample::label_set`).
+    /// Its context label sets, by id (see `StackRecord::label_set`), and their bytes.
     label_sets: HashMap<u64, Arc<BTreeMap<String, String>>>,
+    label_set_bytes: usize,
 }
 
 /// When to look at a process again.
@@ -65,6 +66,13 @@ pub enum Recheck {
 /// How often, and how long, a starting CPython is looked at again.
 const STARTING_RECHECK: Duration = Duration::from_millis(50);
 const STARTING_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Context label sets a process may define (`Profiler.labels(...)`: one per
+/// distinct set of labels), and their bytes: what a process sends stays small.
+pub const MAX_LABEL_SETS: usize = 1024;
+pub const MAX_LABEL_SET_BYTES: usize = 256 * 1024;
+/// Their bytes over all processes: many processes of one user cannot grow the agent either.
+pub const MAX_ALL_LABEL_SET_BYTES: usize = 8 << 20;
 
 /// How often a process's executable ranges may be read again.
 const CODE_RANGES_REFRESH: Duration = Duration::from_secs(1);
@@ -195,6 +203,7 @@ impl Table {
             threads_seen: ThreadTally::default(),
             stopped: false,
             label_sets: HashMap::new(),
+            label_set_bytes: 0,
         };
         self.processes.insert(pid, process)
     }
@@ -231,6 +240,7 @@ impl Table {
             threads_seen: known.map_or_else(ThreadTally::default, |known| known.threads_seen),
             stopped: known.is_some_and(|known| known.stopped) && same_program,
             label_sets: known.map(|known| known.label_sets.clone()).unwrap_or_default(),
+            label_set_bytes: known.map_or(0, |known| known.label_set_bytes),
         };
         self.processes.insert(pid, process)
     }
@@ -245,11 +255,28 @@ impl Table {
         Some(process)
     }
 
-    /// Label set `id` of process `pid` stands for `labels`.
-    pub fn set_label_set(&mut self, pid: u32, id: u64, labels: BTreeMap<String, String>) {
-        if let Some(process) = self.processes.get_mut(&pid) {
-            process.label_sets.insert(id, Arc::new(labels));
+    /// Label set `id` of process `pid` stands for `labels`, unless the
+    /// process has [`MAX_LABEL_SETS`] or [`MAX_LABEL_SET_BYTES`] already, or
+    /// all processes [`MAX_ALL_LABEL_SET_BYTES`].
+    pub fn set_label_set(&mut self, pid: u32, id: u64, labels: BTreeMap<String, String>) -> Result<(), String> {
+        let all: usize = self.processes.values().map(|process| process.label_set_bytes).sum();
+        let Some(process) = self.processes.get_mut(&pid) else { return Ok(()) };
+        let bytes = |labels: &BTreeMap<String, String>| labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let replaced = process.label_sets.get(&id).map_or(0, |old| bytes(old));
+        let held = process.label_set_bytes - replaced + bytes(&labels);
+        let count = process.label_sets.len() + usize::from(!process.label_sets.contains_key(&id));
+        if count > MAX_LABEL_SETS || held > MAX_LABEL_SET_BYTES {
+            return Err(format!(
+                "a process has at most {MAX_LABEL_SETS} label sets of {} KiB in all: reuse their ids",
+                MAX_LABEL_SET_BYTES / 1024
+            ));
         }
+        if all - process.label_set_bytes + held > MAX_ALL_LABEL_SET_BYTES {
+            return Err("the agent holds as many label sets as it takes, from all processes: try again later".into());
+        }
+        process.label_sets.insert(id, Arc::new(labels));
+        process.label_set_bytes = held;
+        Ok(())
     }
 
     /// Labels the processes in pods that have become known since last time.
@@ -307,5 +334,33 @@ mod tests {
         assert_eq!(process.user_stack(&[]), [] as [u64; 0]);
         process.code = Vec::new();
         assert_eq!(process.user_stack(&[0x1500, 0x1600]), [0x1500]);
+    }
+
+    #[test]
+    fn label_sets_are_bounded_per_process_and_in_all() {
+        let mut table = Table::default();
+        let labels = |value: &str| BTreeMap::from([("endpoint".to_owned(), value.to_owned())]);
+        table.unreadable(1, "app".into(), Recheck::Never);
+        for id in 1..=MAX_LABEL_SETS as u64 {
+            table.set_label_set(1, id, labels("/checkout")).unwrap();
+        }
+        // The same id again replaces its set; one more is refused.
+        table.set_label_set(1, 5, labels("/search")).unwrap();
+        let refused = table.set_label_set(1, 0x10000, labels("/cart")).unwrap_err();
+        assert!(refused.contains("at most 1024 label sets"), "{refused}");
+        let big = "x".repeat(2000);
+        let mut processes = 2..;
+        let error = loop {
+            let pid = processes.next().unwrap();
+            table.unreadable(pid, "app".into(), Recheck::Never);
+            let filled = (1..).map(|id| table.set_label_set(pid, id, labels(&big))).find(Result::is_err).unwrap();
+            let error = filled.unwrap_err();
+            if !error.contains("at most") {
+                break error;
+            }
+        };
+        assert!(error.contains("from all processes"), "{error}");
+        let all: usize = table.processes.values().map(|process| process.label_set_bytes).sum();
+        assert!(all <= MAX_ALL_LABEL_SET_BYTES, "{all} bytes held");
     }
 }
