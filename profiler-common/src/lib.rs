@@ -162,8 +162,7 @@ pub mod wait {
 /// [`OffCpuSample`] and [`AllocSample`], told apart by `kind`. One layout,
 /// as the kernel assembles all of them with one function in one per-CPU
 /// scratch slot (too big for its stack) and copies it to the ring buffer
-/// whole; the fields of another kind are 0 (but see [`OffCpuSample`] for a
-/// preempted thread's).
+/// whole; the fields of another kind are 0.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct StackRecord {
@@ -247,8 +246,8 @@ stack_record_kind!(
     /// stacks it blocked with and no kernel stack. A preempted thread's
     /// (`wait` [`wait::PREEMPTED`]) has no stacks at all: `kernel_len`,
     /// `user_len` and `py_len` are 0, `py_status` [`PY_NOT_PYTHON`], and
-    /// `label_set`, `user_unwound`, `bytes` and `address` are left unwritten
-    /// (whatever the ring buffer held).
+    /// so are `label_set` (its thread's memory cannot be read from another
+    /// task's context), `user_unwound`, `bytes` and `address`.
     OffCpuSample
 );
 stack_record_kind!(

@@ -187,6 +187,7 @@ pub fn run_counting(options: &Options) -> Result<(u64, u64)> {
         let outcome = if name == HOST {
             match host_image()? {
                 Ok(image) => boot(&vng, name, &image, &command, timeout)?,
+                Err(skipped) if plan => kernel_check_natively(skipped)?,
                 Err(skipped) => skipped,
             }
         } else {
@@ -301,13 +302,7 @@ fn test_counts(output: &str) -> (u64, u64) {
 /// What kernel-check printed in a guest's output: programs loaded (`N of M`), and the
 /// largest shares of the verifier's instruction and stack limits.
 fn kernel_check_figures(output: &str) -> Option<(String, String, String)> {
-    let start = output.lines().position(|line| line.starts_with("program "))?;
-    // `NAME FEATURE N (P%) S B (Q%) loaded`, or `NAME FEATURE - S B (Q%) REFUSED: ...`.
-    let rows: Vec<&str> = output
-        .lines()
-        .skip(start + 1)
-        .take_while(|line| line.ends_with("loaded") || line.contains("REFUSED"))
-        .collect();
+    let rows = kernel_check_lines(output)?;
     let loaded = rows.iter().filter(|row| row.ends_with("loaded")).count();
     let percentage = |text: &str| -> Option<u32> { text.split('%').next()?.parse().ok() };
     let stack = |row: &&str| percentage(row.split(" B (").nth(1)?);
@@ -316,6 +311,60 @@ fn kernel_check_figures(output: &str) -> Option<(String, String, String)> {
         rows.iter().filter_map(share).max().map_or("-".to_owned(), |share| format!("{share}%"))
     };
     Some((format!("{loaded} of {}", rows.len()), largest(&instructions), largest(&stack)))
+}
+
+/// The rows of kernel-check's table in a guest's output: `NAME FEATURE N (P%) S B (Q%) loaded`,
+/// or `NAME FEATURE - S B (Q%) REFUSED: ...`; None without the table.
+fn kernel_check_lines(output: &str) -> Option<Vec<&str>> {
+    let start = output.lines().position(|line| line.starts_with("program "))?;
+    let rows = output.lines().skip(start + 1);
+    Some(rows.take_while(|line| line.ends_with("loaded") || line.contains("REFUSED")).collect())
+}
+
+/// kernel-check's rows in a guest's output: (program, verified instructions or `refused`,
+/// combined stack).
+fn kernel_check_rows(output: &str) -> Vec<(String, String, String)> {
+    kernel_check_lines(output)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|row| {
+            let mut words = row.split_whitespace();
+            let (program, _feature, verified) = (words.next()?, words.next()?, words.next()?);
+            let stack = row.split(" B (").next()?.rsplit(' ').next()?;
+            let verified = if row.contains("REFUSED") { "refused".to_owned() } else { verified.to_owned() };
+            Some((program.to_owned(), verified, format!("{stack} B")))
+        })
+        .collect()
+}
+
+/// Per program, the instructions each kernel's verifier processed, and its combined stack.
+fn program_table(outcomes: &[Outcome]) -> String {
+    let checked: Vec<(&str, Vec<(String, String, String)>)> = outcomes
+        .iter()
+        .filter_map(|outcome| {
+            let output = fs::read_to_string(results_dir().join(format!("{}.log", outcome.kernel))).ok()?;
+            let rows = kernel_check_rows(&output);
+            (!rows.is_empty()).then_some((outcome.kernel.as_str(), rows))
+        })
+        .collect();
+    let Some((_, first)) = checked.first() else { return String::new() };
+    let mut table =
+        String::from("\nPer program (`ferroscope kernel-check`; verified instructions, of 1,000,000):\n\n| program |");
+    for (kernel, _) in &checked {
+        table += &format!(" {kernel} |");
+    }
+    table += " combined stack |\n|---|";
+    table += &"---|".repeat(checked.len() + 1);
+    table += "\n";
+    for (program, _, stack) in first {
+        table += &format!("| {program} |");
+        for (_, rows) in &checked {
+            let verified = rows.iter().find(|(name, ..)| name == program).map_or("-", |(_, verified, _)| verified);
+            table += &format!(" {verified} |");
+        }
+        table += &format!(" {stack} |\n");
+    }
+    table
 }
 
 /// Rewrites the table between the markers of docs/kernels.md with this run's outcomes.
@@ -335,13 +384,19 @@ fn write_docs(outcomes: &[Outcome]) -> Result<()> {
         let (loaded, instructions, stack) =
             kernel_check_figures(&output).unwrap_or_else(|| ("-".into(), "-".into(), "-".into()));
         let (passed, failed) = outcome.tests;
+        let tests = match outcome.seconds {
+            None if outcome.kernel == HOST => "run natively by `cargo xtask test`".to_owned(),
+            _ => format!("{passed} passed, {failed} failed"),
+        };
         let time = outcome.seconds.map_or("-".to_owned(), |seconds| format!("{seconds:.0} s"));
         table += &format!(
-            "| {} | {} | {loaded} | {instructions} | {stack} | {passed} passed, {failed} failed | {} | {time} |\n",
+            "| {} | {} | {loaded} | {instructions} | {stack} | {tests} | {} | {time} |\n",
             outcome.kernel, outcome.release, outcome.status
         );
     }
-    table += "\nMade by `cargo xtask matrix` (each guest 2 CPUs under TCG, on a 2-core host).\n";
+    table += "\nMade by `cargo xtask matrix` (each guest 2 CPUs under TCG, on a 2-core host; the host's \
+              end-to-end tests run natively in `cargo xtask test`).\n";
+    table += &program_table(outcomes);
     fs::write(&path, format!("{}{begin}{table}{}", &text[..start], &text[stop..]))?;
     step(format!("matrix: wrote the table into {}", path.display()));
     Ok(())
@@ -397,6 +452,18 @@ fn host_image() -> Result<Result<Image, Outcome>> {
         tests: (0, 0),
     };
     Ok(Err(skipped))
+}
+
+/// The host's kernel without an image to boot: `ferroscope kernel-check` run natively, its
+/// output in results/host.log as a guest's would be (the end-to-end tests ran natively before).
+fn kernel_check_natively(mut skipped: Outcome) -> Result<Outcome> {
+    let agent = target_dir().join("release/ferroscope");
+    let output = Command::new(&agent).arg("kernel-check").output().with_context(|| format!("running {agent:?}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    fs::write(results_dir().join(format!("{HOST}.log")), &text)?;
+    skipped.status += "; kernel-check natively";
+    skipped.failed = !output.status.success();
+    Ok(skipped)
 }
 
 /// The image of one of `KERNELS`: its packages downloaded and unpacked, unless done before.
@@ -682,5 +749,9 @@ test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 4 filtered out; 
         assert_eq!(test_counts(output), (2, 1));
         assert_eq!(kernel_check_figures(output), Some(("2 of 3".to_owned(), "1%".to_owned(), "63%".to_owned())));
         assert_eq!(kernel_check_figures("no table"), None);
+        let rows = kernel_check_rows(output);
+        assert_eq!(rows[1], ("sample_cpu".to_owned(), "refused".to_owned(), "288 B".to_owned()));
+        assert_eq!(rows[2], ("sys_exit".to_owned(), "2088".to_owned(), "320 B".to_owned()));
+        assert_eq!(rows.len(), 3);
     }
 }
