@@ -358,9 +358,13 @@ fn time_ferroscope_view(agent_bin: &Path, root: &Path) -> Result<ViewerTimes> {
 /// answers.
 fn time_go_pprof(files: &[PathBuf]) -> Result<f64> {
     let address = format!("127.0.0.1:{}", free_port()?);
+    // The tool itself: `go tool pprof` runs it as a child of its own, which killing `go`
+    // would leave running.
+    let tool = Command::new("go").args(["tool", "-n", "pprof"]).output()?;
+    ensure!(tool.status.success(), "go tool -n pprof: {}", String::from_utf8_lossy(&tool.stderr));
     let started = Instant::now();
-    let child = Command::new("go")
-        .args(["tool", "pprof", "-no_browser", &format!("-http={address}")])
+    let child = Command::new(String::from_utf8(tool.stdout)?.trim())
+        .args(["-no_browser", &format!("-http={address}")])
         .args(files)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
