@@ -38,6 +38,18 @@ use crate::{
     summary::PeriodSummary,
 };
 
+/// What a stack record was taken at, from its event.
+#[derive(Clone, Copy)]
+enum Taken {
+    Cpu,
+    /// Back from off the CPU, having waited for this.
+    OffCpu(Wait),
+    /// An allocation, or (`arena`) a pymalloc arena.
+    Alloc {
+        arena: bool,
+    },
+}
+
 /// How often the agent reads samples from the ring buffer.
 const READ_INTERVAL: Duration = Duration::from_millis(100);
 /// The kernel's counters are copied into the metrics every this many ticks.
@@ -237,9 +249,12 @@ impl<'a> Agent<'a> {
     fn drain(&mut self, events: &mut RingBuf<MapData>, sampler: &mut Sampler) {
         while let Some(record) = events.next() {
             match events::decode(&record) {
-                Ok(Event::Cpu(sample)) => self.on_sample(&sample, None, sampler),
-                Ok(Event::OffCpu(sample)) => self.on_sample(&sample, Some(Wait::from_kernel(sample.wait)), sampler),
-                Ok(Event::Alloc(sample) | Event::Arena(sample)) => self.on_sample(&sample, None, sampler),
+                Ok(Event::Cpu(sample)) => self.on_sample(&sample, Taken::Cpu, sampler),
+                Ok(Event::OffCpu(sample)) => {
+                    self.on_sample(&sample, Taken::OffCpu(Wait::from_kernel(sample.wait)), sampler)
+                }
+                Ok(Event::Alloc(sample)) => self.on_sample(&sample, Taken::Alloc { arena: false }, sampler),
+                Ok(Event::Arena(sample)) => self.on_sample(&sample, Taken::Alloc { arena: true }, sampler),
                 Ok(Event::Free { pid, address }) => self.heap.freed(pid, address),
                 Ok(Event::NewProcess { pid, comm }) => {
                     self.inspect(pid, &comm, sampler);
@@ -336,8 +351,8 @@ impl<'a> Agent<'a> {
         log::warn!("pid {pid}: {reason}: skipped (native stacks are still profiled)");
     }
 
-    /// A stack sampled on the CPU, off it (`wait`), or at an allocation.
-    fn on_sample(&mut self, sample: &StackRecord, wait: Option<Wait>, sampler: &mut Sampler) {
+    /// A stack sampled on the CPU, off it, or at an allocation, as `taken` says.
+    fn on_sample(&mut self, sample: &StackRecord, taken: Taken, sampler: &mut Sampler) {
         let pid = sample.pid;
         if self.processes.get(pid).is_none() {
             // Its NEW_PROCESS event was lost: the thread's name will do.
@@ -356,7 +371,10 @@ impl<'a> Agent<'a> {
             user: if sample.user_unwound != 0 { user } else { process.user_stack(user) },
             python: valid(&sample.py_frames, sample.py_len),
             python_status: sample.py_status,
-            wait,
+            wait: match taken {
+                Taken::OffCpu(wait) => Some(wait),
+                _ => None,
+            },
         };
         let interpreter = process.python.as_mut().map(|python| python as &mut dyn InterpreterFrames);
         let walk = stack::assemble(&mut self.stack, &raw, &mut self.native, interpreter);
@@ -365,20 +383,19 @@ impl<'a> Agent<'a> {
         let stack = &self.stack;
         let series = &process.series;
         let thread = process.thread(pid, sample.tid, comm_text(&sample.comm), sample.label_set);
-        match (sample.kind, wait) {
-            (_, Some(wait)) => {
+        match taken {
+            Taken::OffCpu(wait) => {
                 let off_cpu = Measurement::OffCpu { wait, ns: sample.off_cpu_ns };
                 self.aggregator.add(series, stack, &thread, off_cpu);
             }
-            (profiler_common::kind::ALLOC | profiler_common::kind::ARENA, _) => {
+            Taken::Alloc { arena } => {
                 let Some(mean) = self.settings.memory else { return };
-                let arena = process.python.as_ref().and_then(|python| python.pymalloc());
-                let arena = arena.filter(|_| sample.kind == profiler_common::kind::ARENA);
+                let arena = process.python.as_ref().and_then(|python| python.pymalloc()).filter(|_| arena);
                 let sampled = Sampled { pid, address: sample.address, bytes: sample.bytes, arena };
                 let origin = Origin { series: series.clone(), stack: stack.as_slice().into(), thread };
                 heap::account(&mut self.aggregator, &mut self.heap, sampled, origin, mean);
             }
-            _ => {
+            Taken::Cpu => {
                 self.summary.samples += 1;
                 self.aggregator.add(series, stack, &thread, Measurement::Cpu);
             }
