@@ -19,6 +19,9 @@ pub const MAX_THREADS_SCANNED: usize = 256;
 
 /// An offset that a CPython version does not have.
 pub const NO_OFFSET: u16 = u16::MAX;
+/// The most bytes the walker reads from one frame: every CPython's frame
+/// fields it uses are within them (3.6's `f_lasti` ends at 128).
+pub const MAX_FRAME_SPAN: usize = 128;
 
 /// Where the fields the frame walker needs live, for one CPython build.
 /// All offsets are in bytes from the start of the named struct.
@@ -54,6 +57,28 @@ pub struct PyOffsets {
     pub object_type: u16,
 }
 
+impl PyProcess {
+    /// The bytes from the start of a frame that hold `previous`, the code
+    /// object, the instruction, `owner` and `is_entry`; `None` when they are
+    /// not within [`MAX_FRAME_SPAN`] or a pointer field is not 8-aligned
+    /// (the walker reads them as aligned words).
+    pub fn frame_span_of(offsets: &PyOffsets, frame_is_entry: u16) -> Option<u16> {
+        let words = [offsets.frame_code, offsets.frame_previous, offsets.frame_instr];
+        if words.iter().any(|offset| offset % 8 != 0) {
+            return None;
+        }
+        let word_end = words.iter().map(|&offset| offset as usize + 8).max().unwrap_or(0);
+        let byte_end = [offsets.frame_owner, frame_is_entry]
+            .iter()
+            .filter(|&&offset| offset != NO_OFFSET)
+            .map(|&offset| offset as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let span = word_end.max(byte_end);
+        (span <= MAX_FRAME_SPAN).then_some(span as u16)
+    }
+}
+
 /// What the kernel needs to walk the Python stacks of one process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,7 +95,10 @@ pub struct PyProcess {
     pub _pad0: u8,
     /// `_PyInterpreterFrame.is_entry` (3.11 only; [`NO_OFFSET`] otherwise).
     pub frame_is_entry: u16,
-    pub _pad: [u8; 4],
+    /// Bytes the walker reads at once from the start of each frame: up to
+    /// the end of the last field it uses ([`PyProcess::frame_span_of`]).
+    pub frame_span: u16,
+    pub _pad: [u8; 2],
     /// Address and size of the GIL's state (`struct _gil_runtime_state`),
     /// whose mutexes and condition variables are the futexes a thread waiting
     /// for the GIL blocks on; size 0 when unknown.
@@ -140,6 +168,20 @@ pub mod kind {
     pub const FREE: u32 = 7;
 }
 
+/// How [`StackRecord::user_stack`] was taken.
+pub mod unwound {
+    /// By `bpf_get_stack`: garbage after the first frames without frame
+    /// pointers.
+    pub const NO_TABLES: u32 = 0;
+    /// With the process's tables: every frame real.
+    pub const TABLES: u32 = 1;
+    /// With the process's tables, cut at an address in none of the mappings
+    /// it was given (a library loaded since, most often): userspace reads
+    /// the process's mappings again. It learns of new libraries this way,
+    /// not by polling every process.
+    pub const UNMAPPED: u32 = 2;
+}
+
 /// Why a thread was off the CPU, in [`StackRecord::wait`] of an
 /// [`OffCpuSample`]: from the system call it
 /// returns from, else preempted.
@@ -199,9 +241,7 @@ pub struct StackRecord {
     pub user_len: u32,
     /// [`kind::OFF_CPU`]: one of the [`wait`] constants.
     pub wait: u32,
-    /// 1 when `user_stack` was unwound with the process's tables (every
-    /// frame real), 0 when it is `bpf_get_stack`'s (garbage after the first
-    /// frames without frame pointers).
+    /// One of the [`unwound`] constants.
     pub user_unwound: u32,
     /// The thread's name (`comm`).
     pub comm: [u8; 16],
@@ -363,7 +403,9 @@ pub struct UnwindMapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessUnwind {
     pub len: u32,
-    pub _pad: u32,
+    /// Changes whenever userspace writes the process's mappings: rows the
+    /// kernel remembers for an address are valid for one generation.
+    pub generation: u32,
     pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
 }
 

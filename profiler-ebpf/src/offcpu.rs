@@ -139,7 +139,7 @@ fn send_preempted(task: u64, tid: u32, ns: u64, now: u64) {
         (*sample).py_len = 0;
         (*sample).kernel_len = 0;
         (*sample).user_len = 0;
-        (*sample).user_unwound = 0;
+        (*sample).user_unwound = profiler_common::unwound::NO_TABLES;
         // Ring-buffer space is not zeroed: unset, these would hold an earlier
         // record's values. The thread's label set is in its own memory, which
         // this context (another task's) cannot read.

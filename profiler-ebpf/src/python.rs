@@ -10,14 +10,15 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{self, bpf_loop},
     },
     macros::map,
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
 };
 use profiler_common::{
-    stat, PyFrame, PyProcess, StackRecord, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE, PY_BAD_POINTER,
-    PY_CYCLE, PY_ENTRY_FRAME, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
+    stat, PyFrame, PyProcess, StackRecord, MAX_FRAME_SPAN, MAX_PY_FRAMES, MAX_THREADS_SCANNED, NO_OFFSET, PY_BAD_CODE,
+    PY_BAD_POINTER, PY_CYCLE, PY_ENTRY_FRAME, PY_NO_THREAD, PY_OK, PY_TRUNCATED,
 };
 
 /// Offset of `thread.fsbase` in `task_struct`, from the kernel's BTF.
@@ -156,11 +157,44 @@ fn current_frame(process: &PyProcess, tstate: u64) -> Result<u64, u32> {
     read(field(frame_holder, off.cframe_current_frame))
 }
 
+/// What a walk keeps per CPU and program (see `record::CPU_SLOT`): the
+/// header of the frame being read, the frame read last, and the code
+/// objects whose type was checked. Not on the stack, whose 512 bytes the
+/// verifier counts over the whole call chain.
+#[repr(C)]
+struct WalkScratch {
+    header: [u64; HEADER_WORDS],
+    /// The last frame read, recorded when the next one is: whether it is an
+    /// entry frame is known only then on 3.12+ (its caller is a shim).
+    pending: PyFrame,
+    has_pending: u64,
+    checked: [CheckedCode; CHECKED_CODES],
+}
+
+/// A code object found to be one, in process `pid`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CheckedCode {
+    code: u64,
+    pid: u32,
+    _pad: u32,
+}
+
+/// Code objects remembered per CPU, by address: most stacks repeat a few
+/// functions, so most frames need no read of their code object's type. A
+/// freed code object's address may come back as another object; userspace
+/// checks every code object's type again when it reads it.
+const CHECKED_CODES: usize = 64;
+
+#[map]
+static WALK_SCRATCH: PerCpuArray<WalkScratch> = PerCpuArray::with_max_entries(3, 0);
+
 /// The frame walk in progress; frames go to `sample.py_frames`.
 #[repr(C)]
 struct FrameWalk {
     process: *const PyProcess,
     sample: *mut StackRecord,
+    scratch: *mut WalkScratch,
     frame: u64,
     /// A frame seen earlier, moved at every power-of-two step (Brent's cycle
     /// detection): meeting it again means the chain loops.
@@ -182,7 +216,81 @@ unsafe extern "C" fn frame_step(_index: u64, state: *mut c_void) -> i64 {
     }
 }
 
-/// Records the current frame and moves to the previous one; `Err` ends the
+/// Words of a frame's header.
+const HEADER_WORDS: usize = MAX_FRAME_SPAN / 8;
+
+/// The word at byte `offset` of a frame's header. Userspace only sends
+/// aligned offsets within the span (`PyProcess::frame_span_of`); the mask
+/// (not a check, which the compiler may apply to a copy of the register)
+/// shows the verifier the bound.
+#[inline(always)]
+fn word(header: &[u64; HEADER_WORDS], offset: u16) -> u64 {
+    header[(offset as usize / 8) % HEADER_WORDS]
+}
+
+/// The byte at `offset` of a frame's header, bounded like [`word`].
+#[inline(always)]
+fn byte(header: &[u64; HEADER_WORDS], offset: u16) -> u8 {
+    (word(header, offset) >> ((offset % 8) * 8)) as u8
+}
+
+/// Reads the first `span` bytes of the frame at `frame`: one read for every
+/// field the walk uses.
+#[inline(always)]
+fn read_header(frame: u64, span: u16, header: &mut [u64; HEADER_WORDS]) -> Result<(), u32> {
+    let span = span as u32;
+    if span == 0 || span > MAX_FRAME_SPAN as u32 {
+        return Err(PY_BAD_POINTER);
+    }
+    // SAFETY: `header` has room for `MAX_FRAME_SPAN` bytes; the helper faults
+    // safely on any source address.
+    let result = unsafe { generated::bpf_probe_read_user(header.as_mut_ptr().cast(), span, frame as *const c_void) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(PY_BAD_POINTER)
+    }
+}
+
+/// Whether `code` is a code object, from the remembered ones or its type.
+#[inline(always)]
+fn check_code(walk: &FrameWalk, process: &PyProcess, code: u64) -> Result<(), u32> {
+    // SAFETY: a map value, valid for the program run, of this CPU and program.
+    let checked = unsafe { &mut (*walk.scratch).checked };
+    let slot = &mut checked[((code >> 4) ^ (code >> 10)) as usize % CHECKED_CODES];
+    // SAFETY: the per-CPU scratch sample.
+    let pid = unsafe { (*walk.sample).pid };
+    if slot.code == code && slot.pid == pid {
+        return Ok(());
+    }
+    if read::<u64>(field(code, process.offsets.object_type)) != Ok(process.code_type) {
+        return Err(PY_BAD_CODE);
+    }
+    *slot = CheckedCode { code, pid, _pad: 0 };
+    Ok(())
+}
+
+/// Appends the pending frame, if any, to `sample.py_frames`.
+#[inline(always)]
+fn record_pending(walk: &mut FrameWalk) -> Result<(), u32> {
+    // SAFETY: this CPU's and program's scratch.
+    let scratch = unsafe { &mut *walk.scratch };
+    if scratch.has_pending == 0 {
+        return Ok(());
+    }
+    let len = walk.len as usize;
+    if len >= MAX_PY_FRAMES {
+        return Err(PY_TRUNCATED);
+    }
+    // SAFETY: `sample` points at the per-CPU scratch sample, and `len` is
+    // within `py_frames`.
+    unsafe { *(*walk.sample).py_frames.as_mut_ptr().add(len) = scratch.pending };
+    scratch.has_pending = 0;
+    walk.len += 1;
+    Ok(())
+}
+
+/// Reads the current frame and moves to the previous one; `Err` ends the
 /// walk with that status.
 #[inline(always)]
 fn step(walk: &mut FrameWalk) -> Result<(), u32> {
@@ -192,36 +300,28 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
     // SAFETY: a map value, valid for the program run.
     let process = unsafe { &*walk.process };
     let off = &process.offsets;
-    let previous = read::<u64>(field(walk.frame, off.frame_previous))?;
-    let owner_cstack =
-        off.frame_owner != NO_OFFSET && read::<u8>(field(walk.frame, off.frame_owner)) == Ok(process.owner_cstack);
-    if !owner_cstack {
-        let mut code = read::<u64>(field(walk.frame, off.frame_code))? & !POINTER_TAG_BITS;
-        let instr = read::<u64>(field(walk.frame, off.frame_instr))?;
-        if read::<u64>(field(code, off.object_type)) != Ok(process.code_type) {
-            return Err(PY_BAD_CODE);
-        }
-        // C code called this frame: 3.11 flags it, 3.12+ put a shim frame
-        // (owned by the C stack) under it.
-        let is_entry = process.frame_is_entry;
-        let entry = if is_entry != NO_OFFSET {
-            read::<u8>(field(walk.frame, is_entry)).is_ok_and(|entry| entry != 0)
-        } else {
-            off.frame_owner != NO_OFFSET
-                && previous != 0
-                && read::<u8>(field(previous, off.frame_owner)) == Ok(process.owner_cstack)
-        };
-        if entry {
+    // SAFETY: as above, this CPU's and program's.
+    let scratch = unsafe { &mut *walk.scratch };
+    read_header(walk.frame, process.frame_span, &mut scratch.header)?;
+    let header = &scratch.header;
+    let previous = word(header, off.frame_previous);
+    if off.frame_owner != NO_OFFSET && byte(header, off.frame_owner) == process.owner_cstack {
+        // 3.12+: a shim frame, owned by the C stack: C code called the
+        // frame read before it, which is an entry frame.
+        scratch.pending.code |= PY_ENTRY_FRAME;
+    } else {
+        let mut code = word(header, off.frame_code) & !POINTER_TAG_BITS;
+        let instr = word(header, off.frame_instr);
+        // 3.11 flags a frame that C code called.
+        if process.frame_is_entry != NO_OFFSET && byte(header, process.frame_is_entry) != 0 {
             code |= PY_ENTRY_FRAME;
         }
-        let len = walk.len as usize;
-        if len >= MAX_PY_FRAMES {
-            return Err(PY_TRUNCATED);
-        }
-        // SAFETY: `sample` points at the per-CPU scratch sample, and `len`
-        // is within `py_frames`.
-        unsafe { *(*walk.sample).py_frames.as_mut_ptr().add(len) = PyFrame { code, instr } };
-        walk.len += 1;
+        record_pending(walk)?;
+        check_code(walk, process, code & !PY_ENTRY_FRAME)?;
+        // SAFETY: as above.
+        let scratch = unsafe { &mut *walk.scratch };
+        scratch.pending = PyFrame { code, instr };
+        scratch.has_pending = 1;
     }
     walk.steps += 1;
     if walk.steps & (walk.steps - 1) == 0 {
@@ -235,9 +335,20 @@ fn step(walk: &mut FrameWalk) -> Result<(), u32> {
 }
 
 /// Walks the Python stack of thread `tid` into `sample.py_frames`, innermost
-/// first, setting `sample.py_len` and `sample.py_status`.
-pub fn walk(process: &PyProcess, tid: u32, sample: *mut StackRecord) {
-    let mut walk = FrameWalk { process, sample, frame: 0, checkpoint: 0, steps: 0, len: 0, status: WALKING };
+/// first, setting `sample.py_len` and `sample.py_status`; `slot` is the
+/// calling program's (see `record::CPU_SLOT`).
+pub fn walk(process: &PyProcess, tid: u32, sample: *mut StackRecord, slot: u32) {
+    let Some(scratch) = WALK_SCRATCH.get_ptr_mut(slot) else {
+        // SAFETY: `sample` points at the per-CPU scratch sample.
+        unsafe {
+            (*sample).py_len = 0;
+            (*sample).py_status = PY_TRUNCATED;
+        }
+        return;
+    };
+    let mut walk = FrameWalk { process, sample, scratch, frame: 0, checkpoint: 0, steps: 0, len: 0, status: WALKING };
+    // SAFETY: this CPU's and program's scratch.
+    unsafe { (*scratch).has_pending = 0 };
     match thread_state(process, tid).and_then(|tstate| current_frame(process, tstate)) {
         Ok(frame) => {
             walk.frame = frame;
@@ -245,9 +356,15 @@ pub fn walk(process: &PyProcess, tid: u32, sample: *mut StackRecord) {
         }
         Err(status) => walk.status = status,
     }
+    let mut status = if walk.status == WALKING { PY_TRUNCATED } else { walk.status };
+    if let Err(truncated) = record_pending(&mut walk) {
+        if status == PY_OK {
+            status = truncated;
+        }
+    }
     // SAFETY: `sample` points at the per-CPU scratch sample.
     unsafe {
         (*sample).py_len = walk.len;
-        (*sample).py_status = if walk.status == WALKING { PY_TRUNCATED } else { walk.status };
+        (*sample).py_status = status;
     }
 }

@@ -11,7 +11,9 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
     EbpfContext,
 };
-use profiler_common::{kind, stat, ProcessEvent, StackRecord, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON};
+use profiler_common::{
+    kind, stat, unwound, ProcessEvent, StackRecord, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, PY_NOT_PYTHON,
+};
 
 use crate::{
     maps::{count, label_set, PY_PROCS, TASK_COMM_OFFSET, TASK_GROUP_LEADER_OFFSET},
@@ -85,13 +87,13 @@ pub fn capture(ctx: &impl EbpfContext, slot: u32, kind: u32, pid: u32, tid: u32)
         };
         // Without tables (yet), the leaf frames the kernel's unwinder finds.
         let tables = unwind::has_tables(pid);
-        (*sample).user_unwound = tables.is_some() as u32;
+        (*sample).user_unwound = if tables.is_some() { unwound::TABLES } else { unwound::NO_TABLES };
         (*sample).user_len = match tables {
-            Some(process) => unwind::walk(process, sample),
+            Some(process) => unwind::walk(process, sample, slot),
             None => stack(ctx, (*sample).user_stack.as_mut_ptr(), MAX_USER_FRAMES, BPF_F_USER_STACK as u64),
         };
         match PY_PROCS.get(pid) {
-            Some(process) => python::walk(process, tid, sample),
+            Some(process) => python::walk(process, tid, sample, slot),
             None => {
                 (*sample).py_len = 0;
                 (*sample).py_status = PY_NOT_PYTHON;

@@ -16,10 +16,10 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use profiler_common::{
-    stat, unwind, ProcessUnwind, StackRecord, UnwindChunk, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS,
+    stat, unwind, unwound, ProcessUnwind, StackRecord, UnwindChunk, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS,
     MAX_USER_FRAMES, UNWIND_CHUNKS, UNWIND_CHUNK_ROWS,
 };
 
@@ -31,6 +31,29 @@ static UNWIND_ROWS: Array<UnwindChunk> = Array::with_max_entries(UNWIND_CHUNKS, 
 #[map]
 static UNWIND_PROCS: HashMap<u32, ProcessUnwind> = HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
 
+/// Rows found for recent addresses, per CPU and program (slots as
+/// `record::CPU_SLOT`), by address: most samples repeat the return addresses
+/// of the ones before, so most frames need neither binary search.
+#[repr(C)]
+struct RowCache {
+    rows: [CachedRow; CACHED_ROWS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedRow {
+    pc: u64,
+    pid: u32,
+    /// `ProcessUnwind::generation` when the row was found.
+    generation: u32,
+    row: UnwindRow,
+}
+
+const CACHED_ROWS: usize = 256;
+
+#[map]
+static ROW_CACHE: PerCpuArray<RowCache> = PerCpuArray::with_max_entries(3, 0);
+
 /// Binary search steps: enough for 2^7 mappings and 2^21 rows.
 const MAPPING_STEPS: u32 = 7;
 const ROW_STEPS: u32 = 21;
@@ -40,13 +63,19 @@ const ROW_STEPS: u32 = 21;
 struct Walk {
     process: *const ProcessUnwind,
     sample: *mut StackRecord,
+    cache: *mut RowCache,
     rip: u64,
     rsp: u64,
     rbp: u64,
     len: u32,
-    /// Whether the stack was cut short.
+    /// Why the stack was cut short, if it was: `CUT`, `CUT_UNMAPPED`.
     cut: u32,
 }
+
+/// The walk could not go on.
+const CUT: u32 = 1;
+/// The walk met an address in no mapping it was given.
+const CUT_UNMAPPED: u32 = 2;
 
 /// Whether `pid` has tables, so that [`walk`] should be used for it.
 pub fn has_tables(pid: u32) -> Option<*const ProcessUnwind> {
@@ -54,8 +83,11 @@ pub fn has_tables(pid: u32) -> Option<*const ProcessUnwind> {
 }
 
 /// Unwinds the current thread's user stack into `sample.user_stack`; returns
-/// the number of frames.
-pub fn walk(process: *const ProcessUnwind, sample: *mut StackRecord) -> u32 {
+/// the number of frames. `slot` is the calling program's.
+pub fn walk(process: *const ProcessUnwind, sample: *mut StackRecord, slot: u32) -> u32 {
+    let Some(cache) = ROW_CACHE.get_ptr_mut(slot) else {
+        return 0;
+    };
     // SAFETY: the current task outlives this program run.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     // Three registers read one by one: the whole `pt_regs` (168 bytes) on
@@ -72,11 +104,15 @@ pub fn walk(process: *const ProcessUnwind, sample: *mut StackRecord) -> u32 {
         return 0;
     };
     crate::maps::count(stat::UNWOUND_STACKS);
-    let mut walk = Walk { process, sample, rip, rsp, rbp, len: 0, cut: 0 };
+    let mut walk = Walk { process, sample, cache, rip, rsp, rbp, len: 0, cut: 0 };
     // SAFETY: `step` takes a `*mut Walk`, which it is given.
     unsafe { bpf_loop(MAX_USER_FRAMES as u32, step as *mut c_void, (&mut walk as *mut Walk).cast(), 0) };
     if walk.cut != 0 || walk.len as usize >= MAX_USER_FRAMES && walk.rip != 0 {
         crate::maps::count(stat::UNWIND_CUT);
+    }
+    if walk.cut == CUT_UNMAPPED {
+        // SAFETY: the per-CPU scratch sample.
+        unsafe { (*sample).user_unwound = unwound::UNMAPPED };
     }
     walk.len
 }
@@ -87,8 +123,8 @@ unsafe extern "C" fn step(_index: u64, state: *mut c_void) -> i64 {
     match frame(walk) {
         Ok(true) => 0,
         Ok(false) => 1,
-        Err(()) => {
-            walk.cut = 1;
+        Err(why) => {
+            walk.cut = why;
             1
         }
     }
@@ -97,13 +133,13 @@ unsafe extern "C" fn step(_index: u64, state: *mut c_void) -> i64 {
 /// Records the frame at `walk.rip` and moves to its caller: `Ok(false)` at
 /// the outermost frame, `Err` where the walk cannot go on.
 #[inline(always)]
-fn frame(walk: &mut Walk) -> Result<bool, ()> {
+fn frame(walk: &mut Walk) -> Result<bool, u32> {
     if walk.rip == 0 {
         return Ok(false);
     }
     let len = walk.len as usize;
     if len >= MAX_USER_FRAMES {
-        return Err(());
+        return Err(CUT);
     }
     // SAFETY: `sample` is the per-CPU scratch sample and `len` is in bounds.
     unsafe { *(*walk.sample).user_stack.as_mut_ptr().add(len) = walk.rip };
@@ -111,26 +147,35 @@ fn frame(walk: &mut Walk) -> Result<bool, ()> {
     // A return address is after its call, which may be the function's last
     // instruction: look up the call itself.
     let pc = if len == 0 { walk.rip } else { walk.rip - 1 };
-    // SAFETY: the map value stays valid for the program run.
-    let mapping = find_mapping(unsafe { &*walk.process }, pc).ok_or(())?;
-    let file_pc = pc.wrapping_sub(mapping.bias);
-    if file_pc > u32::MAX as u64 {
-        return Err(());
-    }
-    let row = find_row(mapping, file_pc as u32).ok_or(())?;
+    // SAFETY: map values, valid for the program run; the cache is this
+    // CPU's and program's.
+    let (process, pid, cache) = unsafe { (&*walk.process, (*walk.sample).pid, &mut (*walk.cache).rows) };
+    let slot = &mut cache[(pc ^ (pc >> 9)) as usize % CACHED_ROWS];
+    let row = if slot.pc == pc && slot.pid == pid && slot.generation == process.generation {
+        slot.row
+    } else {
+        let mapping = find_mapping(process, pc).ok_or(CUT_UNMAPPED)?;
+        let file_pc = pc.wrapping_sub(mapping.bias);
+        if file_pc > u32::MAX as u64 {
+            return Err(CUT);
+        }
+        let row = find_row(mapping, file_pc as u32).ok_or(CUT)?;
+        *slot = CachedRow { pc, pid, generation: process.generation, row };
+        row
+    };
     let cfa = match row.cfa_rule {
         unwind::CFA_RSP => walk.rsp.wrapping_add(row.cfa_offset as i64 as u64),
         unwind::CFA_RBP => walk.rbp.wrapping_add(row.cfa_offset as i64 as u64),
         unwind::CFA_PLT => walk.rsp + 8 + if (walk.rip & 15) >= 11 { 8 } else { 0 },
         unwind::CFA_END => return Ok(false),
-        _ => return Err(()),
+        _ => return Err(CUT),
     };
     // SAFETY: user reads fault safely.
-    let return_address = unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }.map_err(|_| ())?;
+    let return_address = unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }.map_err(|_| CUT)?;
     if row.rbp_rule == unwind::RBP_AT_CFA {
         let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
         // SAFETY: as above.
-        walk.rbp = unsafe { bpf_probe_read_user(saved as *const u64) }.map_err(|_| ())?;
+        walk.rbp = unsafe { bpf_probe_read_user(saved as *const u64) }.map_err(|_| CUT)?;
     }
     walk.rsp = cfa;
     walk.rip = return_address;

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::StackRecord;
+use profiler_common::{unwound, StackRecord};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -52,6 +52,9 @@ enum Taken {
 
 /// How often the agent reads samples from the ring buffer.
 const READ_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest the loop reads records before it looks at what else is due:
+/// under a flood of new processes, control requests are still answered.
+const DRAIN_SLICE: Duration = Duration::from_millis(10);
 /// The kernel's counters are copied into the metrics every this many ticks.
 const METRICS_TICKS: u64 = 10;
 
@@ -108,8 +111,11 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         let stop = tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready?;
-                agent.drain(guard.get_inner_mut(), &mut sampler);
-                guard.clear_ready();
+                // Left ready while records remain: the loop comes back to
+                // them after what else is due (a control request).
+                if agent.drain(guard.get_inner_mut(), &mut sampler, Some(DRAIN_SLICE)) {
+                    guard.clear_ready();
+                }
                 continue;
             }
             _ = read_tick.tick() => {
@@ -121,7 +127,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             }
             Some(command) = recv(&mut control) => {
                 // Its samples so far belong to what it asks about.
-                agent.drain(events.get_mut(), &mut sampler);
+                agent.drain(events.get_mut(), &mut sampler, Some(DRAIN_SLICE));
                 let answer = agent.control(command.pid, command.request, &sinks, &mut sampler);
                 let _ = command.reply.send(answer);
                 continue;
@@ -131,7 +137,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             _ = terminate.recv() => true,
         };
         // Samples already in the ring belong to the period that ends now.
-        agent.drain(events.get_mut(), &mut sampler);
+        agent.drain(events.get_mut(), &mut sampler, None);
         let stats = sampler.stats()?;
         agent.finish_period(&sinks, &mut sampler, stats, stats_before, stop);
         stats_before = stats;
@@ -228,7 +234,7 @@ impl<'a> Agent<'a> {
         sinks: &Sinks,
         ticks: u64,
     ) -> Result<bool> {
-        self.drain(events, sampler);
+        self.drain(events, sampler, Some(DRAIN_SLICE));
         self.processes.label_new_pods();
         for profile in self.aggregator.finish_own_periods(SystemTime::now()) {
             sinks.send(&profile);
@@ -246,34 +252,49 @@ impl<'a> Agent<'a> {
         Ok(gone)
     }
 
-    fn drain(&mut self, events: &mut RingBuf<MapData>, sampler: &mut Sampler) {
+    /// Handles the ring buffer's records, for at most `slice` (all with
+    /// `None`); false when some are left.
+    fn drain(&mut self, events: &mut RingBuf<MapData>, sampler: &mut Sampler, slice: Option<Duration>) -> bool {
+        let deadline = slice.map(|slice| Instant::now() + slice);
+        let mut handled = 0u32;
         while let Some(record) = events.next() {
-            match events::decode(&record) {
-                Ok(Event::Cpu(sample)) => self.on_sample(&sample, Taken::Cpu, sampler),
-                Ok(Event::OffCpu(sample)) => {
-                    self.on_sample(&sample, Taken::OffCpu(Wait::from_kernel(sample.wait)), sampler)
-                }
-                Ok(Event::Alloc(sample)) => self.on_sample(&sample, Taken::Alloc { arena: false }, sampler),
-                Ok(Event::Arena(sample)) => self.on_sample(&sample, Taken::Alloc { arena: true }, sampler),
-                Ok(Event::Free { pid, address }) => self.heap.freed(pid, address),
-                Ok(Event::NewProcess { pid, comm }) => {
-                    self.inspect(pid, &comm, sampler);
-                    // The agent's own stacks are not what users look for;
-                    // CPython processes are loaded once found (`inspect`).
-                    if let Some(loader) = self.unwind.as_ref().filter(|_| pid != std::process::id()) {
-                        loader.process(pid, self.settings.pids.contains(&pid));
-                    }
-                }
-                Ok(Event::Exit { pid }) => {
-                    if let Some(process) = self.processes.get_mut(pid) {
-                        process.exited = true;
-                    }
-                    if let Some(loader) = &self.unwind {
-                        loader.exited(pid);
-                    }
-                }
-                Err(unexpected) => log::warn!("{unexpected}"),
+            self.handle(&record, sampler);
+            handled += 1;
+            // A clock read per 64 records, each a few µs of work.
+            if handled.is_multiple_of(64) && deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return false;
             }
+        }
+        true
+    }
+
+    /// One record of the ring buffer.
+    fn handle(&mut self, record: &[u8], sampler: &mut Sampler) {
+        match events::decode(record) {
+            Ok(Event::Cpu(sample)) => self.on_sample(&sample, Taken::Cpu, sampler),
+            Ok(Event::OffCpu(sample)) => {
+                self.on_sample(&sample, Taken::OffCpu(Wait::from_kernel(sample.wait)), sampler)
+            }
+            Ok(Event::Alloc(sample)) => self.on_sample(&sample, Taken::Alloc { arena: false }, sampler),
+            Ok(Event::Arena(sample)) => self.on_sample(&sample, Taken::Alloc { arena: true }, sampler),
+            Ok(Event::Free { pid, address }) => self.heap.freed(pid, address),
+            Ok(Event::NewProcess { pid, comm }) => {
+                self.inspect(pid, &comm, sampler);
+                // The agent's own stacks are not what users look for;
+                // CPython processes are loaded once found (`inspect`).
+                if let Some(loader) = self.unwind.as_ref().filter(|_| pid != std::process::id()) {
+                    loader.process(pid, self.settings.pids.contains(&pid));
+                }
+            }
+            Ok(Event::Exit { pid }) => {
+                if let Some(process) = self.processes.get_mut(pid) {
+                    process.exited = true;
+                }
+                if let Some(loader) = &self.unwind {
+                    loader.exited(pid);
+                }
+            }
+            Err(unexpected) => log::warn!("{unexpected}"),
         }
     }
 
@@ -359,6 +380,9 @@ impl<'a> Agent<'a> {
             self.inspect(pid, &sample.comm, sampler);
         }
         let user = valid(&sample.user_stack, sample.user_len);
+        if let Some(loader) = self.unwind.as_ref().filter(|_| sample.user_unwound == unwound::UNMAPPED) {
+            loader.mapped(pid);
+        }
         if self.processes.get_mut(pid).is_some_and(|process| process.due(pid, user)) {
             self.inspect(pid, &sample.comm, sampler);
         }
@@ -368,7 +392,7 @@ impl<'a> Agent<'a> {
             kernel: valid(&sample.kernel_stack, sample.kernel_len),
             // Unwound with tables, every frame is real: libraries loaded
             // since the process was looked at included.
-            user: if sample.user_unwound != 0 { user } else { process.user_stack(user) },
+            user: if sample.user_unwound != unwound::NO_TABLES { user } else { process.user_stack(user) },
             python: valid(&sample.py_frames, sample.py_len),
             python_status: sample.py_status,
             wait: match taken {

@@ -27,7 +27,7 @@ pub use layout::{install_hint, pyenv_build, skip_or_fail};
 
 use crate::process::procmem::ProcessMemory;
 use layout::Layout;
-use profiler_common::{PyProcess, NO_OFFSET};
+use profiler_common::{PyProcess, MAX_FRAME_SPAN, NO_OFFSET};
 use std::{fmt, ops::Range, sync::Arc};
 
 /// A CPython release, e.g. 3.11.7.
@@ -140,6 +140,12 @@ impl Interpreter {
                 described.version_hex
             ));
         }
+        if PyProcess::frame_span_of(&described.layout.kernel, NO_OFFSET).is_none() {
+            return Err(format!(
+                "CPython {version} ({path}): its frame's fields are not within the {MAX_FRAME_SPAN} aligned bytes \
+                 the kernel's walker reads"
+            ));
+        }
         Ok(Some(Interpreter::with_layout(version, path, runtime, code_type, described.layout, described.free_threaded)))
     }
 
@@ -151,16 +157,20 @@ impl Interpreter {
         layout: Layout,
         free_threaded: bool,
     ) -> Interpreter {
+        // `bool is_entry` after `int stacktop`, which follows `prev_instr`;
+        // only 3.11 has it (3.12 has shim frames instead).
+        let frame_is_entry = if version.minor == 11 { layout.kernel.frame_instr + 12 } else { NO_OFFSET };
         let kernel = PyProcess {
             runtime,
             code_type,
             offsets: layout.kernel,
             owner_cstack: layout.owner_cstack,
             _pad0: 0,
-            // `bool is_entry` after `int stacktop`, which follows
-            // `prev_instr`; only 3.11 has it (3.12 has shim frames instead).
-            frame_is_entry: if version.minor == 11 { layout.kernel.frame_instr + 12 } else { NO_OFFSET },
-            _pad: [0; 4],
+            frame_is_entry,
+            // Within bounds for every table (a test checks them all) and
+            // checked on reading debug offsets; 0 makes the kernel refuse.
+            frame_span: PyProcess::frame_span_of(&layout.kernel, frame_is_entry).unwrap_or(0),
+            _pad: [0; 2],
             gil: runtime + layout.gil.offset,
             gil_size: layout.gil.size,
         };
@@ -224,5 +234,18 @@ mod tests {
         assert_eq!(interp.kernel.code_type, 0x2000);
         assert_eq!(interp.kernel.owner_cstack, u8::MAX);
         assert_eq!(interp.kernel.offsets.runtime_interpreters_head, 40);
+    }
+
+    #[test]
+    fn every_table_s_frame_fields_are_within_what_the_walker_reads() {
+        for minor in 6..=12 {
+            let version = Version { major: 3, minor, micro: 0 };
+            let interp = Interpreter::new(version, "/usr/bin/python3".into(), 0x1000, 0x2000).unwrap();
+            let span = usize::from(interp.kernel.frame_span);
+            assert!(span > 0 && span <= MAX_FRAME_SPAN, "3.{minor}: {span}");
+        }
+        // 3.6's f_lasti is the farthest: a word at 120.
+        let v36 = Interpreter::new(Version { major: 3, minor: 6, micro: 0 }, "/x".into(), 0, 0).unwrap();
+        assert_eq!(v36.kernel.frame_span, 128);
     }
 }

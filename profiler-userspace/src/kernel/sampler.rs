@@ -340,11 +340,17 @@ fn load_program(ebpf: &mut Ebpf, name: &str, tracepoint: Option<(&str, &Btf)>) -
     loaded.map_err(|error| refusal(name, &error))
 }
 
+/// Set, a refused program's whole verifier log goes to stderr.
+const VERIFIER_LOG_VAR: &str = "FERROSCOPE_VERIFIER_LOG";
+
 /// Why the kernel refused `program`, e.g. `this kernel's verifier refused
 /// raw_alloc_return (combined stack size of 4 calls is 528. Too large)`.
 fn refusal(program: &str, error: &ProgramError) -> String {
     match error {
         ProgramError::LoadError { io_error, verifier_log } => {
+            if std::env::var_os(VERIFIER_LOG_VAR).is_some() {
+                eprintln!("{program}: the verifier's log:\n{verifier_log}");
+            }
             match crate::kernel::features::verifier_complaint(&verifier_log.to_string()) {
                 Some(complaint) => format!("this kernel's verifier refused {program} ({complaint})"),
                 None => format!("this kernel refused {program} ({io_error})"),
@@ -756,7 +762,8 @@ mod tests {
                 owner_cstack: OWNER_CSTACK,
                 _pad0: 0,
                 frame_is_entry: self.is_entry,
-                _pad: [0; 4],
+                frame_span: PyProcess::frame_span_of(&SYNTHETIC, self.is_entry).unwrap(),
+                _pad: [0; 2],
                 gil: 0,
                 gil_size: 0,
             }

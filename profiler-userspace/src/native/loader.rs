@@ -4,8 +4,10 @@
 //! A table is made once per file (by build ID, else device and inode) and
 //! shared by every process that maps it; it takes whole chunks of
 //! `UNWIND_ROWS`, allocated first-fit and freed when its last process is
-//! gone. Processes are looked at again every [`RESCAN`] (or four) for
-//! libraries they loaded since (`import zlib` maps an extension module).
+//! gone. A process's mappings are read again when the kernel's walk meets
+//! an address outside them (`Request::Mapped`): that is how libraries it
+//! loads later (`import zlib` maps an extension module) get their tables.
+//! Nothing is polled, so processes that sleep cost nothing.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -32,9 +34,12 @@ const MAX_IDENTITIES: usize = 16384;
 /// How long a process that is not urgent must live to get tables.
 const SETTLE: Duration = Duration::from_secs(1);
 
-/// How often urgent processes are checked for new libraries (the others a
-/// quarter as often): a library's first samples until then are cut.
-const RESCAN: Duration = Duration::from_millis(250);
+/// The least time between two readings of a process's mappings on the
+/// kernel's word that it runs code outside them.
+const REREAD: Duration = Duration::from_millis(200);
+
+/// How often processes waiting to have lived [`SETTLE`] are looked at.
+const SETTLE_CHECK: Duration = Duration::from_millis(250);
 
 /// What the loader reports, for the metrics and the summary.
 #[derive(Debug, Default)]
@@ -56,6 +61,8 @@ enum Request {
         urgent: bool,
     },
     Exited(u32),
+    /// The process ran code outside the mappings it was loaded with.
+    Mapped(u32),
 }
 
 /// The agent's handle on the loader thread.
@@ -76,6 +83,8 @@ impl Loader {
             no_table: HashSet::new(),
             loaded: HashMap::new(),
             settling: HashMap::new(),
+            reread: HashMap::new(),
+            generation: 0,
             urgent: HashSet::new(),
             free: BTreeMap::from([(0, UNWIND_CHUNKS)]),
             stats: stats.clone(),
@@ -97,6 +106,12 @@ impl Loader {
 
     pub fn exited(&self, pid: u32) {
         let _ = self.requests.send(Request::Exited(pid));
+    }
+
+    /// The kernel met an address of `pid` outside its known mappings: a
+    /// library loaded since, most often.
+    pub fn mapped(&self, pid: u32) {
+        let _ = self.requests.send(Request::Mapped(pid));
     }
 }
 
@@ -136,8 +151,13 @@ struct State {
     no_table: HashSet<FileKey>,
     /// Per process: its mappings when last loaded, and the tables it uses.
     loaded: HashMap<u32, (Vec<FileMapping>, Vec<FileKey>)>,
-    /// Processes loaded at once (CPython, `--pid`), looked at again more often.
+    /// Processes loaded at once (CPython, `--pid`), whose tables may take the
+    /// space kept for them (`store`).
     urgent: HashSet<u32>,
+    /// Of the last `ProcessUnwind` written.
+    generation: u32,
+    /// When each process's mappings were last read for a `Request::Mapped`.
+    reread: HashMap<u32, Instant>,
     /// Processes waiting to have lived [`SETTLE`], since when.
     settling: HashMap<u32, Instant>,
     /// Free chunk ranges: start → length.
@@ -148,9 +168,8 @@ struct State {
 
 impl State {
     fn run(&mut self, requests: mpsc::Receiver<Request>) {
-        let (mut last_scan, mut scans) = (Instant::now(), 0u32);
         loop {
-            let first = match requests.recv_timeout(RESCAN) {
+            let first = match requests.recv_timeout(SETTLE_CHECK) {
                 Ok(request) => Some(request),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -163,38 +182,38 @@ impl State {
                     Request::Process { pid, urgent: true } => {
                         self.settling.remove(&pid);
                         self.urgent.insert(pid);
-                        loads.push(pid);
+                        loads.push((pid, true));
                     }
                     Request::Process { pid, urgent: false } => {
                         self.settling.insert(pid, Instant::now());
                     }
+                    Request::Mapped(pid) if self.loaded.contains_key(&pid) => {
+                        // Every sample in a new library asks: read at most
+                        // once per `REREAD`.
+                        let due = self.reread.get(&pid).is_none_or(|read| read.elapsed() >= REREAD);
+                        if due && !loads.iter().any(|&(loading, _)| loading == pid) {
+                            self.reread.insert(pid, Instant::now());
+                            loads.push((pid, false));
+                        }
+                    }
+                    Request::Mapped(_) => {}
                     Request::Exited(pid) => {
                         self.settling.remove(&pid);
                         self.urgent.remove(&pid);
-                        loads.retain(|&loading| loading != pid);
+                        self.reread.remove(&pid);
+                        loads.retain(|&(loading, _)| loading != pid);
                         self.forget(pid)
                     }
                 }
             }
-            for pid in loads {
-                self.load(pid, true);
+            for (pid, force) in loads {
+                self.load(pid, force);
             }
-            if last_scan.elapsed() >= RESCAN {
-                last_scan = Instant::now();
-                scans += 1;
-                // The others, a quarter as often.
-                let all = scans.is_multiple_of(4);
-                let pids: Vec<u32> =
-                    self.loaded.keys().copied().filter(|pid| all || self.urgent.contains(pid)).collect();
-                for pid in pids {
-                    self.load(pid, false);
-                }
-                let settled: Vec<u32> =
-                    self.settling.iter().filter(|(_, seen)| seen.elapsed() >= SETTLE).map(|(pid, _)| *pid).collect();
-                for pid in settled {
-                    self.settling.remove(&pid);
-                    self.load(pid, true);
-                }
+            let settled: Vec<u32> =
+                self.settling.iter().filter(|(_, seen)| seen.elapsed() >= SETTLE).map(|(pid, _)| *pid).collect();
+            for pid in settled {
+                self.settling.remove(&pid);
+                self.load(pid, true);
             }
         }
     }
@@ -210,30 +229,35 @@ impl State {
         if !force && self.loaded.get(&pid).is_some_and(|(known, _)| *known == mappings) {
             return;
         }
-        let mut value = ProcessUnwind { len: 0, _pad: 0, mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS] };
+        self.generation = self.generation.wrapping_add(1);
+        let mut value = ProcessUnwind {
+            len: 0,
+            generation: self.generation,
+            mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS],
+        };
         let mut keys = Vec::new();
         let mut files: HashMap<(String, u64), Option<Identity>> = HashMap::new();
         for mapping in mappings.iter().take(MAX_UNWIND_MAPPINGS) {
             let file =
                 files.entry((mapping.device.clone(), mapping.inode)).or_insert_with(|| self.file(pid, mapping)).clone();
-            let Some((key, segments)) = file else { continue };
-            let Some(table) = self.tables.get(&key) else { continue };
-            // The segment this mapping starts in gives the load bias.
-            let Some(&(vaddr, offset, _)) =
-                segments.iter().find(|(_, offset, size)| (*offset..offset + size).contains(&mapping.offset))
-            else {
-                continue;
-            };
-            let bias = mapping.start.wrapping_sub(vaddr + (mapping.offset - offset));
-            value.mappings[value.len as usize] = UnwindMapping {
-                start: mapping.start,
-                end: mapping.end,
-                bias,
-                first_row: table.first_chunk * UNWIND_CHUNK_ROWS as u32,
-                rows: table.rows,
-            };
+            // A mapping without a table is listed all the same, with no rows:
+            // the kernel then knows its addresses and does not report them
+            // as unmapped (`kind::UNMAPPED`) at every sample.
+            let (start, end) = (mapping.start, mapping.end);
+            let mut entry = UnwindMapping { start, end, ..UnwindMapping::default() };
+            if let Some((key, segments)) = file {
+                // The segment this mapping starts in gives the load bias.
+                let segment =
+                    segments.iter().find(|(_, offset, size)| (*offset..offset + size).contains(&mapping.offset));
+                if let (Some(table), Some(&(vaddr, offset, _))) = (self.tables.get(&key), segment) {
+                    entry.bias = mapping.start.wrapping_sub(vaddr + (mapping.offset - offset));
+                    entry.first_row = table.first_chunk * UNWIND_CHUNK_ROWS as u32;
+                    entry.rows = table.rows;
+                    keys.push(key);
+                }
+            }
+            value.mappings[value.len as usize] = entry;
             value.len += 1;
-            keys.push(key);
         }
         // Take the new tables before releasing the old: shared ones stay.
         for key in &keys {
@@ -242,13 +266,13 @@ impl State {
             }
         }
         self.forget(pid);
-        let inserted = value.len > 0
+        let inserted = !keys.is_empty()
             && self
                 .processes
                 .insert(pid, value, 0)
                 .inspect_err(|error| log::debug!("pid {pid}: unwind mappings not loaded: {error}"))
                 .is_ok();
-        log::debug!("pid {pid}: {} of {} executable mappings have tables", value.len, mappings.len());
+        log::debug!("pid {pid}: {} of {} executable mappings have tables", keys.len(), mappings.len());
         if inserted {
             self.loaded.insert(pid, (mappings, keys));
         } else {

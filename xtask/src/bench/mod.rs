@@ -17,6 +17,7 @@ use e2e::{function_shares, max_deviation_pp, profile_files, workload, Agent, Pro
 
 use crate::{build, setup, step, workspace_root};
 
+mod cost;
 mod measure;
 mod py_spy;
 mod viewer;
@@ -47,6 +48,13 @@ pub struct Options {
     /// Run only the viewer's benchmark, and replace its section of docs/benchmarks.md.
     #[arg(long)]
     viewer_only: bool,
+    /// Run only the agent's own cost (kernel time per sample, idle processes, churn), and
+    /// replace its section of docs/benchmarks.md.
+    #[arg(long)]
+    cost_only: bool,
+    /// Seconds of process churn (3,000 execs a minute) in the agent's own cost.
+    #[arg(long, default_value_t = 180)]
+    churn_seconds: u64,
 }
 
 /// The sampling rate of both profilers.
@@ -94,13 +102,10 @@ pub fn run(options: &Options) -> Result<()> {
         return Ok(());
     }
     if options.viewer_only {
-        let section = viewer::run(&agent)?;
-        println!("{section}");
-        let path = workspace_root().join("docs/benchmarks.md");
-        let report = fs::read_to_string(&path).unwrap_or_default();
-        fs::write(&path, with_section(&report, "viewer", &section))?;
-        step(format!("bench: wrote the viewer's section of {}", path.display()));
-        return Ok(());
+        return write_section("viewer", &viewer::run(&agent)?);
+    }
+    if options.cost_only {
+        return write_section("cost", &cost::run(options, &agent)?);
     }
     let bpf_stats = BpfStats::enable()?;
     let mut results: HashMap<Mode, Measurements> = HashMap::new();
@@ -132,7 +137,19 @@ pub fn run(options: &Options) -> Result<()> {
     println!("{memory}");
     let viewer = viewer::run(&agent)?;
     println!("{viewer}");
-    write_report(options, &load_average, &table, &wall, &memory, &viewer)
+    let cost = cost::run(options, &agent)?;
+    println!("{cost}");
+    write_report(options, &load_average, &table, &wall, &memory, &[("viewer", &viewer), ("cost", &cost)])
+}
+
+/// Prints `section` and replaces the section `name` of docs/benchmarks.md with it.
+fn write_section(name: &str, section: &str) -> Result<()> {
+    println!("{section}");
+    let path = workspace_root().join("docs/benchmarks.md");
+    let report = fs::read_to_string(&path).unwrap_or_default();
+    fs::write(&path, with_section(&report, name, section))?;
+    step(format!("bench: wrote the section {name} of {}", path.display()));
+    Ok(())
 }
 
 /// `report` with the section `name` (between `<!-- section: NAME -->` and `<!-- end:
@@ -492,7 +509,7 @@ fn write_report(
     table: &str,
     wall: &str,
     memory: &str,
-    viewer: &str,
+    measured: &[(&str, &str)],
 ) -> Result<()> {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
@@ -550,8 +567,13 @@ fn write_report(
     );
     let path = workspace_root().join("docs/benchmarks.md");
     let previous = fs::read_to_string(&path).unwrap_or_default();
-    let mut report = with_section(&report, "viewer", viewer);
-    for (name, body) in sections(&previous).into_iter().filter(|(name, _)| *name != "viewer") {
+    // The sections measured now replace their previous text; the others are kept.
+    let mut report = report;
+    for (name, body) in measured {
+        report = with_section(&report, name, body);
+    }
+    for (name, body) in sections(&previous).into_iter().filter(|(name, _)| measured.iter().all(|(new, _)| new != name))
+    {
         report = with_section(&report, name, body);
     }
     fs::write(&path, report)?;
